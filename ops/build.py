@@ -1,0 +1,103 @@
+"""Build and load the compiled kernels of multi-scale deformable attention.
+
+Kernels compile from ``ops/csrc`` on first use with ``torch.utils.cpp_extension`` and ninja, into torch's
+extension cache (``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``); later loads reuse the
+build unless a source changed. Build ahead of time, or check that the CUDA source compiles on a machine
+without a GPU::
+
+    python -m ops.build            # the CPU kernel, and the CUDA kernel where a GPU is visible
+    python -m ops.build --cuda     # also compile the CUDA kernel without a GPU (TORCH_CUDA_ARCH_LIST or 8.0;9.0)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from ops import custom_ops  # noqa: F401  (defines the op schemas the kernels register against)
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+class KernelBuildError(RuntimeError):
+    """A compiled kernel could not be built or loaded; the message holds the compiler's complaint."""
+
+
+def _extension_name(kind: str) -> str:
+    # The torch version is part of the name: a build against another torch's headers must not be reused.
+    return f"deformable_detr_msda_{kind}_" + re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
+
+
+def _build(kind: str, sources: list[Path], verbose: bool) -> None:
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and Path("/usr/local/cuda").is_dir():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"  # else torch may guess the parent of a nvcc on PATH
+    if not verbose:  # torch logs "No CUDA runtime is found" on import on machines without a GPU
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils.cpp_extension import load
+
+    try:
+        load(
+            name=_extension_name(kind),
+            sources=[str(source) for source in sources],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            with_cuda=kind == "cuda",
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as error:  # compiler missing, compile error, loader error: all mean "no kernel"
+        raise KernelBuildError(f"building the {kind} kernel of ms_deform_attn failed: {error}") from error
+
+
+@functools.lru_cache(maxsize=None)
+def load_cpu_kernel(verbose: bool = False) -> None:
+    """Compile (first time) and load the C++ CPU kernel; raises :class:`KernelBuildError`."""
+    _build("cpu", [CSRC / "ms_deform_attn_cpu.cpp"], verbose)
+
+
+@functools.lru_cache(maxsize=None)
+def load_cuda_kernel(verbose: bool = False) -> None:
+    """Compile (first time) and load the CUDA kernel; raises :class:`KernelBuildError`.
+
+    Without a visible GPU it still compiles (for ``TORCH_CUDA_ARCH_LIST``, default 8.0;9.0), which lets CI
+    catch a CUDA compile error on a machine with nvcc but no GPU.
+    """
+    if torch.version.cuda is None:
+        raise KernelBuildError(f"this torch ({torch.__version__}) is not a CUDA build")
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+    _build("cuda", [CSRC / "ms_deform_attn_cuda.cu"], verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ops.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cuda", action="store_true", help="compile the CUDA kernel even without a GPU")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU kernel")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
+    args = parser.parse_args(argv)
+    jobs = [] if args.no_cpu else [("cpu", load_cpu_kernel)]
+    if args.cuda or torch.cuda.is_available():
+        jobs.append(("cuda", load_cuda_kernel))
+    failed = False
+    for kind, loader in jobs:
+        try:
+            loader(args.verbose)
+            print(f"{kind} kernel: built and loaded")
+        except KernelBuildError as error:
+            print(f"{kind} kernel: FAILED\n{error}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

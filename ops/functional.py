@@ -1,0 +1,157 @@
+"""``ms_deform_attn``: one entry point over the CUDA, C++ CPU and pure-PyTorch implementations."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ops.pytorch_backend import ms_deform_attn_pytorch
+from ops.validation import validate_inputs
+
+BACKENDS = ("auto", "pytorch", "cpu", "cuda")
+KERNELS = ("cpu", "cuda")
+_warned_fallback: set[str] = set()
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch without the device_type argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+_kernel_loaded: dict[str, bool] = {}  # kind -> whether it loaded; read while tracing under torch.compile
+
+
+def _load_kernel(kind: str) -> None:
+    """Build (first time) and load the compiled kernel ``kind``; raises ``ops.build.KernelBuildError``."""
+    from ops import build  # imported here so that ``python -m ops.build`` does not find itself half-imported
+
+    try:
+        build.load_cpu_kernel() if kind == "cpu" else build.load_cuda_kernel()
+    except build.KernelBuildError:
+        _kernel_loaded[kind] = False
+        raise
+    _kernel_loaded[kind] = True
+
+
+def _kernel_usable(kind: str) -> bool:
+    from ops.build import KernelBuildError
+
+    try:
+        _load_kernel(kind)
+        return True
+    except KernelBuildError:
+        return False
+
+
+def _resolve_backend_traced(backend: str, device: torch.device) -> str:
+    """resolve_backend while torch.compile traces: building is impossible there, so use what eager loaded."""
+    kind = device.type if backend == "auto" else backend
+    if kind in KERNELS and _kernel_loaded.get(kind, False):
+        return kind
+    if backend == "auto":
+        return "pytorch"
+    if backend == "pytorch":
+        return backend
+    raise RuntimeError(f"the {backend} kernel must be loaded before torch.compile traces ms_deform_attn: call it "
+                       "once eagerly or call ops.available_backends() first")
+
+
+def available_backends() -> list[str]:
+    """The backends usable on this machine; builds the kernels on first call (may take a minute).
+
+    ``"pytorch"`` always; ``"cpu"`` when the C++ kernel builds; ``"cuda"`` when a GPU is visible and the CUDA
+    kernel builds.
+    """
+    usable = ["pytorch"]
+    if _kernel_usable("cpu"):
+        usable.append("cpu")
+    if torch.cuda.is_available() and _kernel_usable("cuda"):
+        usable.append("cuda")
+    return usable
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu" or "cuda"."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "pytorch":
+        return backend
+    if backend == "auto":
+        kind = device.type
+        if kind not in KERNELS:
+            return "pytorch"
+        from ops.build import KernelBuildError
+
+        try:
+            _load_kernel(kind)
+            return kind
+        except KernelBuildError as error:
+            if kind not in _warned_fallback:
+                _warned_fallback.add(kind)
+                warnings.warn(f"{error}\nms_deform_attn falls back to the pytorch backend on {kind}.",
+                              RuntimeWarning, stacklevel=3)
+            return "pytorch"
+    if device.type != backend:
+        raise ValueError(f"backend {backend!r} runs on {backend} tensors but value is on {device}")
+    _load_kernel(backend)  # an explicitly requested kernel that cannot be built raises KernelBuildError
+    return backend
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Multi-scale deformable attention (Zhu et al., ICLR 2021, eq. 3) without the projections.
+
+    For every query q and head m: ``out[q, m] = sum_l sum_p A[q, m, l, p] * bilinear(value_l[m], loc[q, m, l, p])``,
+    where location (x, y) in [0, 1] samples pixel (x * W_l - 0.5, y * H_l - 0.5) and pixels outside the map
+    are zero (``grid_sample`` with ``align_corners=False`` and zero padding).
+
+    Args:
+        value: (N, S, M, D), the L levels flattened row-major one after another, S = sum(H_l * W_l).
+        spatial_shapes: (L, 2) int64, rows (H_l, W_l).
+        level_start_index: (L,) int64, the first row of each level in S.
+        sampling_locations: (N, Lq, M, L, P, 2) as (x, y) normalised to [0, 1]; points outside sample zeros.
+        attention_weights: (N, Lq, M, L, P).
+        backend: "auto" (the compiled kernel for the tensors' device, else pytorch with one warning),
+            "pytorch" (``grid_sample``), "cpu" (C++ kernel) or "cuda" (CUDA kernel).
+
+    Returns:
+        (N, Lq, M * D) in the inputs' dtype; differentiable in value, sampling_locations and attention_weights.
+
+    The three floating inputs must share one dtype (float32, float64, float16 or bfloat16; the kernels
+    accumulate half precision in float32). Under autocast they are instead promoted to their common dtype, so
+    that float32 sampling locations keep their precision (bfloat16 resolves a coordinate to only 1/256 of
+    the map): with value in bfloat16 and locations in float32, the op runs in float32. Pass all three in
+    bfloat16 or float16 to run the half-precision kernel. The kernels are torch.library custom ops with fake
+    implementations, so ``torch.compile`` traces through them; a kernel cannot be built while tracing, so one
+    eager call (or ``ops.available_backends()``) must load it first, else "auto" traces the pytorch backend.
+    """
+    device_type = value.device.type if isinstance(value, torch.Tensor) else "cpu"
+    if (_autocast_enabled(device_type) and isinstance(sampling_locations, torch.Tensor)
+            and isinstance(attention_weights, torch.Tensor) and isinstance(value, torch.Tensor)):
+        common = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
+                                     attention_weights.dtype)
+        value, sampling_locations, attention_weights = (
+            value.to(common), sampling_locations.to(common), attention_weights.to(common))
+    validate_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                    check_layout=not _is_compiling())
+    chosen = _resolve_backend_traced(backend, value.device) if _is_compiling() else resolve_backend(
+        backend, value.device)
+    if chosen == "pytorch":
+        level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+        return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
+    return torch.ops.deformable_detr.ms_deform_attn_forward(
+        value.contiguous(), spatial_shapes.long().contiguous(), level_start_index.long().contiguous(),
+        sampling_locations.contiguous(), attention_weights.contiguous())

@@ -1,0 +1,206 @@
+"""ms_deform_attn: every backend against the independent float64 reference, gradients, dispatch."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import ops.functional as functional
+from ops import available_backends, ms_deform_attn
+from ops.build import KernelBuildError
+from tests.conftest import make_problem, op_args
+from tests.msda_reference import reference_ms_deform_attn
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ["pytorch", "cpu"] + (["cuda"] if HAS_CUDA else [])
+DEVICE = {"pytorch": "cpu", "cpu": "cpu", "cuda": "cuda"}
+
+# (levels, batch, queries, heads, channels, points)
+CASES = {
+    "single_level": ([(6, 9)], 1, 5, 2, 3, 2),
+    "one_by_one_maps": ([(1, 1), (1, 1)], 3, 4, 2, 4, 3),
+    "one_query": ([(4, 5), (2, 3)], 1, 1, 1, 7, 4),
+    "odd_sizes_batch3": ([(7, 5), (3, 3), (2, 1)], 3, 9, 3, 13, 4),
+    "model_like": ([(8, 8), (4, 4), (2, 2), (1, 1)], 2, 10, 8, 32, 4),
+}
+
+
+def _run_with_grads(backend: str, problem: dict, grad_output: torch.Tensor | None = None):
+    value, shapes, starts, locations, weights = op_args(problem)
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    output = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend)
+    grad_output = torch.randn_like(output) if grad_output is None else grad_output.to(output)
+    grads = torch.autograd.grad(output, leaves, grad_output)
+    return output, grads, grad_output
+
+
+def _reference_with_grads(problem: dict, grad_output: torch.Tensor):
+    leaves = [problem[n].detach().double().cpu().requires_grad_()
+              for n in ("value", "sampling_locations", "attention_weights")]
+    output = reference_ms_deform_attn(leaves[0], problem["level_shapes"], leaves[1], leaves[2])
+    grads = torch.autograd.grad(output, leaves, grad_output.double().cpu())
+    return output, grads
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.detach()
+    return float((got.detach().double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_forward_and_gradients_match_reference(backend, case):
+    problem = make_problem(*CASES[case][:1], *CASES[case][1:], device=DEVICE[backend])
+    output, grads, grad_output = _run_with_grads(backend, problem)
+    expected, expected_grads = _reference_with_grads(problem, grad_output)
+    torch.testing.assert_close(output.cpu(), expected, rtol=1e-10, atol=1e-10)
+    for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_matches_reference_within_float32_rounding(backend):
+    problem = make_problem(*CASES["model_like"][:1], *CASES["model_like"][1:], dtype=torch.float32,
+                           device=DEVICE[backend])
+    output, grads, grad_output = _run_with_grads(backend, problem)
+    expected, expected_grads = _reference_with_grads(problem, grad_output)
+    assert _relative_error(output, expected) < 1e-5
+    for got, want in zip(grads, expected_grads):
+        assert _relative_error(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_kernel_half_precision_accumulates_in_float32(dtype):
+    problem = make_problem([(6, 5), (3, 2)], 2, 7, 2, 16, 4, dtype=dtype)
+    output, grads, grad_output = _run_with_grads("cpu", problem)
+    assert output.dtype == dtype and all(g.dtype == dtype for g in grads)
+    expected, expected_grads = _reference_with_grads(problem, grad_output)  # the same rounded inputs, in float64
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert _relative_error(output, expected) < tolerance
+    for got, want in zip(grads, expected_grads):
+        assert _relative_error(got, want) < 3 * tolerance
+
+
+@pytest.mark.parametrize("backend", ["cpu", "pytorch"])
+def test_gradcheck_float64(backend, small_problem):
+    value, shapes, starts, locations, weights = op_args(small_problem)
+    inputs = tuple(t.detach().requires_grad_() for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend=backend), inputs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_cuda_kernel_dtypes_match_reference(dtype, tolerance):
+    problem = make_problem(*CASES["model_like"][:1], *CASES["model_like"][1:], dtype=dtype, device="cuda")
+    output, grads, grad_output = _run_with_grads("cuda", problem)
+    expected, expected_grads = _reference_with_grads(problem, grad_output)
+    assert output.dtype == dtype
+    assert _relative_error(output, expected) < tolerance
+    for got, want in zip(grads, expected_grads):
+        assert _relative_error(got, want) < 3 * tolerance
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_gradcheck_float64():
+    problem = make_problem([(5, 7), (3, 4), (1, 1)], 2, 6, 3, 5, 4, device="cuda")
+    value, shapes, starts, locations, weights = op_args(problem)
+    inputs = tuple(t.detach().requires_grad_() for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend="cuda"), inputs)
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result(small_problem):
+    value, shapes, starts, locations, weights = op_args(small_problem)
+    strided_value = value.transpose(2, 3).contiguous().transpose(2, 3)
+    strided_locations = locations.flip(-1).contiguous().flip(-1)  # flip twice: same values, negative strides
+    assert not strided_value.is_contiguous()
+    expected = ms_deform_attn(value, shapes, starts, locations, weights, backend="pytorch")
+    got = ms_deform_attn(strided_value, shapes, starts, strided_locations, weights, backend="cpu")
+    torch.testing.assert_close(got, expected)
+
+
+def test_int32_spatial_shapes_are_accepted(small_problem):
+    value, shapes, starts, locations, weights = op_args(small_problem)
+    expected = ms_deform_attn(value, shapes, starts, locations, weights, backend="cpu")
+    got = ms_deform_attn(value, shapes.int(), starts.int(), locations, weights, backend="cpu")
+    torch.testing.assert_close(got, expected)
+
+
+def test_autocast_promotes_to_the_common_dtype(small_problem):
+    value, shapes, starts, locations, weights = op_args(small_problem)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = ms_deform_attn(value.bfloat16(), shapes, starts, locations.float(), weights.float())
+    assert output.dtype == torch.float32
+    expected = reference_ms_deform_attn(value.bfloat16().double(), small_problem["level_shapes"],
+                                        locations.float().double(), weights.float().double())
+    assert _relative_error(output, expected) < 1e-5
+
+
+def test_auto_picks_the_cpu_kernel_for_cpu_tensors():
+    assert functional.resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+def test_auto_falls_back_to_pytorch_with_a_single_warning(monkeypatch, small_problem):
+    def broken(kind):
+        raise KernelBuildError(f"building the {kind} kernel failed: no compiler")
+
+    monkeypatch.setattr(functional, "_load_kernel", broken)
+    monkeypatch.setattr(functional, "_warned_fallback", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = ms_deform_attn(*op_args(small_problem))
+        ms_deform_attn(*op_args(small_problem))
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "falls back to the pytorch backend" in messages[0]
+    torch.testing.assert_close(first, ms_deform_attn(*op_args(small_problem), backend="pytorch"))
+
+
+def test_explicit_backend_that_cannot_build_raises(monkeypatch, small_problem):
+    def broken(kind):
+        raise KernelBuildError("no compiler")
+
+    monkeypatch.setattr(functional, "_load_kernel", broken)
+    with pytest.raises(KernelBuildError):
+        ms_deform_attn(*op_args(small_problem), backend="cpu")
+
+
+def test_backend_for_another_device_is_rejected(small_problem):
+    with pytest.raises(ValueError, match="backend 'cuda' runs on cuda tensors but value is on cpu"):
+        ms_deform_attn(*op_args(small_problem), backend="cuda")
+
+
+def test_unknown_backend_is_rejected(small_problem):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ms_deform_attn(*op_args(small_problem), backend="triton")
+
+
+def test_available_backends_lists_the_cpu_kernel():
+    backends = available_backends()
+    assert backends[:2] == ["pytorch", "cpu"]
+    assert ("cuda" in backends) == HAS_CUDA
+
+
+def test_custom_op_registration_passes_opcheck(small_problem):
+    value, shapes, starts, locations, weights = op_args(small_problem)
+    functional.resolve_backend("cpu", value.device)  # loads the kernel
+    args = (value.requires_grad_(), shapes, starts, locations.requires_grad_(), weights.requires_grad_())
+    torch.library.opcheck(torch.ops.deformable_detr.ms_deform_attn_forward.default, args)
+
+
+def test_torch_compile_traces_the_kernel_in_one_graph(small_problem):
+    value, shapes, starts, locations, weights = op_args(small_problem)
+
+    def loss(v, loc, w):
+        return ms_deform_attn(v, shapes, starts, loc, w, backend="cpu").square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager_inputs = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    compiled_inputs = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    expected = loss(*eager_inputs)
+    got = compiled(*compiled_inputs)
+    torch.testing.assert_close(got, expected)
+    for got_grad, want in zip(torch.autograd.grad(got, compiled_inputs),
+                              torch.autograd.grad(expected, eager_inputs)):
+        torch.testing.assert_close(got_grad, want)
