@@ -39,7 +39,8 @@ CASES = {
 
 
 def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random inputs sampled like the model samples: a reference point per query plus offsets of a few pixels."""
+    """Random inputs sampled like the model samples: a reference point per query (the query's own pixel centre in
+    the encoder, anywhere in the decoder) plus offsets of a few pixels."""
     generator = torch.Generator().manual_seed(seed)
     shapes = torch.tensor(case.level_shapes, dtype=torch.int64)
     areas = shapes.prod(1)
@@ -48,7 +49,12 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
     queries = positions if case.queries is None else case.queries
     levels = len(case.level_shapes)
     value = torch.randn(case.batch, positions, HEADS, CHANNELS, generator=generator)
-    reference = torch.rand(case.batch, queries, 1, 1, 1, 2, generator=generator)
+    if case.queries is None:  # encoder: each query's reference is the centre of its own pixel
+        centres = [torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h,
+                                              indexing="xy"), -1).reshape(-1, 2) for h, w in case.level_shapes]
+        reference = torch.cat(centres)[None, :, None, None, None, :].expand(case.batch, -1, 1, 1, 1, 2)
+    else:  # decoder: queries anywhere in the image
+        reference = torch.rand(case.batch, queries, 1, 1, 1, 2, generator=generator)
     offsets = torch.randn(case.batch, queries, HEADS, levels, POINTS, 2, generator=generator) * 2.0
     sampling_locations = reference + offsets / shapes.flip(-1)[None, None, None, :, None, :]
     logits = torch.randn(case.batch, queries, HEADS, levels * POINTS, generator=generator)

@@ -1,0 +1,1 @@
+"""COCO-format data, transforms, COCO evaluation and the synthetic shapes generator (arriving with training)."""
