@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "bilinear.h"
@@ -74,8 +75,10 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
   });
 }
 
-// One task per (batch, head, level): the value rows it scatters into belong to that task alone, so the
-// scatter needs no atomics; the location and weight gradients of each sample are written once.
+// Work is split by (batch, head), and also by level when that gives too few tasks for the threads: the value
+// rows a task scatters into belong to it alone, so the scatter needs no atomics, and the location and weight
+// gradients of each sample are written once. One pass over the channels does the gathers, the reductions and
+// the scatter.
 template <typename scalar_t>
 void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
                      const int64_t* level_start_index, const scalar_t* sampling_locations,
@@ -83,53 +86,64 @@ void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const i
                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights, const Sizes& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row_stride = s.heads * s.channels;
-  at::parallel_for(0, s.batch * s.heads * s.levels, 1, [&](int64_t begin, int64_t end) {
+  const int64_t level_groups = s.batch * s.heads >= 2 * at::get_num_threads() ? 1 : s.levels;
+  const int64_t levels_per_group = (s.levels + level_groups - 1) / level_groups;
+  at::parallel_for(0, s.batch * s.heads * level_groups, 1, [&](int64_t begin, int64_t end) {
     const std::vector<scalar_t> zeros(s.channels, scalar_t(0));
+    std::vector<acc_t> discard(s.channels);  // gradient sink of corners outside the map
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t level = task % s.levels;
-      const int64_t head = (task / s.levels) % s.heads;
-      const int64_t batch = task / (s.levels * s.heads);
-      if (!level_in_bounds(spatial_shapes, level_start_index, level, s.positions)) continue;
-      const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
-      const int64_t level_offset = ((batch * s.positions + level_start_index[level]) * s.heads + head) * s.channels;
-      const scalar_t* level_value = value + level_offset;
-      acc_t* level_grad = grad_value + level_offset;
+      const int64_t first_level = (task % level_groups) * levels_per_group;
+      const int64_t last_level = std::min(s.levels, first_level + levels_per_group);
+      const int64_t head = (task / level_groups) % s.heads;
+      const int64_t batch = task / (level_groups * s.heads);
       for (int64_t query = 0; query < s.queries; ++query) {
-        const int64_t batch_query = batch * s.queries + query;
-        const scalar_t* grad_out = grad_output + (batch_query * s.heads + head) * s.channels;
-        const int64_t sample_base = ((batch_query * s.heads + head) * s.levels + level) * s.points;
-        for (int64_t point = 0; point < s.points; ++point) {
-          const int64_t sample = sample_base + point;
-          BilinearCorners<acc_t> corners;
-          if (!bilinear_corners<acc_t>(sampling_locations[2 * sample], sampling_locations[2 * sample + 1], height,
-                                       width, corners)) {
-            continue;
-          }
-          const acc_t attention = attention_weights[sample];
-          const scalar_t* rows[4];
-          corner_rows(corners, level_value, row_stride, zeros.data(), rows);
-          const acc_t dh = corners.frac_h, dw = corners.frac_w;
-          acc_t grad_attention = 0, grad_h = 0, grad_w = 0;
+        const int64_t batch_query_head = (batch * s.queries + query) * s.heads + head;
+        const scalar_t* grad_out = grad_output + batch_query_head * s.channels;
+        for (int64_t level = first_level; level < last_level; ++level) {
+          if (!level_in_bounds(spatial_shapes, level_start_index, level, s.positions)) continue;
+          const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
+          const int64_t level_offset =
+              ((batch * s.positions + level_start_index[level]) * s.heads + head) * s.channels;
+          const scalar_t* level_value = value + level_offset;
+          acc_t* level_grad = grad_value + level_offset;
+          for (int64_t point = 0; point < s.points; ++point) {
+            const int64_t sample = (batch_query_head * s.levels + level) * s.points + point;
+            BilinearCorners<acc_t> corners;
+            if (!bilinear_corners<acc_t>(sampling_locations[2 * sample], sampling_locations[2 * sample + 1],
+                                         height, width, corners)) {
+              continue;
+            }
+            const acc_t attention = attention_weights[sample];
+            const scalar_t* rows[4];
+            corner_rows(corners, level_value, row_stride, zeros.data(), rows);
+            const scalar_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
+            acc_t* grad_rows[4];
+            for (int c = 0; c < 4; ++c) {
+              grad_rows[c] = corners.position[c] >= 0 ? level_grad + corners.position[c] * row_stride : discard.data();
+            }
+            acc_t *g0 = grad_rows[0], *g1 = grad_rows[1], *g2 = grad_rows[2], *g3 = grad_rows[3];
+            const acc_t w0 = corners.weight[0], w1 = corners.weight[1], w2 = corners.weight[2],
+                        w3 = corners.weight[3];
+            const acc_t s0 = attention * w0, s1 = attention * w1, s2 = attention * w2, s3 = attention * w3;
+            const acc_t dh = corners.frac_h, dw = corners.frac_w;
+            acc_t grad_attention = 0, grad_h = 0, grad_w = 0;
 #pragma omp simd reduction(+ : grad_attention, grad_h, grad_w)
-          for (int64_t d = 0; d < s.channels; ++d) {
-            const acc_t g = static_cast<acc_t>(grad_out[d]);
-            const acc_t v0 = rows[0][d], v1 = rows[1][d], v2 = rows[2][d], v3 = rows[3][d];
-            grad_attention += g * (corners.weight[0] * v0 + corners.weight[1] * v1 + corners.weight[2] * v2 +
-                                   corners.weight[3] * v3);
-            grad_w += g * ((acc_t(1) - dh) * (v1 - v0) + dh * (v3 - v2));
-            grad_h += g * ((acc_t(1) - dw) * (v2 - v0) + dw * (v3 - v1));
+            for (int64_t d = 0; d < s.channels; ++d) {
+              const acc_t g = static_cast<acc_t>(grad_out[d]);
+              const acc_t v0 = r0[d], v1 = r1[d], v2 = r2[d], v3 = r3[d];
+              grad_attention += g * (w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3);
+              grad_w += g * ((acc_t(1) - dh) * (v1 - v0) + dh * (v3 - v2));
+              grad_h += g * ((acc_t(1) - dw) * (v2 - v0) + dw * (v3 - v1));
+              g0[d] += s0 * g;  // distinct rows, except corners outside the map that all write `discard`
+              g1[d] += s1 * g;
+              g2[d] += s2 * g;
+              g3[d] += s3 * g;
+            }
+            grad_attention_weights[sample] = static_cast<scalar_t>(grad_attention);
+            // d(w)/d(x) = W and d(h)/d(y) = H for w = x * W - 0.5, h = y * H - 0.5
+            grad_sampling_locations[2 * sample] = static_cast<scalar_t>(attention * grad_w * width);
+            grad_sampling_locations[2 * sample + 1] = static_cast<scalar_t>(attention * grad_h * height);
           }
-          for (int c = 0; c < 4; ++c) {
-            if (corners.position[c] < 0) continue;
-            acc_t* __restrict__ grad_row = level_grad + corners.position[c] * row_stride;
-            const acc_t scale = attention * corners.weight[c];
-#pragma omp simd
-            for (int64_t d = 0; d < s.channels; ++d) grad_row[d] += scale * static_cast<acc_t>(grad_out[d]);
-          }
-          grad_attention_weights[sample] = static_cast<scalar_t>(grad_attention);
-          // d(w)/d(x) = W and d(h)/d(y) = H for w = x * W - 0.5, h = y * H - 0.5
-          grad_sampling_locations[2 * sample] = static_cast<scalar_t>(attention * grad_w * width);
-          grad_sampling_locations[2 * sample + 1] = static_cast<scalar_t>(attention * grad_h * height);
         }
       }
     }
