@@ -28,3 +28,13 @@ def tiny_targets() -> list[dict[str, torch.Tensor]]:
     """Two images: two objects, and none."""
     return [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.25, 0.3, 0.2, 0.2]])},
             {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+
+
+def randomize_zero_initialised(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give the zero-initialised layers (box heads' last layers, sampling offsets, attention weights) random
+    weights, so that boxes and sampling depend on the image as in a trained model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("weight") and parameter.dim() == 2 and not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
