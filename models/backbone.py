@@ -77,7 +77,8 @@ class Backbone(nn.Module):
         self.body, self.strides, self.num_channels = body, strides, num_channels
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """images (B, 3, H, W), padding_mask (B, H, W) -> per level (features (B, C_l, H_l, W_l), mask (B, H_l, W_l))."""
+        """images (B, 3, H, W), padding_mask (B, H, W) -> per level (features (B, C_l, H_l, W_l),
+        mask (B, H_l, W_l))."""
         return [(features, resize_mask(padding_mask, features.shape[-2:])) for features in self.body(images)]
 
 
@@ -122,7 +123,8 @@ def _load_resnet(name: str, dilation: bool, pretrained: bool | str) -> torchvisi
             raise RuntimeError(
                 f"pretrained_backbone=true could not download the ImageNet weights of {name} ({error}). "
                 f"Offline, set pretrained_backbone to a local file of torchvision's {name} weights "
-                f"(pretrained_backbone=/path/to/{name}.pth), or pretrained_backbone=false to start from random weights.") from error
+                f"(pretrained_backbone=/path/to/{name}.pth), or pretrained_backbone=false to start from random "
+                f"weights.") from error
         resnet.load_state_dict(state_dict)
     elif isinstance(pretrained, str):
         path = Path(pretrained)

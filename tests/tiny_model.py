@@ -1,13 +1,11 @@
 """A tiny Deformable DETR config for fast tests: resnet18 without weights, 64 channels, one encoder layer."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from models import CONFIG_DIR
 from util.config import Config, load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = ["pretrained_backbone=false", "backbone=resnet18", "hidden_dim=64", "dim_feedforward=64", "nheads=2",
         "enc_layers=1", "dec_layers=2", "num_queries=8", "num_classes=5", "dropout=0.0"]
 VARIANTS = {  # name -> the overrides that make it
@@ -21,7 +19,7 @@ VARIANTS = {  # name -> the overrides that make it
 
 
 def tiny_config(*overrides: str) -> Config:
-    return load_config(CONFIGS / "deformable_detr.yaml", overrides=[*TINY, *overrides])
+    return load_config(CONFIG_DIR / "deformable_detr.yaml", overrides=[*TINY, *overrides])
 
 
 def tiny_targets() -> list[dict[str, torch.Tensor]]:
