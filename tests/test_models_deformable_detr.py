@@ -79,7 +79,12 @@ def test_list_of_images_equals_padded_batch_with_mask():
 
 @pytest.mark.parametrize("variant", ["deformable_detr", "two_stage"])
 def test_image_alone_equals_image_in_padded_batch(variant):
-    """The largest image of a batch (the other one padded) gets the outputs it gets alone."""
+    """The largest image of a batch (the other one padded) gets the outputs it gets alone.
+
+    Not the padded image: as in the original, the backbone's convolutions see the padding and the input
+    projections' GroupNorm takes its statistics over it; the transformer's part of padding invariance is tested
+    in test_models_deformable_transformer.py.
+    """
     model, _, _ = build_tiny(*VARIANTS[variant])
     model.eval()
     large, small = torch.randn(3, 64, 96), torch.randn(3, 40, 50)
