@@ -28,8 +28,7 @@ def build_model(cfg: Config) -> tuple[DeformableDETR, SetCriterion, dict[str, nn
     (``{"bbox": PostProcess}``)."""
     model = DeformableDETR(
         backbone=build_backbone(cfg), transformer=build_deformable_transformer(cfg), num_classes=cfg.num_classes,
-        num_queries=cfg.num_queries, num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
-        with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
+        num_queries=cfg.num_queries, num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss)
     return model, build_criterion(cfg), {"bbox": PostProcess()}
 
 
