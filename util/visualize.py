@@ -12,7 +12,7 @@ From a notebook::
     write_visualization(view, "out", "photo")         # out/photo_{decoder,encoder}_sampling.png, photo_sampling.json
 
 The model runs once, with ``return_sampling=True``: the points are those that ``ops.MSDeformAttn`` itself
-sampled, mapped to the original image's pixels by :mod:`util.sampling_points`.
+sampled, mapped to the original image's pixels by :mod:`util.visualize_points`.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import box_convert
 
-from util.sampling_figures import Panel, sampling_figure
-from util.sampling_points import (QuerySampling, decoder_query_sampling, encoder_query_index,
+from util.visualize_figures import Panel, sampling_figure
+from util.visualize_points import (QuerySampling, decoder_query_sampling, encoder_query_index,
                                   encoder_query_sampling, resolve_layer)
 
 Transforms = Callable[[Image.Image, dict], tuple[torch.Tensor, dict]]

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from util.sampling_points import QuerySampling
+from util.visualize_points import QuerySampling
 
 SPLITS = ("none", "level", "head")
 COLOUR_MAP = "plasma"
