@@ -1,0 +1,171 @@
+"""util.visualize end to end on tiny models: the plotted points are the op's, every variant writes its files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datasets.transforms import build_transforms
+from models import build_model
+from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config
+from util.visualize import decoder_figure, encoder_figure, sample_attention, sampling_record, write_visualization
+
+ORIGINAL_SIZE = (90, 130)  # (height, width): resized to 64x92 by the transforms below
+TRANSFORMS = build_transforms("val", val_size=64, max_size=128)
+
+
+def tiny_model(variant: str = "deformable_detr") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_config(*VARIANTS[variant]))
+    randomize_zero_initialised(model)
+    return model
+
+
+def gradient_image() -> Image.Image:
+    """A smooth colour gradient: something to look at under the points."""
+    height, width = ORIGINAL_SIZE
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 128)], -1).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def catch_last_layers(model: torch.nn.Module) -> dict:
+    """Forward hooks that keep what the last encoder and decoder layers' op returned."""
+    caught = {}
+
+    def catch(name):
+        def hook(module, inputs, output):
+            caught[name] = (output[1], output[2])
+        return hook
+
+    model.transformer.encoder.layers[-1].self_attn.register_forward_hook(catch("encoder"))
+    model.transformer.decoder.layers[-1].cross_attn.register_forward_hook(catch("decoder"))
+    return caught
+
+
+def scatter_rows(axes) -> np.ndarray:
+    """The first scatter of ``axes`` as sorted rows (x, y, weight)."""
+    scatter = axes.collections[0]
+    rows = np.concatenate([scatter.get_offsets(), scatter.get_array()[:, None]], 1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def expected_rows(locations: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
+    """(M, L, P, 2) in [0, 1] of an unpadded map, (M, L, P) -> sorted rows (x, y, weight) in original pixels."""
+    height, width = ORIGINAL_SIZE
+    pixels = (locations * torch.tensor([width, height])).reshape(-1, 2)
+    rows = torch.cat([pixels, weights.reshape(-1, 1)], 1).numpy()
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+@pytest.fixture(scope="module")
+def view_and_caught():
+    model = tiny_model()
+    caught = catch_last_layers(model)
+    view = sample_attention(model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=3,
+                            points=[(10.0, 20.0), (130.0, 90.0)])
+    return view, caught
+
+
+def test_image_is_resized_and_unpadded(view_and_caught):
+    view, _ = view_and_caught
+    assert view.resized_size == (64, 92)
+
+
+def test_plotted_decoder_points_equal_op_locations_in_pixels(view_and_caught):
+    view, caught = view_and_caught
+    locations, weights = caught["decoder"]
+    figure = decoder_figure(view)
+    for axes, item in zip(figure.axes, view.decoder):
+        query = item.detection.query
+        np.testing.assert_allclose(scatter_rows(axes), expected_rows(locations[0, query], weights[0, query]),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_plotted_encoder_points_equal_op_locations_in_pixels(view_and_caught):
+    view, caught = view_and_caught
+    locations, weights = caught["encoder"]
+    figure = encoder_figure(view)
+    for axes, item in zip(figure.axes, view.encoder):
+        np.testing.assert_allclose(scatter_rows(axes), expected_rows(locations[0, item.query], weights[0, item.query]),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_far_corner_point_has_its_reference_in_the_last_cell(view_and_caught):
+    view, _ = view_and_caught
+    height, width = ORIGINAL_SIZE
+    # level 0 of the 64x92 input: 8x12 cells, each 130 / 12 wide and 90 / 8 high in the original image
+    reference = view.encoder[1].sampling.reference_point
+    torch.testing.assert_close(reference, torch.tensor([width * 11.5 / 12, height * 7.5 / 8]))
+
+
+def test_decoder_shows_top_k_best_first(view_and_caught):
+    view, _ = view_and_caught
+    scores = [item.detection.score for item in view.decoder]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert [item.detection for item in view.decoder] == view.detections[:3]
+
+
+def test_record_weights_sum_to_one_per_query_and_head(view_and_caught):
+    view, _ = view_and_caught
+    record = sampling_record(view)
+    for part in ("decoder", "encoder"):
+        for query in record[part]["queries"]:
+            num_heads = len(query["levels"][0]["heads"])
+            for head in range(num_heads):
+                total = sum(sum(level["heads"][head]["attention_weights"]) for level in query["levels"])
+                assert total == pytest.approx(1.0, abs=1e-4)
+
+
+def test_record_points_equal_op_locations_in_pixels(view_and_caught):
+    view, caught = view_and_caught
+    locations, _ = caught["decoder"]
+    query = sampling_record(view)["decoder"]["queries"][0]
+    height, width = ORIGINAL_SIZE
+    level, head = 1, 1
+    expected = locations[0, query["query"], head, level] * torch.tensor([width, height])
+    recorded = torch.tensor(query["levels"][level]["heads"][head]["sampling_points"])
+    torch.testing.assert_close(recorded, expected, atol=1e-3, rtol=0)
+
+
+def test_by_level_and_by_head_give_a_panel_per_query_and_level_or_head(view_and_caught):
+    view, _ = view_and_caught
+    num_heads, num_levels, _ = view.decoder[0].sampling.attention_weights.shape
+    assert len(decoder_figure(view, "level").axes) == 3 * num_levels + 1  # + the colour bar
+    assert len(encoder_figure(view, "head").axes) == 2 * num_heads + 1
+
+
+def test_unknown_split_is_an_error(view_and_caught):
+    view, _ = view_and_caught
+    with pytest.raises(ValueError, match="split must be one of"):
+        decoder_figure(view, "layer")
+
+
+def test_earlier_layer_is_chosen_with_layer():
+    model = tiny_model()
+    caught = {}
+    model.transformer.decoder.layers[0].cross_attn.register_forward_hook(
+        lambda module, inputs, output: caught.update(first=output[1]))
+    view = sample_attention(model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=1, layer=0)
+    height, width = ORIGINAL_SIZE
+    expected = caught["first"][0, view.decoder[0].detection.query] * torch.tensor([width, height])
+    assert view.decoder_layer == 0
+    torch.testing.assert_close(view.decoder[0].sampling.sampling_points, expected)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_writes_figures_and_record_from_saved_weights(variant, tmp_path):
+    torch.save(tiny_model(variant).state_dict(), tmp_path / "weights.pth")
+    model, _, _ = build_model(tiny_config(*VARIANTS[variant]))
+    model.load_state_dict(torch.load(tmp_path / "weights.pth", weights_only=True))
+    view = sample_attention(model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=2)
+    written = write_visualization(view, tmp_path / "out", "gradient", names={0: "circle"})
+    assert sorted(path.name for path in written) == ["gradient_decoder_sampling.png", "gradient_encoder_sampling.png",
+                                                     "gradient_sampling.json"]
+    record = json.loads((tmp_path / "out" / "gradient_sampling.json").read_text())
+    box_reference = variant in ("box_refine", "two_stage", "two_stage_without_box_refine")
+    assert all((query["reference_box"] is not None) == box_reference for query in record["decoder"]["queries"])
+    assert len(record["encoder"]["queries"]) == 2  # the centres of the two shown detections
