@@ -107,7 +107,7 @@ def _load_resnet(name: str, dilation: bool, pretrained: bool | str) -> torchvisi
             raise RuntimeError(
                 f"pretrained_backbone=true could not download the ImageNet weights of {name} ({error}). "
                 f"Offline, set pretrained_backbone to a local file of torchvision's {name} weights "
-                f"(pretrained_backbone=/path/to/{name}.pth), or to false to start from random weights.") from error
+                f"(pretrained_backbone=/path/to/{name}.pth), or pretrained_backbone=false to start from random weights.") from error
         resnet.load_state_dict(state_dict)
     elif isinstance(pretrained, str):
         path = Path(pretrained)
