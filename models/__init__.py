@@ -14,8 +14,6 @@ from util.config import Config
 def build_model(cfg: Config) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:
     """The detector described by ``cfg`` (see ``util.config.Config``), its criterion, and its post-processors
     (``{"bbox": PostProcess}``)."""
-    if cfg.two_stage and cfg.num_queries < 1:
-        raise ValueError(f"num_queries must be positive, got {cfg.num_queries}")
     model = DeformableDETR(
         backbone=build_backbone(cfg), transformer=build_deformable_transformer(cfg), num_classes=cfg.num_classes,
         num_queries=cfg.num_queries, num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,

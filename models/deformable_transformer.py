@@ -23,7 +23,7 @@ class DeformableTransformer(nn.Module):
         num_feature_levels: levels L.
         two_stage: queries from the encoder's top-``two_stage_num_proposals`` proposals instead of learned ones;
             the detector attaches the encoder heads as ``decoder.class_embed[-1]`` and ``decoder.bbox_embed[-1]``.
-        two_stage_num_proposals: queries in the two-stage variant.
+        two_stage_num_proposals: queries in the two-stage variant (fewer when the maps have fewer pixels).
     """
 
     def __init__(self, *, encoder: DeformableEncoder, decoder: DeformableDecoder, d_model: int = 256,
