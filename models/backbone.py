@@ -1,0 +1,143 @@
+"""ResNet backbone with frozen batch norm, its multi-scale outputs and their padding masks.
+
+Module names follow the original checkpoints: the detector's ``backbone`` is a :class:`Joiner` whose ``0`` is a
+:class:`Backbone` (``backbone.0.body.layer1...``) and whose ``1`` is the position encoding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from models.position_encoding import PositionEmbeddingSine, build_position_encoding
+from util.config import Config
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+TRAINABLE_STAGES = ("layer2", "layer3", "layer4")  # the stem and layer1 stay frozen, as in the original
+
+
+class ResNetBody(nn.Module):
+    """A torchvision ResNet without its pooling and classifier, returning the outputs of some stages.
+
+    Args:
+        resnet: a torchvision ResNet; its ``conv1 ... layer4`` become this module's children (checkpoint names).
+        return_layers: the stages whose outputs are returned, in order, e.g. ``("layer2", "layer3", "layer4")``.
+    """
+
+    STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, resnet: torchvision.models.ResNet, return_layers: tuple[str, ...]) -> None:
+        super().__init__()
+        for name in self.STAGES:
+            self.add_module(name, getattr(resnet, name))
+        self.return_layers = return_layers
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        features = images
+        for name in self.STAGES:
+            features = getattr(self, name)(features)
+            if name in self.return_layers:
+                outputs.append(features)
+        return outputs
+
+
+class Backbone(nn.Module):
+    """The backbone body and its per-level padding masks.
+
+    Args:
+        body: images (B, 3, H, W) -> list of feature maps, finest first.
+        strides: each output's stride in pixels.
+        num_channels: each output's channels.
+    """
+
+    def __init__(self, *, body: nn.Module, strides: list[int], num_channels: list[int]) -> None:
+        super().__init__()
+        self.body, self.strides, self.num_channels = body, strides, num_channels
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """images (B, 3, H, W), padding_mask (B, H, W) -> per level (features (B, C_l, H_l, W_l), mask (B, H_l, W_l))."""
+        return [(features, resize_mask(padding_mask, features.shape[-2:])) for features in self.body(images)]
+
+
+class Joiner(nn.Sequential):
+    """The backbone (``0``) and the position encoding (``1``), under the original checkpoint names."""
+
+    def __init__(self, *, backbone: Backbone, position_encoding: PositionEmbeddingSine) -> None:
+        super().__init__(backbone, position_encoding)
+        self.strides, self.num_channels = backbone.strides, backbone.num_channels
+
+    @property
+    def position_encoding(self) -> PositionEmbeddingSine:
+        return self[1]
+
+    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """-> per level: features (B, C_l, H_l, W_l), masks (B, H_l, W_l) bool, positions (B, hidden_dim, H_l, W_l)."""
+        levels = self[0](images, padding_mask)
+        features = [feature for feature, _ in levels]
+        masks = [mask for _, mask in levels]
+        positions = [self.position_encoding(mask).to(feature.dtype) for feature, mask in levels]
+        return features, masks, positions
+
+
+def resize_mask(padding_mask: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """(B, H, W) bool -> (B, *size) bool, nearest neighbour (as the original)."""
+    return F.interpolate(padding_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
+
+
+def _load_resnet(name: str, dilation: bool, pretrained: bool | str) -> torchvision.models.ResNet:
+    """A torchvision ResNet with FrozenBatchNorm2d, random or with ImageNet weights (downloaded or a local file)."""
+    if name not in RESNETS:
+        raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
+    if dilation and name in ("resnet18", "resnet34"):
+        raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101), got {name!r}")
+    builder = getattr(torchvision.models, name)
+    resnet = builder(weights=None, replace_stride_with_dilation=[False, False, dilation],
+                     norm_layer=FrozenBatchNorm2d)
+    if pretrained is True:
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1  # the weights the original trained from
+        try:
+            state_dict = weights.get_state_dict(progress=False)
+        except Exception as error:  # no internet, proxy, certificate: all leave us without weights
+            raise RuntimeError(
+                f"pretrained_backbone=true could not download the ImageNet weights of {name} ({error}). "
+                f"Offline, set pretrained_backbone to a local file of torchvision's {name} weights "
+                f"(pretrained_backbone=/path/to/{name}.pth), or pretrained_backbone=false to start from random weights.") from error
+        resnet.load_state_dict(state_dict)
+    elif isinstance(pretrained, str):
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained_backbone={pretrained!r}: no such file")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = state_dict.get("model", state_dict) if isinstance(state_dict, dict) else state_dict
+        missing, unexpected = resnet.load_state_dict(state_dict, strict=False)
+        missing = [key for key in missing if not key.startswith("fc.")]  # the classifier is not used
+        if missing or unexpected:
+            raise ValueError(f"pretrained_backbone={pretrained!r} is not a torchvision {name} state dict: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return resnet
+
+
+def build_backbone(cfg: Config) -> Joiner:
+    """The ResNet ``cfg.backbone`` returning C3, C4, C5 (``num_feature_levels`` > 1) or C5 alone, with DC5 if
+    ``cfg.dilation``; the stem and layer1 always frozen, the rest trained when ``cfg.lr_backbone`` > 0."""
+    resnet = _load_resnet(cfg.backbone, cfg.dilation, cfg.pretrained_backbone)
+    last_stride = 16 if cfg.dilation else 32
+    expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1
+    if cfg.num_feature_levels > 1:
+        return_layers = ("layer2", "layer3", "layer4")
+        strides = [8, 16, last_stride]
+        num_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+    else:
+        return_layers, strides, num_channels = ("layer4",), [last_stride], [512 * expansion]
+    body = ResNetBody(resnet, return_layers)
+    for name, parameter in body.named_parameters():
+        trainable = cfg.lr_backbone > 0 and name.split(".")[0] in TRAINABLE_STAGES
+        parameter.requires_grad_(trainable)
+    backbone = Backbone(body=body, strides=strides, num_channels=num_channels)
+    return Joiner(backbone=backbone, position_encoding=build_position_encoding(cfg))

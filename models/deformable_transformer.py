@@ -1,0 +1,192 @@
+"""The deformable transformer: flattens the levels, encodes them, picks the queries (learned, or the encoder's
+top-k proposals in the two-stage variant) and decodes them."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.deformable_decoder import DeformableDecoder, DeformableDecoderLayer
+from models.deformable_encoder import DeformableEncoder, DeformableEncoderLayer
+from models.position_encoding import sine_embedding
+from ops import MSDeformAttn
+from util.config import Config
+
+
+class DeformableTransformer(nn.Module):
+    """Encoder and decoder over multi-scale feature maps.
+
+    Args:
+        encoder, decoder: built encoder and decoder.
+        d_model: channels C.
+        num_feature_levels: levels L.
+        two_stage: queries from the encoder's top-``two_stage_num_proposals`` proposals instead of learned ones;
+            the detector attaches the encoder heads as ``decoder.class_embed[-1]`` and ``decoder.bbox_embed[-1]``.
+        two_stage_num_proposals: queries in the two-stage variant (fewer when the maps have fewer pixels).
+    """
+
+    def __init__(self, *, encoder: DeformableEncoder, decoder: DeformableDecoder, d_model: int = 256,
+                 num_feature_levels: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.d_model, self.two_stage, self.two_stage_num_proposals = d_model, two_stage, two_stage_num_proposals
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        if two_stage:
+            self.enc_output = nn.Linear(d_model, d_model)
+            self.enc_output_norm = nn.LayerNorm(d_model)
+            self.pos_trans = nn.Linear(d_model * 2, d_model * 2)
+            self.pos_trans_norm = nn.LayerNorm(d_model * 2)
+        else:
+            self.reference_points = nn.Linear(d_model, 2)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+        for module in self.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
+        if not self.two_stage:
+            nn.init.zeros_(self.reference_points.bias)
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor],
+                query_embed: torch.Tensor | None = None, return_sampling: bool = False) -> dict[str, torch.Tensor]:
+        """Run encoder and decoder.
+
+        Args:
+            srcs, pos_embeds: per level (N, C, H_l, W_l).
+            masks: per level (N, H_l, W_l) bool, True on padding.
+            query_embed: (Q, 2C) learned query position and content; None in the two-stage variant.
+            return_sampling: also return where each attention layer looked (see Returns).
+
+        Returns:
+            ``hidden_states`` (D, N, Q, C) every decoder layer's output; ``init_reference`` (N, Q, 2 or 4) and
+            ``inter_references`` (D, N, Q, 2 or 4), in [0, 1] of the unpadded image; two-stage also
+            ``enc_outputs_class`` (N, S, num_classes) and ``enc_outputs_coord_unact`` (N, S, 4) before sigmoid.
+            With ``return_sampling``: ``spatial_shapes`` (L, 2), ``level_start_index`` (L,), ``valid_ratios``
+            (N, L, 2), ``encoder_reference_points`` (N, S, L, 2), ``encoder_sampling`` and ``decoder_sampling``:
+            lists over layers, see :meth:`DeformableEncoder.forward` and :meth:`DeformableDecoder.forward`.
+            Locations are (x, y) in [0, 1] of each padded level: divide by ``valid_ratios`` for the unpadded image.
+        """
+        src_flatten, mask_flatten, pos_flatten, spatial_shapes = self.flatten_levels(srcs, masks, pos_embeds)
+        areas = spatial_shapes.prod(1)
+        level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
+        valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
+        memory, encoder_sampling = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios,
+                                                pos_flatten, mask_flatten, return_sampling)
+        outputs: dict[str, torch.Tensor] = {}
+        if self.two_stage:
+            query_pos, tgt, reference_points = self.two_stage_queries(memory, mask_flatten, spatial_shapes, outputs)
+        else:
+            if query_embed is None:
+                raise ValueError("query_embed (Q, 2C) is required unless two_stage")
+            query_pos, tgt = torch.split(query_embed, self.d_model, dim=1)
+            query_pos = query_pos.unsqueeze(0).expand(memory.shape[0], -1, -1)
+            tgt = tgt.unsqueeze(0).expand(memory.shape[0], -1, -1)
+            reference_points = self.reference_points(query_pos).sigmoid()
+        hidden_states, inter_references, decoder_sampling = self.decoder(
+            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask_flatten,
+            return_sampling)
+        outputs.update(hidden_states=hidden_states, init_reference=reference_points, inter_references=inter_references)
+        if return_sampling:
+            outputs.update(spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                           valid_ratios=valid_ratios, encoder_reference_points=encoder_sampling["reference_points"],
+                           encoder_sampling=encoder_sampling["layers"], decoder_sampling=decoder_sampling)
+        return outputs
+
+    def flatten_levels(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-level maps -> src (N, S, C), mask (N, S), pos + level embedding (N, S, C), spatial_shapes (L, 2)."""
+        if not len(srcs) == len(masks) == len(pos_embeds) == self.level_embed.shape[0]:
+            raise ValueError(f"srcs, masks and pos_embeds must each hold {self.level_embed.shape[0]} levels, "
+                             f"got {len(srcs)}, {len(masks)} and {len(pos_embeds)}")
+        shapes = [src.shape[-2:] for src in srcs]
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
+        src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
+        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
+        pos_flatten = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+                                 for level, pos in enumerate(pos_embeds)], 1)
+        return src_flatten, mask_flatten, pos_flatten, spatial_shapes
+
+    def two_stage_queries(self, memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_shapes: torch.Tensor,
+                          outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Score one proposal per encoder pixel, keep the top k as the decoder's queries and reference boxes.
+
+        Puts ``enc_outputs_class`` (N, S, num_classes) and ``enc_outputs_coord_unact`` (N, S, 4) in ``outputs``
+        and returns query_pos, tgt (N, k, C) and reference boxes (N, k, 4) in [0, 1], detached.
+        """
+        if self.decoder.class_embed is None or self.decoder.bbox_embed is None:
+            raise RuntimeError("two_stage needs the detector's heads in decoder.class_embed and decoder.bbox_embed")
+        output_memory, output_proposals = encoder_proposals(memory, mask_flatten, spatial_shapes)
+        output_memory = self.enc_output_norm(self.enc_output(output_memory))
+        enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
+        enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
+        outputs.update(enc_outputs_class=enc_outputs_class, enc_outputs_coord_unact=enc_outputs_coord_unact)
+        # Padding never becomes a query (the original can pick it when its constant score is high enough).
+        scores = enc_outputs_class[..., 0].masked_fill(mask_flatten, float("-inf"))
+        topk = min(self.two_stage_num_proposals, scores.shape[1])
+        topk_indices = torch.topk(scores, topk, dim=1)[1]
+        topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_indices[..., None].expand(-1, -1, 4))
+        topk_coords_unact = topk_coords_unact.detach()
+        position = sine_embedding(topk_coords_unact.sigmoid() * (2 * math.pi), self.d_model // 2)
+        query_pos, tgt = torch.split(self.pos_trans_norm(self.pos_trans(position)), self.d_model, dim=2)
+        return query_pos, tgt, topk_coords_unact.sigmoid()
+
+
+def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool padding mask -> (N, 2) the unpadded share (x, y) of the map."""
+    _, height, width = mask.shape
+    valid_height = (~mask[:, :, 0]).sum(1)
+    valid_width = (~mask[:, 0, :]).sum(1)
+    return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
+
+
+def encoder_proposals(memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_shapes: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One proposal per encoder pixel: its centre, and width and height 0.05 * 2 ** level of the unpadded image.
+
+    Args:
+        memory: (N, S, C); mask_flatten (N, S) bool; spatial_shapes (L, 2).
+
+    Returns:
+        memory (N, S, C) with padding and proposals too close to the border (outside (0.01, 0.99)) zeroed,
+        proposals (N, S, 4) as logits, +inf there.
+    """
+    batch = memory.shape[0]
+    proposals = []
+    start = 0
+    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        mask = mask_flatten[:, start:start + height * width].view(batch, height, width)
+        valid_height = (~mask[:, :, 0]).sum(1)
+        valid_width = (~mask[:, 0, :]).sum(1)
+        grid_y, grid_x = torch.meshgrid(
+            torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
+            torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device), indexing="ij")
+        grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
+        scale = torch.stack([valid_width, valid_height], -1).view(batch, 1, 1, 2)
+        centres = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
+        sizes = torch.full_like(centres, 0.05 * (2.0 ** level))
+        proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
+        start += height * width
+    proposals = torch.cat(proposals, 1)
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    proposals = torch.log(proposals / (1 - proposals))
+    invalid = mask_flatten.unsqueeze(-1) | ~valid
+    proposals = proposals.masked_fill(invalid, float("inf"))
+    memory = memory.masked_fill(invalid, 0.0)
+    return memory, proposals.to(memory.dtype)
+
+
+def build_deformable_transformer(cfg: Config) -> DeformableTransformer:
+    layer_args = dict(d_model=cfg.hidden_dim, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
+                      n_levels=cfg.num_feature_levels, n_heads=cfg.nheads, attention_backend=cfg.attention_backend)
+    encoder_layer = DeformableEncoderLayer(**layer_args, n_points=cfg.enc_n_points)
+    decoder_layer = DeformableDecoderLayer(**layer_args, n_points=cfg.dec_n_points)
+    return DeformableTransformer(
+        encoder=DeformableEncoder(encoder_layer, cfg.enc_layers),
+        decoder=DeformableDecoder(decoder_layer, cfg.dec_layers, with_box_refine=cfg.with_box_refine),
+        d_model=cfg.hidden_dim, num_feature_levels=cfg.num_feature_levels, two_stage=cfg.two_stage,
+        two_stage_num_proposals=cfg.num_queries)

@@ -1,0 +1,56 @@
+"""Sine position encoding of feature-map pixels, normalised to each image's unpadded extent."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def sine_embedding(coordinates: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Interleaved sin / cos of ``coordinates / temperature ** (2 * (i // 2) / num_feats)``, i < num_feats.
+
+    Args:
+        coordinates: (..., K) float.
+
+    Returns:
+        (..., K * num_feats): for each coordinate, sin of the even and cos of the odd frequencies, interleaved.
+    """
+    index = torch.arange(num_feats, dtype=torch.float32, device=coordinates.device)
+    frequencies = temperature ** (2 * torch.div(index, 2, rounding_mode="floor") / num_feats)
+    phases = coordinates[..., None] / frequencies  # (..., K, num_feats)
+    embedding = torch.stack((phases[..., 0::2].sin(), phases[..., 1::2].cos()), dim=-1)
+    return embedding.flatten(-3)
+
+
+class PositionEmbeddingSine(nn.Module):
+    """DETR's sine encoding as Deformable DETR uses it: pixel centres (index + 0.5), normalised by the valid
+    (unpadded) height and width, times ``scale``.
+
+    Args:
+        num_pos_feats: channels per axis; the output has 2 * num_pos_feats channels (y first, then x).
+        temperature: base of the frequencies.
+        scale: the normalised coordinates are multiplied by it (2 * pi by default).
+    """
+
+    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi) -> None:
+        super().__init__()
+        self.num_pos_feats, self.temperature, self.scale = num_pos_feats, temperature, scale
+
+    def forward(self, padding_mask: torch.Tensor) -> torch.Tensor:
+        """padding_mask (B, H, W) bool, True on padding -> (B, 2 * num_pos_feats, H, W) float32."""
+        valid = ~padding_mask
+        y_embed = valid.cumsum(1, dtype=torch.float32)
+        x_embed = valid.cumsum(2, dtype=torch.float32)
+        eps = 1e-6
+        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+        pos_y = sine_embedding(y_embed[..., None], self.num_pos_feats, self.temperature)
+        pos_x = sine_embedding(x_embed[..., None], self.num_pos_feats, self.temperature)
+        return torch.cat((pos_y, pos_x), dim=-1).permute(0, 3, 1, 2)
+
+
+def build_position_encoding(cfg) -> PositionEmbeddingSine:
+    if cfg.hidden_dim % 2 != 0:
+        raise ValueError(f"hidden_dim must be even for the sine position encoding, got {cfg.hidden_dim}")
+    return PositionEmbeddingSine(cfg.hidden_dim // 2, scale=cfg.position_embedding_scale)
