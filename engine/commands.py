@@ -8,7 +8,8 @@ Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 | ``checkpoint.pth`` | the latest finished epoch: model, optimizer, lr_scheduler, scaler, epoch, config |
 | ``checkpointNNNN.pth`` | the same, kept every ``save_every`` epochs and before the ``lr_drop`` |
 | ``detections.json`` / ``metrics.json`` | the latest evaluation: COCO results and the 12 COCO metrics |
-| ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s`` |
+| ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s``; |
+| | emptied when a run starts from scratch, appended to when it resumes |
 """
 from __future__ import annotations
 
@@ -106,6 +107,8 @@ def train(cfg: Config) -> dict[str, float] | None:
                   f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
                   "train further, or run `main.py eval` to evaluate it")
         return None
+    if info.is_main and start_epoch == 0:  # a fresh run: its log starts empty, as its checkpoints start anew
+        (output_dir / LOG_FILE).unlink(missing_ok=True)
     num_parameters = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     say(info, f"training {num_parameters:,} parameters on {len(train_set)} images ({info.world_size} process(es), "
               f"{info.device}), evaluating on {len(val_set)}; output in {output_dir}")
