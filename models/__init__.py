@@ -1,6 +1,8 @@
 """The Deformable DETR detector: ``model, criterion, postprocessors = build_model(cfg)``."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from models.backbone import build_backbone
@@ -10,15 +12,24 @@ from models.deformable_transformer import build_deformable_transformer
 from models.postprocess import PostProcess
 from util.config import Config
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The published variants (the names of the original checkpoints' reference) and their configs in CONFIG_DIR.
+PUBLISHED_CONFIGS = {
+    "deformable_detr": "deformable_detr.yaml",
+    "single_scale": "deformable_detr_single_scale.yaml",
+    "single_scale_dc5": "deformable_detr_single_scale_dc5.yaml",
+    "box_refine": "deformable_detr_box_refine.yaml",
+    "two_stage": "deformable_detr_two_stage.yaml",
+}
+
 
 def build_model(cfg: Config) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:
     """The detector described by ``cfg`` (see ``util.config.Config``), its criterion, and its post-processors
     (``{"bbox": PostProcess}``)."""
     model = DeformableDETR(
         backbone=build_backbone(cfg), transformer=build_deformable_transformer(cfg), num_classes=cfg.num_classes,
-        num_queries=cfg.num_queries, num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss,
-        with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage)
+        num_queries=cfg.num_queries, num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss)
     return model, build_criterion(cfg), {"bbox": PostProcess()}
 
 
-__all__ = ["DeformableDETR", "SetCriterion", "PostProcess", "build_model"]
+__all__ = ["CONFIG_DIR", "PUBLISHED_CONFIGS", "DeformableDETR", "PostProcess", "SetCriterion", "build_model"]

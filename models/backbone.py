@@ -46,6 +46,23 @@ class ResNetBody(nn.Module):
         return outputs
 
 
+class TimmBody(nn.Module):
+    """A timm model built with ``features_only=True``, returning some of its feature maps.
+
+    Args:
+        model: the timm feature extractor (its batch norms frozen).
+        indices: which of its outputs to return, finest first.
+    """
+
+    def __init__(self, model: nn.Module, indices: list[int]) -> None:
+        super().__init__()
+        self.model, self.indices = model, indices
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        features = self.model(images)
+        return [features[index] for index in self.indices]
+
+
 class Backbone(nn.Module):
     """The backbone body and its per-level padding masks.
 
@@ -60,7 +77,8 @@ class Backbone(nn.Module):
         self.body, self.strides, self.num_channels = body, strides, num_channels
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """images (B, 3, H, W), padding_mask (B, H, W) -> per level (features (B, C_l, H_l, W_l), mask (B, H_l, W_l))."""
+        """images (B, 3, H, W), padding_mask (B, H, W) -> per level (features (B, C_l, H_l, W_l),
+        mask (B, H_l, W_l))."""
         return [(features, resize_mask(padding_mask, features.shape[-2:])) for features in self.body(images)]
 
 
@@ -92,8 +110,6 @@ def resize_mask(padding_mask: torch.Tensor, size: tuple[int, int] | torch.Size) 
 
 def _load_resnet(name: str, dilation: bool, pretrained: bool | str) -> torchvision.models.ResNet:
     """A torchvision ResNet with FrozenBatchNorm2d, random or with ImageNet weights (downloaded or a local file)."""
-    if name not in RESNETS:
-        raise ValueError(f"backbone must be one of {RESNETS}, got {name!r}")
     if dilation and name in ("resnet18", "resnet34"):
         raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101), got {name!r}")
     builder = getattr(torchvision.models, name)
@@ -107,7 +123,8 @@ def _load_resnet(name: str, dilation: bool, pretrained: bool | str) -> torchvisi
             raise RuntimeError(
                 f"pretrained_backbone=true could not download the ImageNet weights of {name} ({error}). "
                 f"Offline, set pretrained_backbone to a local file of torchvision's {name} weights "
-                f"(pretrained_backbone=/path/to/{name}.pth), or pretrained_backbone=false to start from random weights.") from error
+                f"(pretrained_backbone=/path/to/{name}.pth), or pretrained_backbone=false to start from random "
+                f"weights.") from error
         resnet.load_state_dict(state_dict)
     elif isinstance(pretrained, str):
         path = Path(pretrained)
@@ -123,9 +140,49 @@ def _load_resnet(name: str, dilation: bool, pretrained: bool | str) -> torchvisi
     return resnet
 
 
+def _timm_backbone(cfg: Config) -> Backbone:
+    """Any timm model with a ``features_only`` mode: its stride 8, 16, 32 outputs (or stride 32 alone), batch norms
+    frozen, every other parameter trained when ``cfg.lr_backbone`` > 0."""
+    import timm
+
+    if not timm.is_model(cfg.backbone):
+        raise ValueError(f"backbone {cfg.backbone!r} is neither one of {RESNETS} nor a timm model name")
+    if cfg.dilation:
+        raise ValueError(f"dilation (DC5) is supported for the torchvision ResNets {RESNETS}, not {cfg.backbone!r}")
+    pretrained = cfg.pretrained_backbone
+    overlay = {"file": str(pretrained)} if isinstance(pretrained, str) else None
+    if isinstance(pretrained, str) and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained_backbone={pretrained!r}: no such file")
+    try:
+        model = timm.create_model(cfg.backbone, pretrained=pretrained is not False, features_only=True,
+                                  pretrained_cfg_overlay=overlay)
+    except (OSError, RuntimeError) as error:
+        if pretrained is not True:
+            raise
+        raise RuntimeError(
+            f"pretrained_backbone=true could not download the weights of timm's {cfg.backbone} ({error}). Offline, "
+            f"set pretrained_backbone to a local weights file, or pretrained_backbone=false.") from error
+    model = timm.layers.freeze_batch_norm_2d(model)
+    reductions, channels = model.feature_info.reduction(), model.feature_info.channels()
+    wanted = [8, 16, 32] if cfg.num_feature_levels > 1 else [32]
+    if any(stride not in reductions for stride in wanted):
+        raise ValueError(f"timm backbone {cfg.backbone!r} has outputs at strides {reductions}, needs {wanted}")
+    indices = [len(reductions) - 1 - reductions[::-1].index(stride) for stride in wanted]  # the deepest of each
+    for parameter in model.parameters():
+        parameter.requires_grad_(cfg.lr_backbone > 0)
+    return Backbone(body=TimmBody(model, indices), strides=wanted, num_channels=[channels[i] for i in indices])
+
+
 def build_backbone(cfg: Config) -> Joiner:
-    """The ResNet ``cfg.backbone`` returning C3, C4, C5 (``num_feature_levels`` > 1) or C5 alone, with DC5 if
-    ``cfg.dilation``; the stem and layer1 always frozen, the rest trained when ``cfg.lr_backbone`` > 0."""
+    """The backbone ``cfg.backbone`` with the position encoding.
+
+    A torchvision ResNet (``resnet18/34/50/101``, the original's; checkpoint-compatible for resnet50) returns C3,
+    C4, C5 (``num_feature_levels`` > 1) or C5 alone, with DC5 if ``cfg.dilation``; its stem and layer1 always
+    frozen, the rest trained when ``cfg.lr_backbone`` > 0. Any other name is taken from timm (see
+    :func:`_timm_backbone`).
+    """
+    if cfg.backbone not in RESNETS:
+        return Joiner(backbone=_timm_backbone(cfg), position_encoding=build_position_encoding(cfg))
     resnet = _load_resnet(cfg.backbone, cfg.dilation, cfg.pretrained_backbone)
     last_stride = 16 if cfg.dilation else 32
     expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1

@@ -12,22 +12,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
-from pathlib import Path
 
 import torch
 
-from models import build_model
+from models import CONFIG_DIR, PUBLISHED_CONFIGS, build_model
 from ops.benchmark import _median_ms, describe_machine
 from util.config import load_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-VARIANTS = {
-    "deformable_detr": "deformable_detr.yaml",
-    "single_scale": "deformable_detr_single_scale.yaml",
-    "single_scale_dc5": "deformable_detr_single_scale_dc5.yaml",
-    "box_refine": "deformable_detr_box_refine.yaml",
-    "two_stage": "deformable_detr_two_stage.yaml",
-}
 HEIGHT, WIDTH = 800, 1333
 
 
@@ -35,7 +26,7 @@ def measure(variant: str, device_type: str, batch: int, dtype: torch.dtype, repe
             ) -> tuple[float, float]:
     """-> (median forward ms, peak memory MiB) of one variant, batch and dtype."""
     torch.manual_seed(0)
-    cfg = load_config(CONFIGS / VARIANTS[variant], overrides=["pretrained_backbone=false"])
+    cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
     device = torch.device(device_type)
     model = build_model(cfg)[0].to(device).eval()
     images = torch.randn(batch, 3, HEIGHT, WIDTH, device=device)
@@ -85,7 +76,7 @@ def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> l
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(PUBLISHED_CONFIGS), default=list(PUBLISHED_CONFIGS))
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

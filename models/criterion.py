@@ -32,7 +32,8 @@ class SetCriterion(nn.Module):
     def __init__(self, *, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
                  focal_alpha: float = 0.25) -> None:
         super().__init__()
-        self.num_classes, self.matcher, self.weight_dict, self.focal_alpha = num_classes, matcher, weight_dict, focal_alpha
+        self.num_classes, self.matcher, self.focal_alpha = num_classes, matcher, focal_alpha
+        self.weight_dict = weight_dict
 
     def forward(self, outputs: dict, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Every loss of ``outputs`` (see ``DeformableDETR.forward``) against ``targets``: B dicts with ``labels``
@@ -95,7 +96,8 @@ class SetCriterion(nn.Module):
         pred_boxes = outputs["pred_boxes"][batch_index, query_index]
         target_boxes = torch.cat([target["boxes"][columns] for target, (_, columns) in zip(targets, indices)])
         loss_bbox = F.l1_loss(pred_boxes, target_boxes, reduction="none").sum() / num_boxes
-        giou = generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
+        giou = generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
+                                   box_convert(target_boxes, "cxcywh", "xyxy"))
         loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 

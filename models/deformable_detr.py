@@ -34,22 +34,27 @@ class DeformableDETR(nn.Module):
 
     Args:
         backbone: multi-scale features with masks and position encodings (``backbone.0`` / ``backbone.1``).
-        transformer: encoder and decoder; its decoder gets this detector's heads when boxes are refined or in
-            two-stage (the original checkpoints list them under both names).
+        transformer: encoder and decoder; the variant is the transformer's: box refinement when its decoder
+            refines (``decoder.with_box_refine``), two-stage when it is two-stage. Its decoder gets this detector's
+            heads in those variants (the original checkpoints list them under both names).
         num_classes: classes of the sigmoid classifier (91 for COCO's category ids).
         num_queries: object queries (two-stage: proposals kept).
         num_feature_levels: levels fed to the transformer; those beyond the backbone's come from stride-2 3x3
             convolutions, the first on the backbone's last output.
         aux_loss: also return every decoder layer's predictions.
-        with_box_refine: each decoder layer refines the previous layer's boxes; one head per layer.
-        two_stage: queries from encoder proposals; one more head pair scores the proposals.
+
+    With box refinement each decoder layer has its own heads; otherwise one head pair is shared by all layers.
+    Two-stage adds one more head pair, which scores the encoder's proposals.
     """
 
     def __init__(self, *, backbone: Joiner, transformer: DeformableTransformer, num_classes: int,
-                 num_queries: int = 300, num_feature_levels: int = 4, aux_loss: bool = True,
-                 with_box_refine: bool = False, two_stage: bool = False) -> None:
+                 num_queries: int = 300, num_feature_levels: int = 4, aux_loss: bool = True) -> None:
         super().__init__()
         hidden_dim = transformer.d_model
+        with_box_refine, two_stage = transformer.decoder.with_box_refine, transformer.two_stage
+        if num_feature_levels != transformer.level_embed.shape[0]:
+            raise ValueError(f"num_feature_levels ({num_feature_levels}) must equal the transformer's levels "
+                             f"({transformer.level_embed.shape[0]})")
         self.backbone, self.transformer = backbone, transformer
         self.num_queries, self.num_feature_levels = num_queries, num_feature_levels
         self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage

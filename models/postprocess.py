@@ -41,4 +41,5 @@ class PostProcess(nn.Module):
         height, width = target_sizes.unbind(1)
         scale = torch.stack([width, height, width, height], 1).to(boxes.dtype)
         boxes = boxes * scale[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return [{"scores": image_scores, "labels": image_labels, "boxes": image_boxes}
+                for image_scores, image_labels, image_boxes in zip(scores, labels, boxes)]

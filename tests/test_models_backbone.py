@@ -62,3 +62,16 @@ def test_position_encoding_of_the_image_ignores_padding():
     mask = torch.ones(1, 8, 9, dtype=torch.bool)
     mask[:, :5, :7] = False
     torch.testing.assert_close(encoding(mask)[..., :5, :7], alone)
+
+
+def test_timm_backbone_gives_strides_8_16_32():
+    backbone = build_backbone(tiny_config("backbone=mobilenetv3_small_100"))
+    features, masks, _ = backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
+    assert backbone.strides == [8, 16, 32]
+    assert [feature.shape[1] for feature in features] == backbone.num_channels
+    assert [tuple(mask.shape[-2:]) for mask in masks] == [(8, 12), (4, 6), (2, 3)]
+
+
+def test_unknown_backbone_is_named():
+    with pytest.raises(ValueError, match="resnet5O"):
+        build_backbone(tiny_config("backbone=resnet5O"))

@@ -7,18 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import build_model
+from models import CONFIG_DIR, PUBLISHED_CONFIGS, build_model
 from util.config import load_config
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared/reference/checkpoint_keys.json"
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-CONFIG_OF_VARIANT = {
-    "deformable_detr": "deformable_detr.yaml",
-    "single_scale": "deformable_detr_single_scale.yaml",
-    "single_scale_dc5": "deformable_detr_single_scale_dc5.yaml",
-    "box_refine": "deformable_detr_box_refine.yaml",
-    "two_stage": "deformable_detr_two_stage.yaml",
-}
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +20,9 @@ def reference() -> dict:
     return json.loads(REFERENCE.read_text())["variants"]
 
 
-@pytest.mark.parametrize("variant", sorted(CONFIG_OF_VARIANT))
+@pytest.mark.parametrize("variant", sorted(PUBLISHED_CONFIGS))
 def test_state_dict_matches_reference(reference, variant):
-    cfg = load_config(CONFIGS / CONFIG_OF_VARIANT[variant], overrides=["pretrained_backbone=false"])
+    cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
     model, _, _ = build_model(cfg)
     keys = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     expected = reference[variant]
@@ -44,7 +36,7 @@ def test_state_dict_matches_reference(reference, variant):
 @pytest.mark.parametrize("variant", ["deformable_detr", "two_stage"])
 def test_checkpoint_of_reference_shapes_loads_strictly(reference, variant):
     """A checkpoint as the original code saves it ({"model": state_dict}) loads with strict=True."""
-    cfg = load_config(CONFIGS / CONFIG_OF_VARIANT[variant], overrides=["pretrained_backbone=false"])
+    cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
     model, _, _ = build_model(cfg)
     generator = torch.Generator().manual_seed(0)
     checkpoint = {"model": {name: torch.randn(shape, generator=generator)
@@ -55,10 +47,10 @@ def test_checkpoint_of_reference_shapes_loads_strictly(reference, variant):
 
 
 def test_heads_are_shared_as_the_original_shares_them():
-    base, _, _ = build_model(load_config(CONFIGS / "deformable_detr.yaml", overrides=["pretrained_backbone=false"]))
+    base, _, _ = build_model(load_config(CONFIG_DIR / "deformable_detr.yaml", overrides=["pretrained_backbone=false"]))
     assert base.class_embed[0] is base.class_embed[5] and base.bbox_embed[0] is base.bbox_embed[5]
     assert base.transformer.decoder.bbox_embed is None
-    two_stage, _, _ = build_model(load_config(CONFIGS / "deformable_detr_two_stage.yaml",
+    two_stage, _, _ = build_model(load_config(CONFIG_DIR / "deformable_detr_two_stage.yaml",
                                               overrides=["pretrained_backbone=false"]))
     assert two_stage.class_embed[0] is not two_stage.class_embed[1]
     assert two_stage.transformer.decoder.class_embed is two_stage.class_embed

@@ -8,7 +8,7 @@ from models import build_model
 from models.deformable_encoder import DeformableEncoder
 from models.deformable_transformer import encoder_proposals, valid_ratio
 from models.position_encoding import PositionEmbeddingSine
-from tests.tiny_model import VARIANTS, tiny_config
+from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config
 
 LEVEL_SHAPES = [(8, 12), (4, 6), (2, 3), (1, 2)]
 
@@ -36,6 +36,7 @@ def test_padded_maps_give_the_outputs_of_the_unpadded_maps():
     for variant in ("deformable_detr", "box_refine", "two_stage"):
         torch.manual_seed(0)
         model, _, _ = build_model(tiny_config(*VARIANTS[variant]))
+        randomize_zero_initialised(model)
         transformer = model.transformer.eval()
         features = [torch.randn(1, 64, height, width) for height, width in LEVEL_SHAPES]
         masks = [torch.zeros(1, height, width, dtype=torch.bool) for height, width in LEVEL_SHAPES]

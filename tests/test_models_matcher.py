@@ -25,7 +25,8 @@ def pair_cost(matcher: HungarianMatcher, logits, box, label, target_box) -> floa
     alpha, gamma = matcher.focal_alpha, matcher.focal_gamma
     focal = alpha * (1 - p) ** gamma * -torch.log(p + 1e-8) - (1 - alpha) * p ** gamma * -torch.log(1 - p + 1e-8)
     l1 = (box - target_box).abs().sum()
-    giou = generalized_box_iou(box_convert(box[None], "cxcywh", "xyxy"), box_convert(target_box[None], "cxcywh", "xyxy"))
+    giou = generalized_box_iou(box_convert(box[None], "cxcywh", "xyxy"),
+                               box_convert(target_box[None], "cxcywh", "xyxy"))
     return float(matcher.cost_class * focal + matcher.cost_bbox * l1 - matcher.cost_giou * giou[0, 0])
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -26,7 +26,7 @@ class Config:
     # model: backbone
     backbone: str = "resnet50"
     dilation: bool = False
-    pretrained_backbone: Union[bool, str] = True  # true: download ImageNet weights; false: random; a str: a local file
+    pretrained_backbone: bool | str = True  # true: download ImageNet weights; false: random; a str: a local file
     position_embedding_scale: float = 2 * math.pi
     num_feature_levels: int = 4
     # model: transformer
