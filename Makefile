@@ -6,7 +6,7 @@ export CUDA_HOME ?= /usr/local/cuda
 CUDA_FLAG := $(if $(wildcard $(CUDA_HOME)/bin/nvcc),--cuda,)
 STAMP := .setup-done
 
-.PHONY: setup build test demo benchmark clean
+.PHONY: setup build test demo demo-shapes benchmark clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,22 @@ test: build
 
 demo: build
 	$(PYTHON) -m ops.benchmark
+
+# The training demo: shapes data (made once), train on the CPU (evaluates at the end), evaluate the checkpoint,
+# draw predictions on four validation images, plot the curves. See README.md, "The demo".
+SHAPES := data/shapes
+DEMO_OUT := outputs/demo_shapes
+DEMO_IMAGES := $(foreach id,1 2 3 4,$(SHAPES)/val2017/00000000000$(id).png)
+
+$(SHAPES)/annotations/instances_val2017.json:
+	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128
+
+demo-shapes: build $(SHAPES)/annotations/instances_val2017.json
+	$(PYTHON) main.py train --config configs/demo_shapes.yaml
+	$(PYTHON) main.py eval --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth
+	$(PYTHON) main.py predict --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
+		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions
+	$(PYTHON) -m util.plot_logs $(DEMO_OUT)
 
 benchmark: build
 	$(PYTHON) -m ops.benchmark

@@ -1,32 +1,65 @@
-"""Deformable DETR command line.
+"""Deformable DETR command line: train, evaluate, predict.
 
-    python main.py train|eval|predict|visualize --config FILE --opts key=value ...
+    python main.py train   --config configs/demo_shapes.yaml [--opts key=value ...]
+    python main.py eval    --config configs/demo_shapes.yaml --opts resume=outputs/demo_shapes/checkpoint.pth
+    python main.py predict --config configs/demo_shapes.yaml --opts resume=CKPT --image A.png B.png --out DIR
 
-Runs the same under ``torchrun``. The commands arrive with the training pipeline; today this file only
-reports that, so that scripts calling it fail with a clear message instead of an import error.
+``--opts`` overrides config keys (``util.config``; values read as YAML: ``lr=1e-4``, ``amp=bfloat16``,
+``train_scales=[96,128]``). Several processes, on one machine or many, through torchrun (env:// rendezvous;
+NCCL on GPUs, gloo on the CPU):
+
+    torchrun --nproc_per_node=8 main.py train --config configs/deformable_detr.yaml --opts coco_path=data/coco
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+        main.py train --config configs/deformable_detr.yaml
+
+``batch_size`` is per process. A run writes under ``output_dir``: config.yaml, checkpoint.pth (every epoch),
+checkpointNNNN.pth, log.txt, detections.json, metrics.json. ``--opts resume=OUTPUT_DIR/checkpoint.pth``
+continues a run at the next epoch.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-COMMANDS = ("train", "eval", "predict", "visualize")
+from engine.commands import evaluate_checkpoint, predict, train
+from engine.training import NonFiniteLossError
+from util.config import load_config
+from util.distributed import shutdown_distributed
+
+COMMANDS = ("train", "eval", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python main.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--opts", nargs="*", default=[], help="config overrides as key=value")
+    parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
+    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--image", nargs="+", default=[], help="predict: image files")
+    parser.add_argument("--out", default=None, help="predict: output folder (default OUTPUT_DIR/predictions)")
+    parser.add_argument("--threshold", type=float, default=0.5, help="predict: lowest score drawn and written")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    print(f"'{args.command}' is not available yet: this version provides the deformable attention op "
-          "(ops/); see README.md.", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "predict" and not args.image:
+        parser.error("predict needs --image IMG [IMG ...]")
+    cfg = load_config(args.config, overrides=args.opts)
+    try:
+        if args.command == "train":
+            train(cfg)
+        elif args.command == "eval":
+            evaluate_checkpoint(cfg)
+        else:
+            predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_distributed()
+    return 0
 
 
 if __name__ == "__main__":

@@ -63,13 +63,27 @@ class Config:
     epochs: int = 50
     lr_drop: int = 40
     clip_max_norm: float = 0.1
+    lr_linear_proj_names: list[str] = dataclasses.field(
+        default_factory=lambda: ["reference_points", "sampling_offsets"])  # parameters at lr * lr_linear_proj_mult
+    lr_backbone_names: list[str] = dataclasses.field(default_factory=lambda: ["backbone.0"])  # at lr_backbone
+    amp: str = "none"  # autocast: none | bfloat16 | float16 (float16 with a gradient scaler)
+    # data: image sizes of the transforms (the paper's by default)
+    train_scales: list[int] = dataclasses.field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333  # longer side at most this, in training and evaluation
+    train_crop: bool = True
+    crop_scales: list[int] = dataclasses.field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = dataclasses.field(default_factory=lambda: [384, 600])  # [min, max] side of the crop
+    val_size: int = 800
     # run
     coco_path: str = "data/coco"
     output_dir: str = "outputs"
     device: str = "cuda"
     seed: int = 42
-    resume: str = ""
+    resume: str = ""  # a checkpoint to continue from (train) or to evaluate / predict with
     num_workers: int = 2
+    eval_every: int = 1  # evaluate after every eval_every-th epoch and after the last
+    save_every: int = 5  # also keep checkpointNNNN.pth every save_every epochs and before lr_drop; 0: never
+    print_every: int = 10  # progress line every print_every iterations (when not a terminal)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +141,8 @@ def _check_type(key: str, value: Any, expected: Any, origin: str) -> Any:
     fields = {field.name for field in dataclasses.fields(Config)}
     if key not in fields:
         raise KeyError(f"unknown config key {key!r} in {origin}; known keys: {', '.join(sorted(fields))}")
+    if typing.get_origin(expected) is list:
+        return _check_list(key, value, typing.get_args(expected)[0], origin)
     allowed = typing.get_args(expected) or (expected,)
     if isinstance(value, bool) and bool not in allowed:  # bool is an int: do not let true pass as 1
         raise ValueError(f"config key {key!r} in {origin} must be {_names(allowed)}, got {value!r}")
@@ -140,6 +156,15 @@ def _check_type(key: str, value: Any, expected: Any, origin: str) -> Any:
     if not isinstance(value, allowed):
         raise ValueError(f"config key {key!r} in {origin} must be {_names(allowed)}, got {value!r}")
     return value
+
+
+def _check_list(key: str, value: Any, item_type: type, origin: str) -> list:
+    """A list of ``item_type`` (ints pass as floats); YAML ``[1, 2]`` or a single item."""
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, bool) or not isinstance(item, (item_type, int) if item_type is float else item_type)
+           for item in items):
+        raise ValueError(f"config key {key!r} in {origin} must be a list of {item_type.__name__}, got {value!r}")
+    return [item_type(item) for item in items]
 
 
 def _names(types: tuple[type, ...]) -> str:

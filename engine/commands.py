@@ -1,0 +1,183 @@
+"""The three commands of ``main.py``: train, eval and predict, each from a resolved config.
+
+Files a training run writes under ``cfg.output_dir`` (rank 0 only):
+
+| file | content |
+|---|---|
+| ``config.yaml`` | the resolved config |
+| ``checkpoint.pth`` | the latest finished epoch: model, optimizer, lr_scheduler, scaler, epoch, config |
+| ``checkpointNNNN.pth`` | the same, kept every ``save_every`` epochs and before the ``lr_drop`` |
+| ``detections.json`` / ``metrics.json`` | the latest evaluation: COCO results and the 12 COCO metrics |
+| ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s``; |
+| | emptied when a run starts from scratch, appended to when it resumes |
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from engine.data import build_config_transforms, build_eval_loader, build_split, build_train_loader
+from engine.evaluation import evaluate
+from engine.optim import build_lr_scheduler, build_optimizer
+from engine.prediction import predict_files
+from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
+from models import build_model
+from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
+from util.config import Config
+from util.distributed import DistributedInfo, barrier, init_distributed
+from util.progress import format_duration
+
+LOG_FILE = "log.txt"
+CONFIG_FILE = "config.yaml"
+LATEST_CHECKPOINT = "checkpoint.pth"
+
+
+def say(info: DistributedInfo, message: str) -> None:
+    """Print ``message`` on rank 0."""
+    if info.is_main:
+        print(message, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model_on(cfg: Config, info: DistributedInfo) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
+    model, criterion, postprocessors = build_model(cfg)
+    return model.to(info.device), criterion.to(info.device), postprocessors
+
+
+def _load_for_inference(cfg: Config, command: str, model: nn.Module) -> dict:
+    if not cfg.resume:
+        raise ValueError(f"{command} needs a checkpoint: --opts resume=PATH")
+    checkpoint = load_checkpoint(cfg.resume)
+    load_model_weights(model, checkpoint, cfg.resume)
+    return checkpoint
+
+
+def checkpoint_due(epoch: int, cfg: Config) -> bool:
+    """Whether epoch ``epoch`` (0-based, just finished) also gets a ``checkpointNNNN.pth``."""
+    finished = epoch + 1
+    return cfg.save_every > 0 and (finished % cfg.save_every == 0 or finished == cfg.lr_drop)
+
+
+def evaluation_due(epoch: int, cfg: Config) -> bool:
+    finished = epoch + 1
+    return finished == cfg.epochs or (cfg.eval_every > 0 and finished % cfg.eval_every == 0)
+
+
+def train(cfg: Config) -> dict[str, float] | None:
+    """Train ``cfg.epochs`` epochs (from ``cfg.resume`` when given), evaluating and checkpointing as configured.
+
+    Returns the last evaluation's metrics on rank 0 (None on other ranks or when no epoch was left to train).
+    """
+    info = init_distributed(cfg.device)
+    seed_everything(cfg.seed + info.rank)
+    output_dir = Path(cfg.output_dir)
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    model, criterion, postprocessors = build_model_on(cfg, info)
+    train_set, val_set = build_split("train", cfg), build_split("val", cfg)
+    train_loader = build_train_loader(train_set, cfg, info.rank, info.world_size)
+    val_loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
+    trained = model if info.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    optimizer, scaler = build_optimizer(model, cfg), build_grad_scaler(cfg.amp, info.device)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg)
+    start_epoch = 0
+    if cfg.resume:
+        checkpoint = load_checkpoint(cfg.resume)
+        load_model_weights(model, checkpoint, cfg.resume)
+        start_epoch = restore_training_state(checkpoint, optimizer, lr_scheduler, scaler, cfg.resume)
+        say(info, f"resumed from {cfg.resume}: continuing at epoch {start_epoch} of {cfg.epochs}")
+    if start_epoch >= cfg.epochs:
+        say(info, f"nothing to train: {cfg.resume} already finished epoch {start_epoch - 1} and epochs={cfg.epochs}"
+                  f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
+                  "train further, or run `main.py eval` to evaluate it")
+        return None
+    if info.is_main and start_epoch == 0:  # a fresh run: its log starts empty, as its checkpoints start anew
+        (output_dir / LOG_FILE).unlink(missing_ok=True)
+    num_parameters = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    say(info, f"training {num_parameters:,} parameters on {len(train_set)} images ({info.world_size} process(es), "
+              f"{info.device}), evaluating on {len(val_set)}; output in {output_dir}")
+    metrics = None
+    run_start = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        train_loader.batch_sampler.sampler.set_epoch(epoch)
+        try:
+            losses = train_one_epoch(trained, criterion, train_loader, optimizer, info.device, epoch,
+                                     clip_max_norm=cfg.clip_max_norm, amp=cfg.amp, scaler=scaler,
+                                     print_every=cfg.print_every)
+        except NonFiniteLossError as error:
+            last = output_dir / LATEST_CHECKPOINT
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"{error}; {kept}. Lower lr, set clip_max_norm, or turn amp off.") from None
+        learning_rate = optimizer.param_groups[0]["lr"]
+        lr_scheduler.step()
+        if info.is_main:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "config": cfg.to_dict(), "category_names": dict(train_set.category_names)}
+            save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
+            if checkpoint_due(epoch, cfg):
+                save_checkpoint(state, output_dir / f"checkpoint{epoch:04d}.pth")
+        barrier()
+        record = {"epoch": epoch, "lr": learning_rate, **{f"train_{name}": value for name, value in losses.items()}}
+        if evaluation_due(epoch, cfg):
+            metrics = evaluate(model, postprocessors["bbox"], val_loader, val_set, info.device, output_dir,
+                               amp=cfg.amp, print_every=cfg.print_every)
+            record.update({f"val_{name}": value for name, value in (metrics or {}).items()})
+        record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
+        if info.is_main:
+            with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
+                file.write(json.dumps(record) + "\n")
+            shown = f", AP {metrics['AP']:.4f}" if metrics is not None and "val_AP" in record else ""
+            say(info, f"epoch {epoch} done in {format_duration(record['epoch_time_s'])}: loss "
+                      f"{losses['loss']:.4f}{shown}")
+    say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
+    return metrics
+
+
+def evaluate_checkpoint(cfg: Config) -> dict[str, float] | None:
+    """Evaluate ``cfg.resume`` on the val split; rank 0 writes ``detections.json`` and ``metrics.json`` under
+    ``cfg.output_dir`` and returns the metrics."""
+    info = init_distributed(cfg.device)
+    model, _, postprocessors = build_model_on(cfg, info)
+    _load_for_inference(cfg, "eval", model)
+    val_set = build_split("val", cfg)
+    loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
+    if info.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    metrics = evaluate(model, postprocessors["bbox"], loader, val_set, info.device, cfg.output_dir, amp=cfg.amp,
+                       print_every=cfg.print_every)
+    if metrics is not None:
+        say(info, "metrics: " + json.dumps({name: round(value, 4) for name, value in metrics.items()}))
+    return metrics
+
+
+def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5) -> list[dict]:
+    """Detect in ``images`` with ``cfg.resume`` and write ``out_dir/predictions.json`` and the drawn images."""
+    info = init_distributed(cfg.device)
+    model, _, postprocessors = build_model_on(cfg, info)
+    checkpoint = _load_for_inference(cfg, "predict", model)
+    names = checkpoint.get("category_names")
+    results = predict_files(model, postprocessors["bbox"], images, build_config_transforms("val", cfg), info.device,
+                            out_dir, names, threshold, cfg.amp)
+    for result in results:
+        found = ", ".join(f"{d['name']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
+        say(info, f"{result['file']}: {found}")
+    say(info, f"wrote {len(results)} drawn image(s) and predictions.json to {out_dir}")
+    return results

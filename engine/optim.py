@@ -1,0 +1,51 @@
+"""AdamW over three parameter groups and the step learning-rate schedule of Deformable DETR.
+
+Groups, in the original implementation's order (so that its optimizer states line up):
+
+| group | parameters (names containing) | learning rate |
+|---|---|---|
+| ``rest`` | everything else that trains | ``lr`` |
+| ``backbone`` | ``lr_backbone_names`` (``backbone.0``) | ``lr_backbone`` |
+| ``linear_proj`` | ``lr_linear_proj_names`` (``reference_points``, ``sampling_offsets``) | ``lr * lr_linear_proj_mult`` |
+
+A parameter matching both lists counts as backbone. Frozen parameters (``requires_grad=False``) are left out.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from util.config import Config
+
+GROUP_NAMES = ("rest", "backbone", "linear_proj")
+
+
+def parameter_group(name: str, backbone_names: list[str], linear_proj_names: list[str]) -> str:
+    """Which of :data:`GROUP_NAMES` the parameter called ``name`` belongs to."""
+    if any(part in name for part in backbone_names):
+        return "backbone"
+    if any(part in name for part in linear_proj_names):
+        return "linear_proj"
+    return "rest"
+
+
+def build_parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """The three groups (always all three, possibly empty) as ``torch.optim`` parameter dicts with a ``name``."""
+    learning_rates = {"rest": cfg.lr, "backbone": cfg.lr_backbone, "linear_proj": cfg.lr * cfg.lr_linear_proj_mult}
+    groups = {name: {"name": name, "params": [], "lr": learning_rates[name]} for name in GROUP_NAMES}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups[parameter_group(name, cfg.lr_backbone_names, cfg.lr_linear_proj_names)]["params"].append(parameter)
+    return [groups[name] for name in GROUP_NAMES]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with :func:`build_parameter_groups` and ``cfg.weight_decay`` on every group."""
+    return torch.optim.AdamW(build_parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: Config) -> torch.optim.lr_scheduler.StepLR:
+    """Every group's learning rate times 0.1 after ``cfg.lr_drop`` epochs (stepped once per epoch)."""
+    if cfg.lr_drop <= 0:
+        raise ValueError(f"lr_drop must be a positive number of epochs, got {cfg.lr_drop}")
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_drop, gamma=0.1)

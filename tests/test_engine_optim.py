@@ -1,0 +1,86 @@
+"""engine.optim: which parameter trains at which learning rate, and the step schedule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer, parameter_group
+from models import build_model
+from tests.tiny_training import CONFIG
+from util.config import load_config
+
+TINY_MODEL = ["pretrained_backbone=false", "backbone=resnet18", "hidden_dim=32", "dim_feedforward=32", "nheads=2",
+              "enc_layers=1", "dec_layers=1", "num_queries=4", "num_classes=6", "lr=1e-3", "lr_backbone=1e-4",
+              "lr_linear_proj_mult=0.1"]
+
+
+@pytest.fixture(scope="module")
+def model_and_config():
+    cfg = load_config(CONFIG, overrides=TINY_MODEL)
+    return build_model(cfg)[0], cfg
+
+
+def expected_group(name: str) -> str:
+    if name.startswith("backbone.0."):
+        return "backbone"
+    if ".sampling_offsets." in name or name.startswith("transformer.reference_points."):
+        return "linear_proj"
+    return "rest"
+
+
+def test_every_trainable_parameter_is_in_its_expected_group_once(model_and_config):
+    model, cfg = model_and_config
+    optimizer = build_optimizer(model, cfg)
+    by_id = {id(parameter): name for name, parameter in model.named_parameters()}
+    seen = []
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            assert expected_group(by_id[id(parameter)]) == group["name"], by_id[id(parameter)]
+            seen.append(id(parameter))
+    trainable = [id(parameter) for parameter in model.parameters() if parameter.requires_grad]
+    assert sorted(seen) == sorted(trainable)
+
+
+def test_groups_have_the_configured_learning_rates(model_and_config):
+    model, cfg = model_and_config
+    optimizer = build_optimizer(model, cfg)
+    assert [group["name"] for group in optimizer.param_groups] == list(GROUP_NAMES)
+    learning_rates = {group["name"]: group["lr"] for group in optimizer.param_groups}
+    assert learning_rates == pytest.approx({"rest": 1e-3, "backbone": 1e-4, "linear_proj": 1e-4})
+    assert all(group["weight_decay"] == cfg.weight_decay for group in optimizer.param_groups)
+    assert all(len(group["params"]) > 0 for group in optimizer.param_groups)
+
+
+def test_frozen_backbone_stages_are_not_optimised(model_and_config):
+    model, cfg = model_and_config
+    optimised = {id(p) for group in build_optimizer(model, cfg).param_groups for p in group["params"]}
+    frozen = [name for name, p in model.named_parameters() if name.startswith("backbone.0.body.layer1.")]
+    assert frozen and not any(id(dict(model.named_parameters())[name]) in optimised for name in frozen)
+
+
+def test_sampling_offsets_and_reference_points_are_named_in_the_linear_proj_group():
+    assert parameter_group("transformer.encoder.layers.0.self_attn.sampling_offsets.weight", ["backbone.0"],
+                           ["reference_points", "sampling_offsets"]) == "linear_proj"
+    assert parameter_group("transformer.reference_points.bias", ["backbone.0"],
+                           ["reference_points", "sampling_offsets"]) == "linear_proj"
+    assert parameter_group("backbone.0.body.layer2.0.conv1.weight", ["backbone.0"], ["sampling_offsets"]) == "backbone"
+    assert parameter_group("input_proj.0.0.weight", ["backbone.0"], ["sampling_offsets"]) == "rest"
+
+
+def test_step_schedule_drops_every_group_tenfold_at_lr_drop(model_and_config):
+    model, _ = model_and_config
+    cfg = load_config(CONFIG, overrides=[*TINY_MODEL, "lr_drop=2"])
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(optimizer, cfg)
+    before = [group["lr"] for group in optimizer.param_groups]
+    for _ in range(2):
+        optimizer.step()
+        scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([lr * 0.1 for lr in before])
+
+
+def test_zero_lr_drop_is_refused(model_and_config):
+    model, _ = model_and_config
+    cfg = load_config(CONFIG, overrides=[*TINY_MODEL, "lr_drop=0"])
+    with pytest.raises(ValueError, match="lr_drop"):
+        build_lr_scheduler(build_optimizer(model, cfg), cfg)

@@ -1,0 +1,74 @@
+"""engine.training: one epoch changes the weights, non-finite losses stop before the step, autocast runs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from datasets import Batch
+from engine.training import NonFiniteLossError, autocast_dtype, build_grad_scaler, train_one_epoch
+from engine.optim import build_optimizer
+from models import build_model
+from tests.tiny_training import CONFIG, TINY
+from util.config import load_config
+
+
+def tiny_batches(count: int = 2) -> list[Batch]:
+    generator = torch.Generator().manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    return [Batch(torch.randn(2, 3, 64, 64, generator=generator), torch.zeros(2, 64, 64, dtype=torch.bool), targets)
+            for _ in range(count)]
+
+
+class NanCriterion(nn.Module):
+    """A criterion whose loss is NaN: the weights must not move."""
+
+    weight_dict = {"loss_ce": 1.0}
+
+    def forward(self, outputs, targets):
+        return {"loss_ce": outputs["pred_logits"].sum() * math.nan}
+
+    def total_loss(self, losses):
+        return losses["loss_ce"]
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    cfg = load_config(CONFIG, overrides=TINY)
+    model, criterion, _ = build_model(cfg)
+    return model, criterion, cfg
+
+
+def test_an_epoch_updates_the_weights_and_returns_average_losses(tiny):
+    model, criterion, cfg = tiny
+    before = model.class_embed[0].weight.detach().clone()
+    averages = train_one_epoch(model, criterion, tiny_batches(), build_optimizer(model, cfg), torch.device("cpu"), 0,
+                               clip_max_norm=0.1)
+    assert not torch.equal(before, model.class_embed[0].weight)
+    assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "class_error"} <= set(averages)
+    assert all(math.isfinite(value) for value in averages.values())
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tiny):
+    model, _, cfg = tiny
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="epoch 3, iteration 0: the loss is nan"):
+        train_one_epoch(model, NanCriterion(), tiny_batches(), build_optimizer(model, cfg), torch.device("cpu"), 3)
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+def test_bfloat16_autocast_trains_with_finite_losses(tiny):
+    model, criterion, cfg = tiny
+    averages = train_one_epoch(model, criterion, tiny_batches(1), build_optimizer(model, cfg), torch.device("cpu"), 0,
+                               amp="bfloat16", scaler=build_grad_scaler("bfloat16", torch.device("cpu")))
+    assert math.isfinite(averages["loss"])
+
+
+def test_unknown_amp_mode_is_named():
+    assert autocast_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="amp must be one of"):
+        autocast_dtype("fp8")

@@ -1,0 +1,124 @@
+"""main.py end to end on a tiny shapes set: train one epoch, evaluate, resume, predict, stop on a bad loss."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import engine.commands
+import main
+from engine.training import NonFiniteLossError
+from tests.tiny_training import CONFIG, NUM_TRAIN, NUM_VAL, make_shapes, tiny_overrides
+from util.checkpoint import load_checkpoint
+
+TRAIN_FILES = {"config.yaml", "checkpoint.pth", "checkpoint0000.pth", "log.txt", "detections.json", "metrics.json"}
+
+
+def run(*command: str, opts: list[str]) -> int:
+    return main.main([*command, "--config", str(CONFIG), "--opts", *opts])
+
+
+@pytest.fixture(scope="module")
+def coco_path(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def first_run(coco_path, tmp_path_factory):
+    """One epoch of training from scratch."""
+    output_dir = tmp_path_factory.mktemp("first")
+    assert run("train", opts=tiny_overrides(coco_path, output_dir)) == 0
+    return output_dir
+
+
+def log_lines(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
+
+
+def test_training_writes_checkpoints_log_config_and_evaluation(first_run):
+    assert TRAIN_FILES <= {path.name for path in first_run.iterdir()}
+    (record,) = log_lines(first_run)
+    assert record["epoch"] == 0 and record["lr"] == pytest.approx(2e-4)
+    assert {"train_loss", "train_loss_ce", "train_loss_bbox", "train_loss_giou", "val_AP", "val_ARl"} <= set(record)
+    assert "device: cpu" in (first_run / "config.yaml").read_text()
+
+
+def test_checkpoint_holds_everything_to_resume(first_run):
+    checkpoint = load_checkpoint(first_run / "checkpoint.pth")
+    assert {"model", "optimizer", "lr_scheduler", "scaler", "epoch", "config", "category_names"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 0 and checkpoint["config"]["hidden_dim"] == 32
+    assert checkpoint["category_names"][1] == "circle"
+
+
+def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(first_run, coco_path, tmp_path, capsys):
+    opts = tiny_overrides(coco_path, tmp_path, "epochs=2", f"resume={first_run / 'checkpoint.pth'}")
+    assert run("train", opts=opts) == 0
+    assert "continuing at epoch 1 of 2" in capsys.readouterr().out
+    assert [record["epoch"] for record in log_lines(tmp_path)] == [1]
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert checkpoint["epoch"] == 1
+    steps_per_epoch = NUM_TRAIN // 2
+    assert all(int(state["step"]) == 2 * steps_per_epoch for state in checkpoint["optimizer"]["state"].values())
+
+
+def test_resume_with_no_epoch_left_says_so(first_run, coco_path, tmp_path, capsys):
+    opts = tiny_overrides(coco_path, tmp_path, "epochs=1", f"resume={first_run / 'checkpoint.pth'}")
+    assert run("train", opts=opts) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert not (tmp_path / "log.txt").exists()
+
+
+def test_eval_of_a_checkpoint_reproduces_the_training_evaluation(first_run, coco_path, tmp_path):
+    opts = tiny_overrides(coco_path, tmp_path, f"resume={first_run / 'checkpoint.pth'}")
+    assert run("eval", opts=opts) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics == pytest.approx(json.loads((first_run / "metrics.json").read_text()))
+    assert len(json.loads((tmp_path / "detections.json").read_text())) > 0
+
+
+def test_eval_without_a_checkpoint_is_refused(coco_path, tmp_path):
+    with pytest.raises(ValueError, match="resume=PATH"):
+        run("eval", opts=tiny_overrides(coco_path, tmp_path))
+
+
+def test_predict_writes_json_and_drawn_images(first_run, coco_path, tmp_path):
+    images = sorted((coco_path / "val2017").iterdir())[:2]
+    opts = tiny_overrides(coco_path, tmp_path, f"resume={first_run / 'checkpoint.pth'}")
+    assert main.main(["predict", "--config", str(CONFIG), "--opts", *opts, "--image", *map(str, images),
+                      "--out", str(tmp_path / "pred"), "--threshold", "0"]) == 0
+    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [entry["file"] for entry in predictions] == list(map(str, images))
+    first = predictions[0]["detections"][0]
+    assert set(first) == {"label", "name", "score", "box"} and first["name"] in {"circle", "square", "triangle",
+                                                                                  "star", "cross", "class 0"}
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+
+
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_path, tmp_path, monkeypatch,
+                                                              capsys):
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_run, output_dir)
+
+    def diverge(*args, **kwargs):
+        raise NonFiniteLossError("epoch 1, iteration 0: the loss is nan")
+
+    monkeypatch.setattr(engine.commands, "train_one_epoch", diverge)
+    opts = tiny_overrides(coco_path, output_dir, "epochs=2", f"resume={output_dir / 'checkpoint.pth'}")
+    assert run("train", opts=opts) == 1
+    error = capsys.readouterr().err
+    assert "the loss is nan" in error and f"the last good checkpoint is {output_dir / 'checkpoint.pth'}" in error
+    assert load_checkpoint(output_dir / "checkpoint.pth")["epoch"] == 0
+
+
+def test_unknown_override_is_named(tmp_path):
+    with pytest.raises(KeyError, match="learning_rate"):
+        run("train", opts=["learning_rate=1"])
+
+
+def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(RuntimeError, match="device=cpu"):
+        run("train", opts=tiny_overrides(coco_path, tmp_path, "device=cuda"))

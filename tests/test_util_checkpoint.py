@@ -1,0 +1,108 @@
+"""util.checkpoint: atomic saving that survives a crash mid-write, and loading without arbitrary pickle."""
+from __future__ import annotations
+
+import argparse
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class NotAllowed:
+    """A class that weights_only loading must refuse to build."""
+
+
+def state(value: float) -> dict:
+    return {"model": {"weight": torch.full((3,), value)}, "epoch": int(value), "config": {"lr": 1e-4}}
+
+
+def test_save_then_load_round_trips(tmp_path):
+    save_checkpoint(state(1.0), tmp_path / "checkpoint.pth")
+    loaded = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert torch.equal(loaded["model"]["weight"], torch.ones(3)) and loaded["epoch"] == 1
+    assert list(tmp_path.iterdir()) == [tmp_path / "checkpoint.pth"]  # no temporary file left
+
+
+def test_error_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(state(1.0), path)
+
+    def write_half_then_fail(obj, file):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", write_half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(state(2.0), path)
+    assert load_checkpoint(path)["epoch"] == 1
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_process_killed_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pth"
+    save_checkpoint(state(1.0), path)
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from util.checkpoint import save_checkpoint
+        def write_half_then_die(obj, file):
+            file.write(b"PK half a checkpoint")
+            file.flush()
+            os._exit(9)  # no cleanup, as a kill or power loss
+        torch.save = write_half_then_die
+        save_checkpoint({{"model": {{}}, "epoch": 2}}, {str(path)!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_original_checkpoints_with_argparse_namespace_load(tmp_path):
+    path = tmp_path / "r50_deformable_detr.pth"
+    torch.save({"model": {}, "epoch": 49, "args": argparse.Namespace(lr=2e-4, lr_drop=40)}, path)
+    assert load_checkpoint(path)["args"].lr_drop == 40
+
+
+def test_arbitrary_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": NotAllowed()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+
+
+def test_missing_file_and_missing_model_entry_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.pth"):
+        load_checkpoint(tmp_path / "nothing.pth")
+    torch.save({"weights": {}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="no 'model' entry"):
+        load_checkpoint(tmp_path / "other.pth")
+
+
+def test_model_weights_that_do_not_fit_name_the_keys():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="missing keys.*bias"):
+        load_model_weights(model, {"model": {"weight": torch.zeros(2, 2), "extra": torch.zeros(1)}})
+
+
+def test_training_state_is_restored_and_the_next_epoch_returned():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "lr_scheduler": scheduler.state_dict(), "epoch": 3}
+    fresh_optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
+    fresh_scheduler = torch.optim.lr_scheduler.StepLR(fresh_optimizer, step_size=5, gamma=0.1)
+    assert restore_training_state(checkpoint, fresh_optimizer, fresh_scheduler) == 4
+    assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert fresh_scheduler.last_epoch == 1 and fresh_scheduler.step_size == 5  # the config's lr_drop is kept
+    assert restore_training_state({"model": {}}, fresh_optimizer, fresh_scheduler) == 0

@@ -1,0 +1,89 @@
+"""Checkpoints written atomically and read without arbitrary unpickling.
+
+A checkpoint is a dict ``{"model", "optimizer", "lr_scheduler", "scaler", "epoch", "config",
+"category_names"}`` of tensors and plain Python values, so that ``torch.load(..., weights_only=True)`` reads it.
+The original implementation's checkpoints also hold ``args``, an ``argparse.Namespace``: that one class is
+allowed while loading, nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write ``state`` to ``path`` through a temporary file in the same folder, then rename it over ``path``.
+
+    A crash before the rename leaves the previous file at ``path`` untouched (``os.replace`` is atomic on POSIX
+    and Windows when both names are on one file system).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The checkpoint at ``path``, read with ``weights_only=True`` (``argparse.Namespace`` allowed, for the
+    original implementation's ``args``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    else:  # torch 2.4
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        keys = list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"checkpoint {path} has no 'model' entry (found {keys}); expected a file written by "
+                         "main.py train or by the original Deformable DETR code")
+    return checkpoint
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> None:
+    """Copy ``checkpoint["model"]`` into ``model``; every key must match (the error names what does not)."""
+    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not fit this model (check the config it was trained with): "
+                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:5]}")
+
+
+def restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,
+                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           scaler: torch.amp.GradScaler | None = None, source: str | Path = "checkpoint") -> int:
+    """Restore optimizer, scheduler and AMP scaler from ``checkpoint``; returns the next epoch to train.
+
+    The scheduler keeps the step size it has now (the config's ``lr_drop``), so a resumed run can move the drop.
+    A checkpoint with model weights alone starts at epoch 0.
+    """
+    if "optimizer" not in checkpoint or "epoch" not in checkpoint:
+        return 0
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:
+        raise ValueError(f"{source}: its optimizer state does not fit this model's parameter groups ({error}); "
+                         "the model or lr_backbone / lr_linear_proj_names differ from the run that wrote it") from error
+    if "lr_scheduler" in checkpoint:
+        step_size = getattr(lr_scheduler, "step_size", None)
+        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+        if step_size is not None:
+            lr_scheduler.step_size = step_size
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    return int(checkpoint["epoch"]) + 1

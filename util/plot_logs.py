@@ -1,0 +1,81 @@
+"""Loss and AP curves of training runs, from their ``log.txt``.
+
+    python -m util.plot_logs outputs/demo_shapes [outputs/other_run ...] [--out curves.png]
+
+Draws, per run, the training loss and its three final-layer parts (``loss_ce``, ``loss_bbox``, ``loss_giou``)
+against the epoch, and the validation AP and AP50 of the epochs that were evaluated. The PNG goes to
+``--out``, by default ``curves.png`` in the first run's folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (("train_loss", "loss (weighted total)"), ("train_loss_ce", "loss_ce"), ("train_loss_bbox", "loss_bbox"),
+          ("train_loss_giou", "loss_giou"), ("val_AP", "val AP"), ("val_AP50", "val AP50"))
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The JSON records of ``log.txt`` (``path`` is the file or its run folder); errors name the line."""
+    path = Path(path)
+    path = path / "log.txt" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {path}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from error
+    return records
+
+
+def plot_logs(runs: Sequence[str | Path], out: str | Path) -> Path:
+    """Draw the :data:`PANELS` of every run in ``runs`` into one PNG at ``out``."""
+    figure, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    for run in runs:
+        records = read_log(run)
+        for axis, (key, title) in zip(axes.flat, PANELS):
+            points = [(record["epoch"], record[key]) for record in records
+                      if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])]
+            if points:
+                epochs, values = zip(*points)
+                axis.plot(epochs, values, marker="o" if len(points) < 30 else None, markersize=3,
+                          label=Path(run).name or str(run))
+            axis.set_title(title)
+            axis.set_xlabel("epoch")
+            axis.grid(alpha=0.3)
+    axes.flat[0].legend()
+    figure.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m util.plot_logs", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run folders (or their log.txt)")
+    parser.add_argument("--out", default=None, help="PNG file (default: RUN/curves.png of the first run)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    first = Path(args.runs[0])
+    default = (first if first.is_dir() else first.parent) / "curves.png"
+    print(f"wrote {plot_logs(args.runs, args.out or default)}")
+
+
+if __name__ == "__main__":
+    main()
