@@ -1,8 +1,10 @@
-"""Deformable DETR command line: train, evaluate, predict.
+"""Deformable DETR command line: train, evaluate, predict, visualize.
 
     python main.py train   --config configs/demo_shapes.yaml [--opts key=value ...]
     python main.py eval    --config configs/demo_shapes.yaml --opts resume=outputs/demo_shapes/checkpoint.pth
     python main.py predict --config configs/demo_shapes.yaml --opts resume=CKPT --image A.png B.png --out DIR
+    python main.py visualize --config configs/demo_shapes.yaml --opts resume=CKPT --image A.png --out DIR \
+        [--points X,Y ...] [--layer N] [--by-level] [--by-head]
 
 ``--opts`` overrides config keys (``util.config``; values read as YAML: ``lr=1e-4``, ``amp=bfloat16``,
 ``train_scales=[96,128]``). Several processes, on one machine or many, through torchrun (env:// rendezvous;
@@ -21,12 +23,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engine.commands import evaluate_checkpoint, predict, train
+from engine.commands import evaluate_checkpoint, predict, train, visualize
 from engine.training import NonFiniteLossError
 from util.config import load_config
 from util.distributed import shutdown_distributed
 
-COMMANDS = ("train", "eval", "predict")
+COMMANDS = ("train", "eval", "predict", "visualize")
+
+
+def parse_point(text: str) -> tuple[float, float]:
+    """``"x,y"`` (pixels of the original image) -> (x, y)."""
+    try:
+        x, y = (float(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a point is x,y in pixels (e.g. 120,64), got {text!r}") from None
+    return x, y
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,25 +46,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--image", nargs="+", default=[], help="predict: image files")
-    parser.add_argument("--out", default=None, help="predict: output folder (default OUTPUT_DIR/predictions)")
-    parser.add_argument("--threshold", type=float, default=0.5, help="predict: lowest score drawn and written")
+    parser.add_argument("--image", nargs="+", default=[], help="predict, visualize: image files")
+    parser.add_argument("--out", default=None,
+                        help="predict, visualize: output folder (default OUTPUT_DIR/predictions or OUTPUT_DIR/visualize)")
+    parser.add_argument("--threshold", type=float, default=0.5,
+                        help="predict, visualize: lowest score drawn and written")
+    visualizing = parser.add_argument_group("visualize: where the deformable attention samples")
+    visualizing.add_argument("--top-k", type=int, default=4, help="decoder panels for the best K detections")
+    visualizing.add_argument("--points", nargs="+", type=parse_point, default=None, metavar="X,Y",
+                             help="encoder query pixels of the original image (default: the detections' centres)")
+    visualizing.add_argument("--layer", type=int, default=-1,
+                             help="encoder and decoder layer to show (default -1: the last)")
+    visualizing.add_argument("--by-level", action="store_true", help="also a panel per feature level")
+    visualizing.add_argument("--by-head", action="store_true", help="also a panel per attention head")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "predict" and not args.image:
-        parser.error("predict needs --image IMG [IMG ...]")
+    if args.command in ("predict", "visualize") and not args.image:
+        parser.error(f"{args.command} needs --image IMG [IMG ...]")
     cfg = load_config(args.config, overrides=args.opts)
     try:
         if args.command == "train":
             train(cfg)
         elif args.command == "eval":
             evaluate_checkpoint(cfg)
-        else:
+        elif args.command == "predict":
             predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
+        else:
+            visualize(cfg, args.image, args.out or f"{cfg.output_dir}/visualize", args.threshold, args.top_k,
+                      args.points, args.layer, args.by_level, args.by_head)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""The three commands of ``main.py``: train, eval and predict, each from a resolved config.
+"""The commands of ``main.py``: train, eval, predict and visualize, each from a resolved config.
 
 Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 
@@ -28,13 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from engine.data import build_config_transforms, build_eval_loader, build_split, build_train_loader
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
-from engine.prediction import predict_files
+from engine.prediction import load_image, predict_files
 from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
 from models import build_model
 from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
 from util.config import Config
 from util.distributed import DistributedInfo, barrier, init_distributed
 from util.progress import format_duration
+from util.visualize import sample_attention, write_visualization
 
 LOG_FILE = "log.txt"
 CONFIG_FILE = "config.yaml"
@@ -181,3 +182,25 @@ def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, thre
         say(info, f"{result['file']}: {found}")
     say(info, f"wrote {len(results)} drawn image(s) and predictions.json to {out_dir}")
     return results
+
+
+def visualize(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5,
+              top_k: int = 4, points: Sequence[tuple[float, float]] | None = None, layer: int = -1,
+              by_level: bool = False, by_head: bool = False) -> list[Path]:
+    """Where ``cfg.resume`` looks in each of ``images``: writes ``out_dir/<stem>_detections.png``,
+    ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` and ``<stem>_sampling.json`` (see
+    ``util.visualize.write_visualization``); returns the paths written."""
+    info = init_distributed(cfg.device)
+    model, _, _ = build_model_on(cfg, info)
+    checkpoint = _load_for_inference(cfg, "visualize", model)
+    names = checkpoint.get("category_names")
+    transforms = build_config_transforms("val", cfg)
+    written = []
+    for path in images:
+        view = sample_attention(model, load_image(path), transforms, threshold=threshold, top_k=top_k,
+                                points=points, layer=layer)
+        written += write_visualization(view, out_dir, Path(path).stem, names, by_level, by_head)
+        say(info, f"{path}: {len(view.detections)} detection(s) at or above {threshold}; decoder layer "
+                  f"{view.decoder_layer}, encoder layer {view.encoder_layer}")
+    say(info, f"wrote {len(written)} file(s) to {out_dir}")
+    return written

@@ -9,7 +9,8 @@ From a notebook::
     view = sample_attention(model, image, build_transforms("val"), threshold=0.5)  # image: a PIL image
     decoder_figure(view).savefig("decoder.png")       # a matplotlib Figure: a panel per top detection
     encoder_figure(view, split="level")               # a panel per query pixel and level
-    write_visualization(view, "out", "photo")         # out/photo_{decoder,encoder}_sampling.png, photo_sampling.json
+    write_visualization(view, "out", "photo")         # out/photo_detections.png, photo_{decoder,encoder}_sampling.png,
+                                                      # photo_sampling.json
 
 The model runs once, with ``return_sampling=True``: the points are those that ``ops.MSDeformAttn`` itself
 sampled, mapped to the original image's pixels by :mod:`util.visualize_points`.
@@ -27,6 +28,7 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import box_convert
 
+from util.draw import class_name, draw_detections
 from util.visualize_figures import Panel, sampling_figure
 from util.visualize_points import (QuerySampling, decoder_query_sampling, encoder_query_index,
                                   encoder_query_sampling, resolve_layer)
@@ -159,10 +161,6 @@ def _box_centre(box: torch.Tensor, image_size: tuple[int, int]) -> tuple[float, 
     return min(max((x0 + x1) / 2, 0.0), float(width)), min(max((y0 + y1) / 2, 0.0), float(height))
 
 
-def class_name(names: Mapping[int, str] | None, label: int) -> str:
-    return names.get(label, f"class {label}") if names is not None else f"class {label}"
-
-
 def decoder_figure(view: AttentionView, split: str = "none", names: Mapping[int, str] | None = None) -> Figure:
     """A panel per shown detection (per detection and level / head with ``split``): predicted box, reference point
     (and reference box) and the decoder layer's sampling points coloured by attention weight."""
@@ -220,12 +218,21 @@ def _rounded(tensor: torch.Tensor, digits: int = 3) -> list:
 
 def write_visualization(view: AttentionView, out_dir: str | Path, stem: str, names: Mapping[int, str] | None = None,
                         by_level: bool = False, by_head: bool = False) -> list[Path]:
-    """Write ``out_dir/<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` (with ``by_level`` /
-    ``by_head`` also ``..._by_level.png`` / ``..._by_head.png``) and ``<stem>_sampling.json``; returns the paths."""
+    """Write ``out_dir/<stem>_detections.png`` (every detection at or above the threshold, drawn by
+    ``util.draw``), ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` (with ``by_level`` /
+    ``by_head`` also ``..._by_level.png`` / ``..._by_head.png``) and ``<stem>_sampling.json``; returns the paths.
+
+    ``names`` maps labels to class names (``class N`` where missing), as for ``main.py predict``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    detections = view.detections
+    path = out_dir / f"{stem}_detections.png"
+    draw_detections(view.image, [detection.box.tolist() for detection in detections],
+                    [detection.label for detection in detections], [detection.score for detection in detections],
+                    names).save(path)
+    written = [path]
     splits = ["none"] + (["level"] if by_level else []) + (["head"] if by_head else [])
-    written = []
     for split in splits:
         suffix = "" if split == "none" else f"_by_{split}"
         for part, figure in (("decoder", decoder_figure(view, split, names)), ("encoder", encoder_figure(view, split))):
