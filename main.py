@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--image", nargs="+", default=[], help="predict, visualize: image files")
-    parser.add_argument("--out", default=None,
-                        help="predict, visualize: output folder (default OUTPUT_DIR/predictions or OUTPUT_DIR/visualize)")
+    parser.add_argument("--out", default=None, help="predict, visualize: output folder (default "
+                        "OUTPUT_DIR/predictions or OUTPUT_DIR/visualize)")
     parser.add_argument("--threshold", type=float, default=0.5,
                         help="predict, visualize: lowest score drawn and written")
     visualizing = parser.add_argument_group("visualize: where the deformable attention samples")

@@ -82,7 +82,8 @@ def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transfor
                       ) -> tuple[dict, tuple[int, int]]:
     """``image`` through ``transforms`` (the validation resize and normalisation) and ``model`` in eval mode with
     ``return_sampling=True`` -> the outputs (batch of one) and the resized (height, width)."""
-    tensor, _ = transforms(image.convert("RGB"), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})
+    no_boxes = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    tensor, _ = transforms(image.convert("RGB"), no_boxes)
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
