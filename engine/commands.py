@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,13 +28,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets import CocoDetection
-from engine.data import build_config_transforms, build_eval_loader, build_split, build_train_loader
+from engine.data import (
+    build_config_transforms,
+    build_eval_loader,
+    build_split,
+    build_train_loader,
+)
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prediction import predict_files
 from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
 from models import build_model
-from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
+from util.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    restore_training_state,
+    save_checkpoint,
+)
 from util.config import Config
 from util.distributed import DistributedInfo, barrier, init_distributed
 from util.progress import format_duration
