@@ -16,22 +16,35 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
-from engine.data import build_config_transforms, build_eval_loader, build_split, build_train_loader
+from datasets import CocoDetection
+from engine.data import (
+    build_config_transforms,
+    build_eval_loader,
+    build_split,
+    build_train_loader,
+)
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prediction import load_image, predict_files
 from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
 from models import build_model
-from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
+from util.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    restore_training_state,
+    save_checkpoint,
+)
 from util.config import Config
 from util.distributed import DistributedInfo, barrier, init_distributed
 from util.progress import format_duration
@@ -78,6 +91,83 @@ def evaluation_due(epoch: int, cfg: Config) -> bool:
     return finished == cfg.epochs or (cfg.eval_every > 0 and finished % cfg.eval_every == 0)
 
 
+@dataclass
+class TrainingRun:
+    """Everything one training process works with."""
+
+    model: nn.Module  # the detector itself, whose state_dict is saved
+    trained: nn.Module  # the detector, wrapped in DistributedDataParallel with several processes
+    criterion: nn.Module
+    postprocess: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    train_set: CocoDetection
+    val_set: CocoDetection
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+def build_training(cfg: Config, info: DistributedInfo) -> TrainingRun:
+    model, criterion, postprocessors = build_model_on(cfg, info)
+    train_set, val_set = build_split("train", cfg), build_split("val", cfg)
+    trained = model if info.world_size == 1 else DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    optimizer = build_optimizer(model, cfg)
+    return TrainingRun(model=model, trained=trained, criterion=criterion, postprocess=postprocessors["bbox"],
+                       optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, cfg),
+                       scaler=build_grad_scaler(cfg.amp, info.device), train_set=train_set, val_set=val_set,
+                       train_loader=build_train_loader(train_set, cfg, info.rank, info.world_size),
+                       val_loader=build_eval_loader(val_set, cfg, info.rank, info.world_size))
+
+
+def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> int:
+    """Load ``cfg.resume`` (when set) into ``run``; returns the first epoch to train."""
+    if not cfg.resume:
+        return 0
+    checkpoint = load_checkpoint(cfg.resume)
+    load_model_weights(run.model, checkpoint, cfg.resume)
+    start_epoch = restore_training_state(checkpoint, run.optimizer, run.lr_scheduler, run.scaler, cfg.resume)
+    say(info, f"resumed from {cfg.resume}: continuing at epoch {start_epoch} of {cfg.epochs}")
+    return start_epoch
+
+
+def save_epoch(run: TrainingRun, epoch: int, cfg: Config, output_dir: Path) -> None:
+    """``checkpoint.pth`` (and ``checkpointNNNN.pth`` when due) after epoch ``epoch``; call on rank 0."""
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "lr_scheduler": run.lr_scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+             "config": cfg.to_dict(), "category_names": dict(run.train_set.category_names)}
+    save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
+    if checkpoint_due(epoch, cfg):
+        save_checkpoint(state, output_dir / f"checkpoint{epoch:04d}.pth")
+
+
+def train_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
+    """Train, checkpoint and (when due) evaluate epoch ``epoch``; returns its ``log.txt`` record."""
+    epoch_start = time.perf_counter()
+    run.train_loader.batch_sampler.sampler.set_epoch(epoch)
+    try:
+        losses = train_one_epoch(run.trained, run.criterion, run.train_loader, run.optimizer, info.device, epoch,
+                                 clip_max_norm=cfg.clip_max_norm, amp=cfg.amp, scaler=run.scaler,
+                                 print_every=cfg.print_every)
+    except NonFiniteLossError as error:
+        last = output_dir / LATEST_CHECKPOINT
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{error}; {kept}. Lower lr, set clip_max_norm, or turn amp off.") from None
+    record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"],
+              **{f"train_{name}": value for name, value in losses.items()}}
+    run.lr_scheduler.step()
+    if info.is_main:
+        save_epoch(run, epoch, cfg, output_dir)
+    barrier()
+    if evaluation_due(epoch, cfg):
+        metrics = evaluate(run.model, run.postprocess, run.val_loader, run.val_set, info.device, output_dir,
+                           amp=cfg.amp, print_every=cfg.print_every)
+        record.update({f"val_{name}": value for name, value in (metrics or {}).items()})
+    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
+    return record
+
+
 def train(cfg: Config) -> dict[str, float] | None:
     """Train ``cfg.epochs`` epochs (from ``cfg.resume`` when given), evaluating and checkpointing as configured.
 
@@ -89,20 +179,8 @@ def train(cfg: Config) -> dict[str, float] | None:
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    model, criterion, postprocessors = build_model_on(cfg, info)
-    train_set, val_set = build_split("train", cfg), build_split("val", cfg)
-    train_loader = build_train_loader(train_set, cfg, info.rank, info.world_size)
-    val_loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
-    trained = model if info.world_size == 1 else DistributedDataParallel(
-        model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    optimizer, scaler = build_optimizer(model, cfg), build_grad_scaler(cfg.amp, info.device)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg)
-    start_epoch = 0
-    if cfg.resume:
-        checkpoint = load_checkpoint(cfg.resume)
-        load_model_weights(model, checkpoint, cfg.resume)
-        start_epoch = restore_training_state(checkpoint, optimizer, lr_scheduler, scaler, cfg.resume)
-        say(info, f"resumed from {cfg.resume}: continuing at epoch {start_epoch} of {cfg.epochs}")
+    run = build_training(cfg, info)
+    start_epoch = resume_training(run, cfg, info)
     if start_epoch >= cfg.epochs:
         say(info, f"nothing to train: {cfg.resume} already finished epoch {start_epoch - 1} and epochs={cfg.epochs}"
                   f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
@@ -110,44 +188,19 @@ def train(cfg: Config) -> dict[str, float] | None:
         return None
     if info.is_main and start_epoch == 0:  # a fresh run: its log starts empty, as its checkpoints start anew
         (output_dir / LOG_FILE).unlink(missing_ok=True)
-    num_parameters = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-    say(info, f"training {num_parameters:,} parameters on {len(train_set)} images ({info.world_size} process(es), "
-              f"{info.device}), evaluating on {len(val_set)}; output in {output_dir}")
-    metrics = None
-    run_start = time.perf_counter()
+    num_parameters = sum(parameter.numel() for parameter in run.model.parameters() if parameter.requires_grad)
+    say(info, f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
+              f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {output_dir}")
+    run_start, metrics = time.perf_counter(), None
     for epoch in range(start_epoch, cfg.epochs):
-        epoch_start = time.perf_counter()
-        train_loader.batch_sampler.sampler.set_epoch(epoch)
-        try:
-            losses = train_one_epoch(trained, criterion, train_loader, optimizer, info.device, epoch,
-                                     clip_max_norm=cfg.clip_max_norm, amp=cfg.amp, scaler=scaler,
-                                     print_every=cfg.print_every)
-        except NonFiniteLossError as error:
-            last = output_dir / LATEST_CHECKPOINT
-            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-            raise NonFiniteLossError(f"{error}; {kept}. Lower lr, set clip_max_norm, or turn amp off.") from None
-        learning_rate = optimizer.param_groups[0]["lr"]
-        lr_scheduler.step()
-        if info.is_main:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "config": cfg.to_dict(), "category_names": dict(train_set.category_names)}
-            save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
-            if checkpoint_due(epoch, cfg):
-                save_checkpoint(state, output_dir / f"checkpoint{epoch:04d}.pth")
-        barrier()
-        record = {"epoch": epoch, "lr": learning_rate, **{f"train_{name}": value for name, value in losses.items()}}
-        if evaluation_due(epoch, cfg):
-            metrics = evaluate(model, postprocessors["bbox"], val_loader, val_set, info.device, output_dir,
-                               amp=cfg.amp, print_every=cfg.print_every)
-            record.update({f"val_{name}": value for name, value in (metrics or {}).items()})
-        record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
+        record = train_epoch(run, epoch, cfg, info, output_dir)
         if info.is_main:
             with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
-            shown = f", AP {metrics['AP']:.4f}" if metrics is not None and "val_AP" in record else ""
+            metrics = {name[4:]: value for name, value in record.items() if name.startswith("val_")} or metrics
+            shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
             say(info, f"epoch {epoch} done in {format_duration(record['epoch_time_s'])}: loss "
-                      f"{losses['loss']:.4f}{shown}")
+                      f"{record['train_loss']:.4f}{shown}")
     say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
     return metrics
 

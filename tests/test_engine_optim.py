@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from engine.optim import GROUP_NAMES, build_lr_scheduler, build_optimizer, parameter_group
+from engine.optim import (
+    GROUP_NAMES,
+    build_lr_scheduler,
+    build_optimizer,
+    parameter_group,
+)
 from models import build_model
 from tests.tiny_training import CONFIG
 from util.config import load_config

@@ -8,8 +8,13 @@ import torch
 from torch import nn
 
 from datasets import Batch
-from engine.training import NonFiniteLossError, autocast_dtype, build_grad_scaler, train_one_epoch
 from engine.optim import build_optimizer
+from engine.training import (
+    NonFiniteLossError,
+    autocast_dtype,
+    build_grad_scaler,
+    train_one_epoch,
+)
 from models import build_model
 from tests.tiny_training import CONFIG, TINY
 from util.config import load_config
@@ -26,7 +31,7 @@ def tiny_batches(count: int = 2) -> list[Batch]:
 class NanCriterion(nn.Module):
     """A criterion whose loss is NaN: the weights must not move."""
 
-    weight_dict = {"loss_ce": 1.0}
+    weight_dict = {"loss_ce": 1.0}  # noqa: RUF012 (read only)
 
     def forward(self, outputs, targets):
         return {"loss_ce": outputs["pred_logits"].sum() * math.nan}

@@ -10,7 +10,7 @@ import torch
 import engine.commands
 import main
 from engine.training import NonFiniteLossError
-from tests.tiny_training import CONFIG, NUM_TRAIN, NUM_VAL, make_shapes, tiny_overrides
+from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
 from util.checkpoint import load_checkpoint
 
 TRAIN_FILES = {"config.yaml", "checkpoint.pth", "checkpoint0000.pth", "log.txt", "detections.json", "metrics.json"}

@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
+from util.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    restore_training_state,
+    save_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +65,7 @@ def test_process_killed_while_saving_keeps_the_previous_checkpoint(tmp_path):
         torch.save = write_half_then_die
         save_checkpoint({{"model": {{}}, "epoch": 2}}, {str(path)!r})
     """)
-    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
     assert load_checkpoint(path)["epoch"] == 1
 
 

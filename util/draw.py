@@ -1,7 +1,7 @@
 """Draw detections on an image: a box, the class name and the score for each."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 

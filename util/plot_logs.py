@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PANELS = (("train_loss", "loss (weighted total)"), ("train_loss_ce", "loss_ce"), ("train_loss_bbox", "loss_bbox"),
           ("train_loss_giou", "loss_giou"), ("val_AP", "val AP"), ("val_AP50", "val AP50"))
