@@ -12,7 +12,13 @@ from PIL import Image
 from datasets.transforms import build_transforms
 from models import build_model
 from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config
-from util.visualize import decoder_figure, encoder_figure, sample_attention, sampling_record, write_visualization
+from util.visualize import (
+    decoder_figure,
+    encoder_figure,
+    sample_attention,
+    sampling_record,
+    write_visualization,
+)
 
 ORIGINAL_SIZE = (90, 130)  # (height, width): resized to 64x92 by the transforms below
 TRANSFORMS = build_transforms("val", val_size=64, max_size=128)

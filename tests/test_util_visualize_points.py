@@ -6,8 +6,13 @@ import torch
 
 from models import build_model
 from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config
-from util.visualize_points import (decoder_query_sampling, encoder_query_index, encoder_query_sampling,
-                                   resolve_layer, to_image_pixels)
+from util.visualize_points import (
+    decoder_query_sampling,
+    encoder_query_index,
+    encoder_query_sampling,
+    resolve_layer,
+    to_image_pixels,
+)
 
 # Image 1 of the batch: a 80x112 original resized by half to 40x56, padded to 64x96 by image 0.
 ORIGINAL_SIZE = (80, 112)

@@ -30,8 +30,13 @@ from torchvision.ops import box_convert
 
 from util.draw import class_name, draw_detections
 from util.visualize_figures import Panel, sampling_figure
-from util.visualize_points import (QuerySampling, decoder_query_sampling, encoder_query_index,
-                                  encoder_query_sampling, resolve_layer)
+from util.visualize_points import (
+    QuerySampling,
+    decoder_query_sampling,
+    encoder_query_index,
+    encoder_query_sampling,
+    resolve_layer,
+)
 
 Transforms = Callable[[Image.Image, dict], tuple[torch.Tensor, dict]]
 
