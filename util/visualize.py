@@ -201,7 +201,8 @@ def sampling_record(view: AttentionView, names: Mapping[int, str] | None = None)
             {**detection_record(item.detection), "above_threshold": item.above_threshold,
              **_sampling_record(item.sampling)} for item in view.decoder]},
         "encoder": {"layer": view.encoder_layer, "query_level": view.encoder_query_level, "queries": [
-            {"pixel": list(item.pixel), "query": item.query, **_sampling_record(item.sampling)}
+            {"pixel": [round(value, 3) for value in item.pixel], "query": item.query,
+             **_sampling_record(item.sampling)}
             for item in view.encoder]},
     }
 
