@@ -243,6 +243,11 @@ def visualize(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, th
     """Where ``cfg.resume`` looks in each of ``images``: writes ``out_dir/<stem>_detections.png``,
     ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` and ``<stem>_sampling.json`` (see
     ``util.visualize.write_visualization``); returns the paths written."""
+    stems = [Path(path).stem for path in images]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise ValueError(f"images share the file name stems {repeated}: their outputs would overwrite each other; "
+                         "visualize them into different --out folders")
     info = init_distributed(cfg.device)
     model, _, _ = build_model_on(cfg, info)
     checkpoint = _load_for_inference(cfg, "visualize", model)

@@ -79,3 +79,9 @@ def test_malformed_point_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main.main(["visualize", "--image", "a.png", "--points", "3;4"])
     assert "a point is x,y" in capsys.readouterr().err
+
+
+def test_images_with_one_stem_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="share the file name stems"):
+        main.main(["visualize", "--config", str(CONFIG), "--opts", *TINY, *SMALL, "resume=none.pth",
+                   "--image", "a/x.png", "b/x.jpg"])
