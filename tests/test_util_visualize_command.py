@@ -55,6 +55,7 @@ def test_command_writes_every_file_for_every_variant(variant, tmp_path):
         "gradient_sampling.json"]
     record = json.loads((tmp_path / "out" / "gradient_sampling.json").read_text())
     assert record["image_size"] == list(IMAGE_SIZE)
+    assert len(record["detections"]) == 8  # threshold 0: every query of the tiny config
     assert len(record["decoder"]["queries"]) == 2 and record["decoder"]["queries"][0]["name"] in NAMES.values()
 
 
