@@ -46,6 +46,7 @@ def catch_last_layers(model: torch.nn.Module) -> dict:
     def catch(name):
         def hook(module, inputs, output):
             caught[name] = (output[1], output[2])
+            caught[f"{name}_reference_points"] = inputs[1]  # (N, Lq, L, 2 or 4) on the padded levels
         return hook
 
     model.transformer.encoder.layers[-1].self_attn.register_forward_hook(catch("encoder"))
@@ -90,6 +91,22 @@ def test_plotted_decoder_points_equal_op_locations_in_pixels(view_and_caught):
         query = item.detection.query
         np.testing.assert_allclose(scatter_rows(axes), expected_rows(locations[0, query], weights[0, query]),
                                    rtol=1e-5, atol=1e-4)
+
+
+def test_plotted_decoder_reference_cross_is_the_op_reference_point(view_and_caught):
+    view, caught = view_and_caught
+    height, width = ORIGINAL_SIZE
+    figure = decoder_figure(view)
+    for axes, item in zip(figure.axes, view.decoder):
+        reference = caught["decoder_reference_points"][0, item.detection.query, 0, :2] * torch.tensor([width, height])
+        np.testing.assert_allclose(axes.lines[0].get_xydata()[0], reference.numpy(), rtol=1e-5)
+
+
+def test_below_threshold_the_best_queries_are_shown_and_marked():
+    view = sample_attention(tiny_model(), gradient_image(), TRANSFORMS, threshold=1.0, top_k=2)
+    assert view.detections == []
+    assert len(view.decoder) == 2 and not any(item.above_threshold for item in view.decoder)
+    assert "below threshold" in decoder_figure(view).axes[0].get_title()
 
 
 def test_plotted_encoder_points_equal_op_locations_in_pixels(view_and_caught):
