@@ -18,9 +18,10 @@ sampled, mapped to the original image's pixels by :mod:`util.visualize_points`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
@@ -38,7 +39,8 @@ from util.visualize_points import (
     resolve_layer,
 )
 
-Transforms = Callable[[Image.Image, dict], tuple[torch.Tensor, dict]]
+if TYPE_CHECKING:  # the transforms are passed in: util does not depend on datasets at run time
+    from datasets.transforms import Transform
 
 
 @dataclass
@@ -83,7 +85,7 @@ class AttentionView:
     encoder: list[EncoderQuery]
 
 
-def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transforms
+def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transform
                       ) -> tuple[dict, tuple[int, int]]:
     """``image`` through ``transforms`` (the validation resize and normalisation) and ``model`` in eval mode with
     ``return_sampling=True`` -> the outputs (batch of one) and the resized (height, width)."""
@@ -121,7 +123,7 @@ def ranked_queries(outputs: dict, image_size: tuple[int, int], batch_index: int 
     return [Detection(int(query), int(labels[query]), float(scores[query]), boxes[query]) for query in order]
 
 
-def sample_attention(model: nn.Module, image: Image.Image, transforms: Transforms, *, threshold: float = 0.5,
+def sample_attention(model: nn.Module, image: Image.Image, transforms: Transform, *, threshold: float = 0.5,
                      top_k: int = 4, points: Sequence[tuple[float, float]] | None = None, layer: int = -1,
                      query_level: int = 0) -> AttentionView:
     """Run ``model`` on ``image`` once and collect where layer ``layer`` of its encoder and decoder looked.
