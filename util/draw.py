@@ -15,16 +15,19 @@ def class_name(names: Mapping[int, str] | None, label: int) -> str:
 
 
 def draw_detections(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[int],
-                    scores: Sequence[float], names: Mapping[int, str] | None = None) -> Image.Image:
+                    scores: Sequence[float], names: Mapping[int, str] | None = None,
+                    min_side: int = 512) -> Image.Image:
     """A copy of ``image`` with each box (``x0, y0, x1, y1`` pixels) outlined in its label's colour and captioned
-    ``name score``; ``names`` maps labels to class names (missing: ``class N``)."""
-    canvas = image.convert("RGB").copy()
+    ``name score``; ``names`` maps labels to class names (missing: ``class N``). Images whose shorter side is below
+    ``min_side`` are enlarged first (boxes with them), so that small images stay readable."""
+    scale = max(1.0, min_side / min(image.size))
+    canvas = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
     width = max(1, round(min(canvas.size) / 200))
     for box, label, score in zip(boxes, labels, scores):
         colour = PALETTE[int(label) % len(PALETTE)]
-        x0, y0, x1, y1 = (float(value) for value in box)
+        x0, y0, x1, y1 = (float(value) * scale for value in box)
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=width)
         caption = f"{class_name(names, int(label))} {float(score):.2f}"
         left, top, right, bottom = draw.textbbox((x0, y0), caption, font=font)
