@@ -9,9 +9,9 @@ back to the image the user gave, in three steps per level l:
     * (width, height) of the original  pixels of the original image (the validation resize keeps the aspect ratio,
                                       so [0, 1] of the resized image is [0, 1] of the original)
 
-On coarse levels the unpadded share counts whole cells (a partly padded cell counts as valid), so it can exceed the
-image's share of the padded batch; dividing by it is still right, because the model measures its reference points
-in those same units. Nothing here runs a model or draws: :mod:`util.visualize` does both.
+On coarse levels the unpadded share counts whole cells of the padding mask resized to that level, so it differs a
+little from the image's exact share of the padded batch; dividing by it is still right, because the model places
+its reference points in those same units. Nothing here runs a model or draws: :mod:`util.visualize` does both.
 """
 from __future__ import annotations
 
