@@ -11,7 +11,8 @@
 NCCL on GPUs, gloo on the CPU):
 
     torchrun --nproc_per_node=8 main.py train --config configs/deformable_detr.yaml --opts coco_path=data/coco
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
+    # on each of two machines, the same command (HOST: one of them, reachable from both):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=run1 \\
         main.py train --config configs/deformable_detr.yaml
 
 ``batch_size`` is per process. A run writes under ``output_dir``: config.yaml, checkpoint.pth (every epoch),

@@ -23,7 +23,10 @@ def draw_detections(image: Image.Image, boxes: Sequence[Sequence[float]], labels
     scale = max(1.0, min_side / min(image.size))
     canvas = image.convert("RGB").resize((round(image.width * scale), round(image.height * scale)), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    try:
+        font = ImageFont.load_default(size=max(12, min(canvas.size) // 32))  # Pillow >= 10.1: scalable
+    except TypeError:
+        font = ImageFont.load_default()
     width = max(1, round(min(canvas.size) / 200))
     for box, label, score in zip(boxes, labels, scores):
         colour = PALETTE[int(label) % len(PALETTE)]
