@@ -1,5 +1,6 @@
 # make test: install what is missing, build the kernels, run the whole test suite.
-# make demo: the same set-up, then the main job (for now the op benchmark).
+# make demo: the same set-up, then the main job: train a small Deformable DETR on synthetic shapes on the CPU,
+#            evaluate it, draw predictions and curves (outputs/demo_shapes). make benchmark: the op benchmark.
 PYTHON ?= python3
 export CUDA_HOME ?= /usr/local/cuda
 # nvcc present: also compile the CUDA kernel, so that a CUDA compile error fails the build here too.
@@ -23,8 +24,7 @@ build: setup
 test: build
 	$(PYTHON) -m pytest -q tests
 
-demo: build
-	$(PYTHON) -m ops.benchmark
+demo: demo-shapes
 
 # The training demo: shapes data (made once), train on the CPU (evaluates at the end), evaluate the checkpoint,
 # draw predictions on four validation images, plot the curves. See README.md, "The demo".
