@@ -39,7 +39,7 @@ demo-shapes: build $(SHAPES)/annotations/instances_val2017.json
 	$(PYTHON) main.py train --config configs/demo_shapes.yaml
 	$(PYTHON) main.py eval --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth
 	$(PYTHON) main.py predict --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
-		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions
+		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions --threshold 0.3
 	$(PYTHON) -m util.plot_logs $(DEMO_OUT)
 
 benchmark: build
