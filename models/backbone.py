@@ -108,13 +108,15 @@ def resize_mask(padding_mask: torch.Tensor, size: tuple[int, int] | torch.Size) 
     return F.interpolate(padding_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 
-def _load_resnet(name: str, dilation: bool, pretrained: bool | str) -> torchvision.models.ResNet:
-    """A torchvision ResNet with FrozenBatchNorm2d, random or with ImageNet weights (downloaded or a local file)."""
+def _load_resnet(name: str, dilation: bool, pretrained: bool | str, from_scratch: bool = False
+                 ) -> torchvision.models.ResNet:
+    """A torchvision ResNet with FrozenBatchNorm2d (BatchNorm2d ``from_scratch``), random or with ImageNet weights
+    (downloaded or a local file)."""
     if dilation and name in ("resnet18", "resnet34"):
         raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101), got {name!r}")
     builder = getattr(torchvision.models, name)
     resnet = builder(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                     norm_layer=FrozenBatchNorm2d)
+                     norm_layer=nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d)
     if pretrained is True:
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1  # the weights the original trained from
         try:
@@ -162,7 +164,8 @@ def _timm_backbone(cfg: Config) -> Backbone:
         raise RuntimeError(
             f"pretrained_backbone=true could not download the weights of timm's {cfg.backbone} ({error}). Offline, "
             f"set pretrained_backbone to a local weights file, or pretrained_backbone=false.") from error
-    model = timm.layers.freeze_batch_norm_2d(model)
+    if not cfg.backbone_from_scratch:
+        model = timm.layers.freeze_batch_norm_2d(model)
     reductions, channels = model.feature_info.reduction(), model.feature_info.channels()
     wanted = [8, 16, 32] if cfg.num_feature_levels > 1 else [32]
     if any(stride not in reductions for stride in wanted):
@@ -178,12 +181,16 @@ def build_backbone(cfg: Config) -> Joiner:
 
     A torchvision ResNet (``resnet18/34/50/101``, the original's; checkpoint-compatible for resnet50) returns C3,
     C4, C5 (``num_feature_levels`` > 1) or C5 alone, with DC5 if ``cfg.dilation``; its stem and layer1 always
-    frozen, the rest trained when ``cfg.lr_backbone`` > 0. Any other name is taken from timm (see
+    frozen, the rest trained when ``cfg.lr_backbone`` > 0; with ``cfg.backbone_from_scratch``, trainable BatchNorm
+    and every stage trained (for random weights). Any other name is taken from timm (see
     :func:`_timm_backbone`).
     """
+    if cfg.backbone_from_scratch and cfg.pretrained_backbone is not False:
+        raise ValueError("backbone_from_scratch=true trains the backbone's normalisation and stem from random "
+                         f"weights: it needs pretrained_backbone=false, got {cfg.pretrained_backbone!r}")
     if cfg.backbone not in RESNETS:
         return Joiner(backbone=_timm_backbone(cfg), position_encoding=build_position_encoding(cfg))
-    resnet = _load_resnet(cfg.backbone, cfg.dilation, cfg.pretrained_backbone)
+    resnet = _load_resnet(cfg.backbone, cfg.dilation, cfg.pretrained_backbone, cfg.backbone_from_scratch)
     last_stride = 16 if cfg.dilation else 32
     expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1
     if cfg.num_feature_levels > 1:
@@ -194,7 +201,7 @@ def build_backbone(cfg: Config) -> Joiner:
         return_layers, strides, num_channels = ("layer4",), [last_stride], [512 * expansion]
     body = ResNetBody(resnet, return_layers)
     for name, parameter in body.named_parameters():
-        trainable = cfg.lr_backbone > 0 and name.split(".")[0] in TRAINABLE_STAGES
+        trainable = cfg.lr_backbone > 0 and (cfg.backbone_from_scratch or name.split(".")[0] in TRAINABLE_STAGES)
         parameter.requires_grad_(trainable)
     backbone = Backbone(body=body, strides=strides, num_channels=num_channels)
     return Joiner(backbone=backbone, position_encoding=build_position_encoding(cfg))

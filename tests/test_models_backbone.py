@@ -5,6 +5,8 @@ import pytest
 import torch
 import torchvision
 
+from torchvision.ops.misc import FrozenBatchNorm2d
+
 from models.backbone import build_backbone
 from models.position_encoding import PositionEmbeddingSine
 from tests.tiny_model import tiny_config
@@ -75,3 +77,15 @@ def test_timm_backbone_gives_strides_8_16_32():
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="resnet5O"):
         build_backbone(tiny_config("backbone=resnet5O"))
+
+
+def test_backbone_from_scratch_trains_batch_norm_and_every_stage():
+    backbone = build_backbone(tiny_config("backbone_from_scratch=true"))
+    body = backbone[0].body
+    assert isinstance(body.bn1, torch.nn.BatchNorm2d) and not isinstance(body.bn1, FrozenBatchNorm2d)
+    assert all(parameter.requires_grad for parameter in body.parameters())
+
+
+def test_backbone_from_scratch_with_pretrained_weights_is_refused():
+    with pytest.raises(ValueError, match="backbone_from_scratch=true .* needs pretrained_backbone=false"):
+        build_backbone(tiny_config("backbone_from_scratch=true", "pretrained_backbone=true"))

@@ -27,6 +27,9 @@ class Config:
     backbone: str = "resnet50"
     dilation: bool = False
     pretrained_backbone: bool | str = True  # true: download ImageNet weights; false: random; a str: a local file
+    # true: trainable BatchNorm and every stage trained, for a backbone without pretrained weights (not the
+    # original's setting, which freezes the normalisation, the stem and the first stage of a pretrained ResNet)
+    backbone_from_scratch: bool = False
     position_embedding_scale: float = 2 * math.pi
     num_feature_levels: int = 4
     # model: transformer
