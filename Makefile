@@ -7,7 +7,7 @@ export CUDA_HOME ?= /usr/local/cuda
 CUDA_FLAG := $(if $(wildcard $(CUDA_HOME)/bin/nvcc),--cuda,)
 STAMP := .setup-done
 
-.PHONY: setup build test demo demo-shapes benchmark clean
+.PHONY: setup kernels build test demo demo-shapes benchmark clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ $(STAMP): requirements.txt
 		|| $(PYTHON) -m pip install -r requirements.txt --disable-pip-version-check
 	@touch $(STAMP)
 
+# The kernels this machine runs: the CPU one, and the CUDA one where a GPU is visible.
+kernels: setup
+	$(PYTHON) -m ops.build
+
+# For the tests: also compile the CUDA kernel wherever nvcc is, GPU or not.
 build: setup
 	$(PYTHON) -m ops.build $(CUDA_FLAG)
 
@@ -35,14 +40,14 @@ DEMO_IMAGES := $(foreach id,1 2 3 4,$(SHAPES)/val2017/00000000000$(id).png)
 $(SHAPES)/annotations/instances_val2017.json:
 	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128
 
-demo-shapes: build $(SHAPES)/annotations/instances_val2017.json
+demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
 	$(PYTHON) main.py train --config configs/demo_shapes.yaml
 	$(PYTHON) main.py eval --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth
 	$(PYTHON) main.py predict --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
 		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions --threshold 0.3
 	$(PYTHON) -m util.plot_logs $(DEMO_OUT)
 
-benchmark: build
+benchmark: kernels
 	$(PYTHON) -m ops.benchmark
 
 clean:
