@@ -32,7 +32,7 @@ test: build
 demo: demo-shapes
 
 # The training demo: shapes data (made once), train on the CPU (evaluates at the end), evaluate the checkpoint,
-# draw predictions on four validation images, plot the curves. See README.md, "The demo".
+# draw predictions on four validation images and where the model looks on one, plot the curves. See README.md, "The demo".
 SHAPES := data/shapes
 DEMO_OUT := outputs/demo_shapes
 DEMO_IMAGES := $(foreach id,1 2 3 4,$(SHAPES)/val2017/00000000000$(id).png)
@@ -45,6 +45,8 @@ demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
 	$(PYTHON) main.py eval --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth
 	$(PYTHON) main.py predict --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
 		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions --threshold 0.3
+	$(PYTHON) main.py visualize --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
+		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)/visualize --threshold 0.3
 	$(PYTHON) -m util.plot_logs $(DEMO_OUT)
 
 benchmark: kernels
