@@ -1,7 +1,10 @@
 """engine.optim: which parameter trains at which learning rate, and the step schedule."""
 from __future__ import annotations
 
+import copy
+
 import pytest
+import torch
 
 from engine.optim import (
     GROUP_NAMES,
@@ -88,3 +91,22 @@ def test_zero_lr_drop_is_refused(model_and_config):
     cfg = load_config(CONFIG, overrides=[*TINY_MODEL, "lr_drop=0"])
     with pytest.raises(ValueError, match="lr_drop"):
         build_lr_scheduler(build_optimizer(model, cfg), cfg)
+
+
+def test_cpu_optimizer_is_fused_and_matches_the_per_parameter_update(model_and_config):
+    model, cfg = model_and_config
+    optimizer = build_optimizer(model, cfg)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    reference_model = copy.deepcopy(model)
+    reference = torch.optim.AdamW([dict(group, fused=None, foreach=False)  # the per-parameter loop
+                                   for group in build_optimizer(reference_model, cfg).param_groups])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for fused_param, reference_param in zip(model.parameters(), reference_model.parameters()):
+            if fused_param.requires_grad:
+                gradient = torch.randn(fused_param.shape, generator=generator)
+                fused_param.grad, reference_param.grad = gradient.clone(), gradient.clone()
+        optimizer.step()
+        reference.step()
+    for (name, fused_param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(fused_param, reference_param, rtol=1e-5, atol=1e-6, msg=name)
