@@ -32,10 +32,10 @@ test: build
 demo: demo-shapes
 
 # The training demo: shapes data (made once), train on the CPU (evaluates at the end), evaluate the checkpoint,
-# draw predictions on four validation images and where the model looks on one, plot the curves. See README.md, "The demo".
+# draw predictions on four validation images (one without shapes) and where the model looks on one, plot the curves. See README.md, "The demo".
 SHAPES := data/shapes
 DEMO_OUT := outputs/demo_shapes
-DEMO_IMAGES := $(foreach id,1 2 3 4,$(SHAPES)/val2017/00000000000$(id).png)
+DEMO_IMAGES := $(foreach id,1 2 4 5,$(SHAPES)/val2017/00000000000$(id).png)
 
 $(SHAPES)/annotations/instances_val2017.json:
 	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128
