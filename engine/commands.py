@@ -67,6 +67,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed every epoch starts from: a function of these three alone, so that a run resumed at ``epoch`` draws
+    the same augmentations, data-loader worker seeds and dropout as a run that never stopped."""
+    return int(np.random.SeedSequence([seed % 2**32, rank, epoch]).generate_state(1)[0])
+
+
 def build_model_on(cfg: Config, info: DistributedInfo) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
     model, criterion, postprocessors = build_model(cfg)
     return model.to(info.device), criterion.to(info.device), postprocessors
@@ -145,6 +151,7 @@ def save_epoch(run: TrainingRun, epoch: int, cfg: Config, output_dir: Path) -> N
 def train_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
     """Train, checkpoint and (when due) evaluate epoch ``epoch``; returns its ``log.txt`` record."""
     epoch_start = time.perf_counter()
+    seed_everything(epoch_seed(cfg.seed, info.rank, epoch))
     run.train_loader.batch_sampler.sampler.set_epoch(epoch)
     try:
         losses = train_one_epoch(run.trained, run.criterion, run.train_loader, run.optimizer, info.device, epoch,

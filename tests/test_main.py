@@ -63,6 +63,17 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(first_run, 
     assert all(int(state["step"]) == 2 * steps_per_epoch for state in checkpoint["optimizer"]["state"].values())
 
 
+def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(first_run, coco_path, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run("train", opts=tiny_overrides(coco_path, straight, "epochs=2")) == 0
+    assert run("train", opts=tiny_overrides(coco_path, resumed, "epochs=2",
+                                            f"resume={first_run / 'checkpoint.pth'}")) == 0
+    expected, actual = (load_checkpoint(path / "checkpoint.pth")["model"] for path in (straight, resumed))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
 def test_resume_with_no_epoch_left_says_so(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "epochs=1", f"resume={first_run / 'checkpoint.pth'}")
     assert run("train", opts=opts) == 0
