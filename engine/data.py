@@ -7,7 +7,6 @@ the evaluator counts each image id once.
 """
 from __future__ import annotations
 
-import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from datasets import CocoDetection, build_dataset, build_transforms, collate_detection
@@ -31,14 +30,17 @@ def build_split(image_set: str, cfg: Config) -> CocoDetection:
 
 
 def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Shuffled batches of ``cfg.batch_size`` images per rank, the last incomplete batch dropped."""
+    """Shuffled batches of ``cfg.batch_size`` images per rank, the last incomplete batch dropped.
+
+    Its workers start anew every epoch, seeded from the global torch generator (which every epoch reseeds, see
+    ``engine.commands.epoch_seed``): each rank and each epoch gets its own augmentations, the same after a resume.
+    """
     if len(dataset) < cfg.batch_size * world_size:
         raise ValueError(f"the training split has {len(dataset)} images, fewer than one batch of "
                          f"batch_size={cfg.batch_size} on each of {world_size} processes")
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     batches = BatchSampler(sampler, cfg.batch_size, drop_last=True)
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection, num_workers=cfg.num_workers,
-                      persistent_workers=cfg.num_workers > 0, generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection, num_workers=cfg.num_workers)
 
 
 def build_eval_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:

@@ -63,12 +63,20 @@ def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(first_run, 
     assert all(int(state["step"]) == 2 * steps_per_epoch for state in checkpoint["optimizer"]["state"].values())
 
 
-def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(first_run, coco_path, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert run("train", opts=tiny_overrides(coco_path, straight, "epochs=2")) == 0
-    assert run("train", opts=tiny_overrides(coco_path, resumed, "epochs=2",
-                                            f"resume={first_run / 'checkpoint.pth'}")) == 0
-    expected, actual = (load_checkpoint(path / "checkpoint.pth")["model"] for path in (straight, resumed))
+def final_weights(output_dir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(output_dir / "checkpoint.pth")["model"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_path, tmp_path, num_workers):
+    # Three scales and a flip per image: enough random draws that other augmentations would change the weights.
+    opts = [f"num_workers={num_workers}", "train_scales=[80,88,96]", "max_size=112"]
+    first, straight, resumed = tmp_path / "first", tmp_path / "straight", tmp_path / "resumed"
+    assert run("train", opts=tiny_overrides(coco_path, first, *opts)) == 0
+    assert run("train", opts=tiny_overrides(coco_path, straight, *opts, "epochs=3")) == 0
+    assert run("train", opts=tiny_overrides(coco_path, resumed, *opts, "epochs=3",
+                                            f"resume={first / 'checkpoint.pth'}")) == 0
+    expected, actual = final_weights(straight), final_weights(resumed)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
