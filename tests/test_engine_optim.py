@@ -14,6 +14,7 @@ from engine.optim import (
 )
 from models import build_model
 from tests.tiny_training import CONFIG
+from util.checkpoint import load_checkpoint, restore_training_state, save_checkpoint
 from util.config import load_config
 
 TINY_MODEL = ["pretrained_backbone=false", "backbone=resnet18", "hidden_dim=32", "dim_feedforward=32", "nheads=2",
@@ -110,3 +111,53 @@ def test_cpu_optimizer_is_fused_and_matches_the_per_parameter_update(model_and_c
         reference.step()
     for (name, fused_param), reference_param in zip(model.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(fused_param, reference_param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def original_format_training_state(optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict:
+    """What the original code (torch 1.x AdamW and StepLR, 50 epochs, drop at 40) saved after epoch 49: an int
+    ``step``, param groups without the keys newer torch adds, and no group names."""
+    index, state, groups = 0, {}, []
+    for group in optimizer.param_groups:
+        lr = group["lr"] * 0.1
+        ids = []
+        for parameter in group["params"]:
+            state[index] = {"step": 4000, "exp_avg": torch.randn(parameter.shape, generator=generator) * 1e-3,
+                            "exp_avg_sq": torch.rand(parameter.shape, generator=generator) * 1e-6}
+            ids.append(index)
+            index += 1
+        groups.append({"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4, "amsgrad": False,
+                       "initial_lr": lr * 10, "params": ids})
+    scheduler = {"step_size": 40, "gamma": 0.1, "base_lrs": [group["initial_lr"] for group in groups],
+                 "last_epoch": 50, "_step_count": 51, "verbose": False, "_get_lr_called_within_step": False,
+                 "_last_lr": [group["lr"] for group in groups]}
+    return {"optimizer": {"state": state, "param_groups": groups}, "lr_scheduler": scheduler, "epoch": 49}
+
+
+def test_an_original_checkpoints_optimizer_state_resumes_with_the_adamw_update(model_and_config, tmp_path):
+    model, cfg = model_and_config
+    model = copy.deepcopy(model)
+    optimizer = build_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(1)
+    save_checkpoint({"model": model.state_dict(), **original_format_training_state(optimizer, generator)},
+                    tmp_path / "original.pth")
+    checkpoint = load_checkpoint(tmp_path / "original.pth")
+    assert restore_training_state(checkpoint, optimizer, build_lr_scheduler(optimizer, cfg)) == 50
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    saved = copy.deepcopy(checkpoint["optimizer"])  # the optimizer updates the loaded tensors in place
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.grad = torch.randn(parameter.shape, generator=generator)
+    optimizer.step()
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    by_id = {id(p): name for name, p in trained}
+    ordered = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    lrs = [group["lr"] for group in saved["param_groups"] for _ in group["params"]]
+    for index, (name, lr) in enumerate(zip(ordered, lrs)):
+        parameter, old = dict(trained)[name], saved["state"][index]
+        exp_avg = 0.9 * old["exp_avg"] + 0.1 * parameter.grad
+        exp_avg_sq = 0.999 * old["exp_avg_sq"] + 0.001 * parameter.grad ** 2
+        step = 4001
+        denominator = (exp_avg_sq / (1 - 0.999 ** step)).sqrt() + 1e-8
+        expected = before[name] * (1 - lr * 1e-4) - lr * exp_avg / (1 - 0.9 ** step) / denominator
+        torch.testing.assert_close(parameter.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
+        assert float(optimizer.state[parameter]["step"]) == step
