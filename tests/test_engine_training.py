@@ -77,3 +77,19 @@ def test_unknown_amp_mode_is_named():
     assert autocast_dtype("float16") is torch.float16
     with pytest.raises(ValueError, match="amp must be one of"):
         autocast_dtype("fp8")
+
+
+@pytest.mark.parametrize(("init_scale", "steps"), [(2.0**10, True), (2.0**100, False)])
+def test_float16_gradient_scaling_steps_or_skips_with_the_fused_optimizer(tiny, init_scale, steps):
+    model, criterion, cfg = tiny
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    averages = train_one_epoch(model, criterion, tiny_batches(1), optimizer, torch.device("cpu"), 0,
+                               clip_max_norm=0.1, amp="float16", scaler=scaler)
+    assert math.isfinite(averages["loss"])
+    changed = [not torch.equal(before[name], p) for name, p in model.named_parameters() if p.requires_grad]
+    if steps:  # a scale that fits float16: the step is taken and the scale kept
+        assert any(changed) and scaler.get_scale() == init_scale
+    else:  # the scaled gradients overflow: the step is skipped, nothing moves, the scale shrinks
+        assert not any(changed) and scaler.get_scale() < init_scale
