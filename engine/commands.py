@@ -13,6 +13,7 @@ Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -39,6 +40,7 @@ from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prediction import load_image, predict_files
 from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
 from models import build_model
+from models.describe import describe_state_dict
 from util.checkpoint import (
     load_checkpoint,
     load_model_weights,
@@ -53,6 +55,7 @@ from util.visualize import sample_attention, write_visualization
 LOG_FILE = "log.txt"
 CONFIG_FILE = "config.yaml"
 LATEST_CHECKPOINT = "checkpoint.pth"
+CLASS_HEADS = ("class_embed",)  # the detector's modules sized by num_classes (in the decoder too, two-stage)
 
 
 def say(info: DistributedInfo, message: str) -> None:
@@ -74,6 +77,10 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def build_model_on(cfg: Config, info: DistributedInfo) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
+    """The model on this process's device. No ImageNet weights are fetched when a checkpoint (``resume`` or
+    ``finetune_from``) will replace every backbone weight: evaluating a published checkpoint works offline."""
+    if cfg.resume or cfg.finetune_from:
+        cfg = dataclasses.replace(cfg, pretrained_backbone=False)
     model, criterion, postprocessors = build_model(cfg)
     return model.to(info.device), criterion.to(info.device), postprocessors
 
@@ -82,7 +89,7 @@ def _load_for_inference(cfg: Config, command: str, model: nn.Module) -> dict:
     if not cfg.resume:
         raise ValueError(f"{command} needs a checkpoint: --opts resume=PATH")
     checkpoint = load_checkpoint(cfg.resume)
-    load_model_weights(model, checkpoint, cfg.resume)
+    load_model_weights(model, checkpoint, cfg.resume, describe=describe_state_dict)
     return checkpoint
 
 
@@ -128,11 +135,20 @@ def build_training(cfg: Config, info: DistributedInfo) -> TrainingRun:
 
 
 def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> int:
-    """Load ``cfg.resume`` (when set) into ``run``; returns the first epoch to train."""
+    """Load ``cfg.resume`` or ``cfg.finetune_from`` (when set) into ``run``; returns the first epoch to train."""
+    if cfg.resume and cfg.finetune_from:
+        raise ValueError(f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
+                         f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}")
+    if cfg.finetune_from:
+        kept = load_model_weights(run.model, load_checkpoint(cfg.finetune_from), cfg.finetune_from,
+                                  describe=describe_state_dict, resizable=CLASS_HEADS)
+        fresh = f"; {len(kept)} class-head tensors (another num_classes) keep their initialisation" if kept else ""
+        say(info, f"fine-tuning from the weights of {cfg.finetune_from}{fresh}")
+        return 0
     if not cfg.resume:
         return 0
     checkpoint = load_checkpoint(cfg.resume)
-    load_model_weights(run.model, checkpoint, cfg.resume)
+    load_model_weights(run.model, checkpoint, cfg.resume, describe=describe_state_dict)
     start_epoch = restore_training_state(checkpoint, run.optimizer, run.lr_scheduler, run.scaler, cfg.resume)
     say(info, f"resumed from {cfg.resume}: continuing at epoch {start_epoch} of {cfg.epochs}")
     return start_epoch

@@ -82,6 +82,47 @@ def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_pa
         assert torch.equal(expected[name], actual[name]), name
 
 
+def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(first_run, coco_path, tmp_path,
+                                                                               capsys):
+    opts = tiny_overrides(coco_path, tmp_path, "num_classes=9", f"finetune_from={first_run / 'checkpoint.pth'}")
+    assert run("train", opts=opts) == 0
+    assert "class-head tensors (another num_classes) keep their initialisation" in capsys.readouterr().out
+    assert [record["epoch"] for record in log_lines(tmp_path)] == [0]
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert checkpoint["model"]["class_embed.0.bias"].shape == (9,)
+    steps_per_epoch = NUM_TRAIN // 2  # a fresh optimizer: one epoch of steps, not two
+    assert all(int(state["step"]) == steps_per_epoch for state in checkpoint["optimizer"]["state"].values())
+
+
+def test_resume_and_finetune_from_together_are_refused(first_run, coco_path, tmp_path):
+    path = first_run / "checkpoint.pth"
+    with pytest.raises(ValueError, match="not both"):
+        run("train", opts=tiny_overrides(coco_path, tmp_path, f"resume={path}", f"finetune_from={path}"))
+
+
+def test_eval_of_a_checkpoint_of_another_variant_names_both(first_run, coco_path, tmp_path):
+    opts = tiny_overrides(coco_path, tmp_path, "with_box_refine=true", f"resume={first_run / 'checkpoint.pth'}")
+    with pytest.raises(ValueError, match="The checkpoint: one-stage, no box refinement.*This model: one-stage, box"):
+        run("eval", opts=opts)
+
+
+@pytest.mark.parametrize("command", ["eval", "finetune", "resume"])
+def test_a_checkpoint_replaces_the_backbone_so_imagenet_weights_are_not_fetched(first_run, coco_path, tmp_path,
+                                                                                 monkeypatch, command):
+    import torchvision
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("ImageNet weights were fetched although the checkpoint replaces them")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", no_download)
+    path = first_run / "checkpoint.pth"
+    key = "finetune_from" if command == "finetune" else "resume"
+    opts = tiny_overrides(coco_path, tmp_path, "pretrained_backbone=true", "epochs=2", f"{key}={path}")
+    assert run("eval" if command == "eval" else "train", opts=opts) == 0
+    with pytest.raises(RuntimeError, match="could not download"):  # without a checkpoint they are fetched
+        run("train", opts=tiny_overrides(coco_path, tmp_path / "fresh", "pretrained_backbone=true"))
+
+
 def test_resume_with_no_epoch_left_says_so(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "epochs=1", f"resume={first_run / 'checkpoint.pth'}")
     assert run("train", opts=opts) == 0

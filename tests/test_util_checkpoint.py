@@ -111,3 +111,41 @@ def test_training_state_is_restored_and_the_next_epoch_returned():
     assert fresh_optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     assert fresh_scheduler.last_epoch == 1 and fresh_scheduler.step_size == 5  # the config's lr_drop is kept
     assert restore_training_state({"model": {}}, fresh_optimizer, fresh_scheduler) == 0
+
+
+def tiny_detector(*overrides: str) -> torch.nn.Module:
+    from models import build_model
+    from tests.tiny_training import CONFIG, TINY
+    from util.config import load_config
+
+    return build_model(load_config(CONFIG, overrides=[*TINY, *overrides]))[0]
+
+
+def test_a_checkpoint_of_another_variant_is_named_with_both_descriptions():
+    from models.describe import describe_state_dict
+
+    checkpoint = {"model": tiny_detector("with_box_refine=true").state_dict()}
+    with pytest.raises(ValueError, match=r"unexpected keys \['transformer\.decoder\.bbox_embed.*"
+                                         r"The checkpoint: one-stage, box refinement.*This model: one-stage, no box"):
+        load_model_weights(tiny_detector(), checkpoint, "refine.pth", describe=describe_state_dict)
+
+
+def test_shapes_that_differ_are_named_not_left_to_torch():
+    checkpoint = {"model": tiny_detector("num_feature_levels=1").state_dict()}
+    with pytest.raises(ValueError, match=r"shapes differ \['transformer\.level_embed \(1, 32\) \(model \(4, 32\)\)"):
+        load_model_weights(tiny_detector(), checkpoint, "single_scale.pth")
+
+
+def test_class_heads_of_another_num_classes_keep_their_initialisation_and_the_rest_loads():
+    source, target = tiny_detector("num_classes=6"), tiny_detector("num_classes=9")
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(1.0)  # so that loaded and initial values differ everywhere
+    initial_heads = {name: value.clone() for name, value in target.state_dict().items() if "class_embed" in name}
+    with pytest.raises(ValueError, match="class_embed.0.weight"):
+        load_model_weights(target, {"model": source.state_dict()}, "six.pth")
+    kept = load_model_weights(target, {"model": source.state_dict()}, "six.pth", resizable=("class_embed",))
+    assert sorted(kept) == sorted(initial_heads)
+    for name, value in target.state_dict().items():
+        expected = initial_heads[name] if name in initial_heads else source.state_dict()[name]
+        assert torch.equal(value, expected), name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,33 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
-def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> None:
-    """Copy ``checkpoint["model"]`` into ``model``; every key must match (the error names what does not)."""
-    missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{source} does not fit this model (check the config it was trained with): "
-                         f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:5]}")
+def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], source: str | Path = "checkpoint", *,
+                       describe: Callable[[Mapping[str, torch.Tensor]], str] | None = None,
+                       resizable: tuple[str, ...] = ()) -> list[str]:
+    """Copy ``checkpoint["model"]`` into ``model``: every key and shape must match.
+
+    Tensors inside a module named in ``resizable`` (a component of the key, e.g. ``"class_embed"``) may differ in
+    shape: they keep the model's own initialisation and their keys are returned (fine-tuning on other classes).
+    Anything else that does not fit raises a ValueError naming the keys and, with ``describe``, what the
+    checkpoint and the model each are.
+    """
+    weights, own = checkpoint["model"], model.state_dict()
+    missing = [key for key in own if key not in weights]
+    unexpected = [key for key in weights if key not in own]
+    resized = [key for key in own if key in weights and tuple(weights[key].shape) != tuple(own[key].shape)]
+    kept = [key for key in resized if set(key.split(".")) & set(resizable)]
+    wrong_shape = [f"{key} {tuple(weights[key].shape)} (model {tuple(own[key].shape)})"
+                   for key in resized if key not in kept]
+    if missing or unexpected or wrong_shape:
+        problems = [f"{len(items)} {label} {items[:5]}" for label, items in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", wrong_shape))
+                    if items]
+        message = f"{source} does not fit this model (check the config it was trained with): " + ", ".join(problems)
+        if describe is not None:
+            message += f". The checkpoint: {describe(weights)}. This model: {describe(own)}"
+        raise ValueError(message)
+    model.load_state_dict({key: value for key, value in weights.items() if key not in kept}, strict=False)
+    return kept
 
 
 def restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,

@@ -83,6 +83,9 @@ class Config:
     device: str = "cuda"
     seed: int = 42
     resume: str = ""  # a checkpoint to continue from (train) or to evaluate / predict with
+    # train: a checkpoint (ours or the original's) whose weights start a new run at epoch 0 with a fresh optimizer;
+    # its class heads are used only when num_classes matches, otherwise they start from their initialisation
+    finetune_from: str = ""
     num_workers: int = 2
     eval_every: int = 1  # evaluate after every eval_every-th epoch and after the last
     save_every: int = 5  # also keep checkpointNNNN.pth every save_every epochs and before lr_drop; 0: never

@@ -1,0 +1,50 @@
+"""What a Deformable DETR state dict is, read from its keys and shapes alone: for error messages that say which
+variant a checkpoint holds and which config builds it."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+# (two-stage, box refinement, one feature level) -> the config of that published variant
+_CONFIGS = {
+    (False, False, False): "configs/deformable_detr.yaml",
+    (False, False, True): "configs/deformable_detr_single_scale.yaml or configs/deformable_detr_single_scale_dc5.yaml",
+    (False, True, False): "configs/deformable_detr_box_refine.yaml",
+    (True, True, False): "configs/deformable_detr_two_stage.yaml",
+}
+_RESNET_DEPTHS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}  # (layer3 blocks, bottleneck)
+
+
+def _backbone(keys: set[str]) -> str:
+    if not any(key.startswith("backbone.0.body.layer3.") for key in keys):
+        return "a non-ResNet backbone" if any(key.startswith("backbone.0.") for key in keys) else "no backbone"
+    blocks = len({key.split(".")[4] for key in keys if key.startswith("backbone.0.body.layer3.")})
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in keys
+    depth = _RESNET_DEPTHS.get((blocks, bottleneck))
+    return f"ResNet-{depth}" if depth else f"a ResNet with {blocks} layer3 blocks"
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """A one-line description, e.g. ``"two-stage, box refinement, 4 feature levels, hidden 256, ResNet-50,
+    91 classes"``, naming the config of the published variant it matches, if any."""
+    keys = set(state_dict)
+    two_stage = "transformer.enc_output.weight" in keys
+    refine = any(key.startswith("transformer.decoder.bbox_embed.") for key in keys)
+    parts = [("two-stage" if two_stage else "one-stage"), ("box refinement" if refine else "no box refinement")]
+    level_embed = state_dict.get("transformer.level_embed")
+    levels = None
+    if level_embed is not None:
+        levels = int(level_embed.shape[0])
+        parts += [f"{levels} feature level{'s' * (levels > 1)}", f"hidden {int(level_embed.shape[1])}"]
+    parts.append(_backbone(keys))
+    if "query_embed.weight" in keys:
+        parts.append(f"{int(state_dict['query_embed.weight'].shape[0])} queries")
+    class_bias = state_dict.get("class_embed.0.bias")
+    if class_bias is not None:
+        parts.append(f"{int(class_bias.shape[0])} classes")
+    description = ", ".join(parts)
+    published_sizes = (level_embed is not None and int(level_embed.shape[1]) == 256 and _backbone(keys) == "ResNet-50"
+                       and class_bias is not None and int(class_bias.shape[0]) == 91)
+    config = _CONFIGS.get((two_stage, refine, levels == 1)) if published_sizes else None
+    return f"{description}: the published variant of {config}" if config else description
