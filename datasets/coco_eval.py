@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 import torch

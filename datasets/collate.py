@@ -1,7 +1,8 @@
 """Batching images of different sizes: zero-pad at the bottom and right, and say where the padding is."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -17,7 +18,7 @@ class Batch(NamedTuple):
     padding_mask: torch.Tensor
     targets: list[dict[str, torch.Tensor]]
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch with every tensor, the targets' included, on ``device``."""
         targets = [{key: value.to(device, non_blocking=non_blocking) for key, value in target.items()}
                    for target in self.targets]

@@ -9,7 +9,7 @@ int64 ``(h, w)`` of the current image throughout. Random choices draw from torch
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch

@@ -67,13 +67,13 @@ def _build(kind: str, sources: list[Path], verbose: bool) -> None:
         raise KernelBuildError(f"building the {kind} kernel of ms_deform_attn failed: {error}") from error
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_cpu_kernel(verbose: bool = False) -> None:
     """Compile (first time) and load the C++ CPU kernel; raises :class:`KernelBuildError`."""
     _build("cpu", [CSRC / "ms_deform_attn_cpu.cpp"], verbose)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_cuda_kernel(verbose: bool = False) -> None:
     """Compile (first time) and load the CUDA kernel; raises :class:`KernelBuildError`.
 

@@ -4,7 +4,7 @@ Runs on any device and dtype that ``grid_sample`` supports and exports cleanly; 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

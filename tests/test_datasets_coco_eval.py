@@ -12,7 +12,12 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from datasets.coco_eval import METRIC_NAMES, CocoEvaluator, merge_detections, to_coco_results
+from datasets.coco_eval import (
+    METRIC_NAMES,
+    CocoEvaluator,
+    merge_detections,
+    to_coco_results,
+)
 
 IMAGES = [{"id": image_id, "file_name": f"{image_id}.png", "height": 300, "width": 400} for image_id in (1, 2, 5)]
 CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 7, "name": "square"}]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from models.backbone import build_backbone

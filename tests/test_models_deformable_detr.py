@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from models import build_model
-from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config, tiny_targets
+from tests.tiny_model import (
+    VARIANTS,
+    randomize_zero_initialised,
+    tiny_config,
+    tiny_targets,
+)
 
 SAMPLING_KEYS = ("spatial_shapes", "level_start_index", "valid_ratios", "encoder_reference_points",
                  "encoder_sampling", "decoder_sampling")

@@ -6,8 +6,7 @@ import warnings
 import pytest
 import torch
 
-import ops.functional as functional
-from ops import available_backends, ms_deform_attn
+from ops import available_backends, functional, ms_deform_attn
 from ops.build import KernelBuildError
 from tests.conftest import make_problem, op_args
 from tests.msda_reference import reference_ms_deform_attn
