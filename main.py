@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="encoder and decoder layer to show (default -1: the last)")
     visualizing.add_argument("--by-level", action="store_true", help="also a panel per feature level")
     visualizing.add_argument("--by-head", action="store_true", help="also a panel per attention head")
+    visualizing.add_argument("--query-level", type=int, default=0,
+                             help="feature level whose cell at each point is the encoder query (default 0: finest)")
     return parser
 
 
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
         else:
             visualize(cfg, args.image, args.out or f"{cfg.output_dir}/visualize", args.threshold, args.top_k,
-                      args.points, args.layer, args.by_level, args.by_head)
+                      args.points, args.layer, args.by_level, args.by_head, args.query_level)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -262,10 +262,11 @@ def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, thre
 
 def visualize(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5,
               top_k: int = 4, points: Sequence[tuple[float, float]] | None = None, layer: int = -1,
-              by_level: bool = False, by_head: bool = False) -> list[Path]:
+              by_level: bool = False, by_head: bool = False, query_level: int = 0) -> list[Path]:
     """Where ``cfg.resume`` looks in each of ``images``: writes ``out_dir/<stem>_detections.png``,
     ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` and ``<stem>_sampling.json`` (see
-    ``util.visualize.write_visualization``); returns the paths written."""
+    ``util.visualize.write_visualization``); the encoder queries are cells of level ``query_level`` (0: the
+    finest). Returns the paths written."""
     stems = [Path(path).stem for path in images]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
@@ -279,7 +280,7 @@ def visualize(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, th
     written = []
     for path in images:
         view = sample_attention(model, load_image(path), transforms, threshold=threshold, top_k=top_k,
-                                points=points, layer=layer)
+                                points=points, layer=layer, query_level=query_level)
         written += write_visualization(view, out_dir, Path(path).stem, names, by_level, by_head)
         say(info, f"{path}: {len(view.detections)} detection(s) at or above {threshold}; decoder layer "
                   f"{view.decoder_layer}, encoder layer {view.encoder_layer}")

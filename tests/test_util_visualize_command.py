@@ -71,6 +71,20 @@ def test_points_layer_and_per_level_and_head_panels(tmp_path):
     assert [query["pixel"] for query in record["encoder"]["queries"]] == [[0.0, 0.0], [100.0, 70.0]]
 
 
+def test_query_level_picks_encoder_queries_on_that_level(tmp_path):
+    assert run_visualize(tmp_path, "deformable_detr", "--points", "0,0", "100,70", "--query-level", "2") == 0
+    record = json.loads((tmp_path / "out" / "gradient_sampling.json").read_text())
+    assert record["encoder"]["query_level"] == 2
+    areas = [height * width for height, width in record["spatial_shapes"]]
+    start = sum(areas[:2])
+    assert [query["query"] for query in record["encoder"]["queries"]] == [start, start + areas[2] - 1]
+
+
+def test_query_level_beyond_the_model_is_named(tmp_path):
+    with pytest.raises(ValueError, match="query level 4 does not exist: the model has 4 feature level"):
+        run_visualize(tmp_path, "deformable_detr", "--query-level", "4")
+
+
 def test_layer_beyond_the_model_is_named(tmp_path):
     with pytest.raises(ValueError, match="encoder has 1 layer"):
         run_visualize(tmp_path, "deformable_detr", "--layer", "1")
