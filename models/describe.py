@@ -37,14 +37,15 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     if level_embed is not None:
         levels = int(level_embed.shape[0])
         parts += [f"{levels} feature level{'s' * (levels > 1)}", f"hidden {int(level_embed.shape[1])}"]
-    parts.append(_backbone(keys))
+    backbone = _backbone(keys)
+    parts.append(backbone)
     if "query_embed.weight" in keys:
         parts.append(f"{int(state_dict['query_embed.weight'].shape[0])} queries")
     class_bias = state_dict.get("class_embed.0.bias")
     if class_bias is not None:
         parts.append(f"{int(class_bias.shape[0])} classes")
     description = ", ".join(parts)
-    published_sizes = (level_embed is not None and int(level_embed.shape[1]) == 256 and _backbone(keys) == "ResNet-50"
+    published_sizes = (level_embed is not None and int(level_embed.shape[1]) == 256 and backbone == "ResNet-50"
                        and class_bias is not None and int(class_bias.shape[0]) == 91)
     config = _CONFIGS.get((two_stage, refine, levels == 1)) if published_sizes else None
     return f"{description}: the published variant of {config}" if config else description
