@@ -1,4 +1,4 @@
-# make test: install what is missing, build the kernels, run the whole test suite.
+# make test: install what is missing, build the kernels, run the whole test suite. make lint: ruff.
 # make demo: the same set-up, then the main job: train a small Deformable DETR on synthetic shapes on the CPU,
 #            evaluate it, draw predictions and curves (outputs/demo_shapes). make benchmark: the op benchmark.
 PYTHON ?= python3
@@ -7,13 +7,13 @@ export CUDA_HOME ?= /usr/local/cuda
 CUDA_FLAG := $(if $(wildcard $(CUDA_HOME)/bin/nvcc),--cuda,)
 STAMP := .setup-done
 
-.PHONY: setup kernels build test demo demo-shapes benchmark clean
+.PHONY: setup kernels build test lint demo demo-shapes benchmark clean
 
 setup: $(STAMP)
 
 # Re-run pip only when requirements.txt changed or an import fails; pip itself is a no-op when satisfied.
 $(STAMP): requirements.txt
-	@$(PYTHON) -c "import torch, torchvision, scipy, pycocotools, timm, yaml, matplotlib, ninja, pytest" 2>/dev/null \
+	@$(PYTHON) -c "import torch, torchvision, scipy, pycocotools, timm, yaml, matplotlib, ninja, pytest, ruff" 2>/dev/null \
 		&& $(PYTHON) -m pip install -q -r requirements.txt --disable-pip-version-check \
 		|| $(PYTHON) -m pip install -r requirements.txt --disable-pip-version-check
 	@touch $(STAMP)
@@ -28,6 +28,11 @@ build: setup
 
 test: build
 	$(PYTHON) -m pytest -q tests
+
+# ruff lint and format check, configured in pyproject.toml.
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 demo: demo-shapes
 

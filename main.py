@@ -19,6 +19,7 @@ NCCL on GPUs, gloo on the CPU):
 checkpointNNNN.pth, log.txt, detections.json, metrics.json. ``--opts resume=OUTPUT_DIR/checkpoint.pth``
 continues a run at the next epoch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,6 +29,7 @@ from engine.commands import evaluate_checkpoint, predict, train, visualize
 from engine.training import NonFiniteLossError
 from util.config import load_config
 from util.distributed import shutdown_distributed
+from util.errors import UserError
 
 COMMANDS = ("train", "eval", "predict", "visualize")
 
@@ -42,26 +44,42 @@ def parse_point(text: str) -> tuple[float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python main.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=COMMANDS)
     parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--image", nargs="+", default=[], help="predict, visualize: image files")
-    parser.add_argument("--out", default=None, help="predict, visualize: output folder (default "
-                        "OUTPUT_DIR/predictions or OUTPUT_DIR/visualize)")
-    parser.add_argument("--threshold", type=float, default=0.5,
-                        help="predict, visualize: lowest score drawn and written")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="predict, visualize: output folder (default OUTPUT_DIR/predictions or OUTPUT_DIR/visualize)",
+    )
+    parser.add_argument(
+        "--threshold", type=float, default=0.5, help="predict, visualize: lowest score drawn and written"
+    )
     visualizing = parser.add_argument_group("visualize: where the deformable attention samples")
     visualizing.add_argument("--top-k", type=int, default=4, help="decoder panels for the best K detections")
-    visualizing.add_argument("--points", nargs="+", type=parse_point, default=None, metavar="X,Y",
-                             help="encoder query pixels of the original image (default: the detections' centres)")
-    visualizing.add_argument("--layer", type=int, default=-1,
-                             help="encoder and decoder layer to show (default -1: the last)")
+    visualizing.add_argument(
+        "--points",
+        nargs="+",
+        type=parse_point,
+        default=None,
+        metavar="X,Y",
+        help="encoder query pixels of the original image (default: the detections' centres)",
+    )
+    visualizing.add_argument(
+        "--layer", type=int, default=-1, help="encoder and decoder layer to show (default -1: the last)"
+    )
     visualizing.add_argument("--by-level", action="store_true", help="also a panel per feature level")
     visualizing.add_argument("--by-head", action="store_true", help="also a panel per attention head")
-    visualizing.add_argument("--query-level", type=int, default=0,
-                             help="feature level whose cell at each point is the encoder query (default 0: finest)")
+    visualizing.add_argument(
+        "--query-level",
+        type=int,
+        default=0,
+        help="feature level whose cell at each point is the encoder query (default 0: finest)",
+    )
     return parser
 
 
@@ -79,11 +97,24 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
         else:
-            visualize(cfg, args.image, args.out or f"{cfg.output_dir}/visualize", args.threshold, args.top_k,
-                      args.points, args.layer, args.by_level, args.by_head, args.query_level)
+            visualize(
+                cfg,
+                args.image,
+                args.out or f"{cfg.output_dir}/visualize",
+                args.threshold,
+                args.top_k,
+                args.points,
+                args.layer,
+                args.by_level,
+                args.by_head,
+                args.query_level,
+            )
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         shutdown_distributed()
     return 0

@@ -5,6 +5,7 @@ before training with an error naming the file and the offending id. The category
 original Deformable DETR, which trains COCO with ``num_classes=91``), so every category id must be below
 ``num_classes``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,8 +107,10 @@ def _add_category(category: Any, num_classes: int, names: dict[int, str]) -> Non
     if not _is_int(category_id) or category_id < 0:
         raise _EntryError(f"'id' must be a non-negative integer, got {category_id!r}")
     if category_id >= num_classes:
-        raise _EntryError(f"category ids are the labels and must be below num_classes={num_classes}; "
-                          f"set num_classes to at least {category_id + 1}")
+        raise _EntryError(
+            f"category ids are the labels and must be below num_classes={num_classes}; "
+            f"set num_classes to at least {category_id + 1}"
+        )
     if category_id in names:
         raise _EntryError("the category id appears twice")
     names[category_id] = str(category["name"])
@@ -175,8 +178,9 @@ class _BoxCollector:
             raise _EntryError(f"'area' must be a non-negative number, got {area!r}")
         self._keep(image, box, category_id, float(area), bool(iscrowd))
 
-    def _keep(self, image: dict, box: tuple[float, float, float, float], category_id: int, area: float,
-              iscrowd: bool) -> None:
+    def _keep(
+        self, image: dict, box: tuple[float, float, float, float], category_id: int, area: float, iscrowd: bool
+    ) -> None:
         if iscrowd:
             self.num_crowd += 1
             return
@@ -190,8 +194,9 @@ class _BoxCollector:
 def _parse_annotations(path: Path, data: dict, num_classes: int) -> _ParsedAnnotations:
     """Check every entry of the annotation JSON ``data`` and group the trainable boxes by image."""
     category_names: dict[int, str] = {}
-    _check_entries(path, "category", data["categories"], lambda entry: _add_category(entry, num_classes,
-                                                                                        category_names))
+    _check_entries(
+        path, "category", data["categories"], lambda entry: _add_category(entry, num_classes, category_names)
+    )
     images: dict[int, dict] = {}
     _check_entries(path, "image", data["images"], lambda entry: _add_image(entry, images))
     boxes = _BoxCollector(images, category_names)
@@ -203,8 +208,12 @@ def _parse_annotations(path: Path, data: dict, num_classes: int) -> _ParsedAnnot
 def _make_record(image: dict, rows: list[tuple]) -> ImageRecord:
     table = np.asarray(rows, dtype=np.float64).reshape(len(rows), 6)
     return ImageRecord(
-        image_id=image["id"], file_name=image["file_name"], height=image["height"], width=image["width"],
-        boxes=table[:, :4].astype(np.float32), labels=table[:, 4].astype(np.int64),
+        image_id=image["id"],
+        file_name=image["file_name"],
+        height=image["height"],
+        width=image["width"],
+        boxes=table[:, :4].astype(np.float32),
+        labels=table[:, 4].astype(np.int64),
         areas=table[:, 5].astype(np.float32),
     )
 
@@ -235,8 +244,14 @@ class CocoDetection(torch.utils.data.Dataset):
         category_names: ``{label: name}``; label_to_category_id: ``{label: category id}`` (the identity).
     """
 
-    def __init__(self, image_folder: str | Path, annotation_file: str | Path, transforms: Transform | None,
-                 num_classes: int, check_images: bool = True) -> None:
+    def __init__(
+        self,
+        image_folder: str | Path,
+        annotation_file: str | Path,
+        transforms: Transform | None,
+        num_classes: int,
+        check_images: bool = True,
+    ) -> None:
         if not _is_int(num_classes) or num_classes <= 0:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         self.image_folder = Path(image_folder)
@@ -253,19 +268,27 @@ class CocoDetection(torch.utils.data.Dataset):
         if check_images:
             self._check_images_exist()
         num_boxes = sum(len(record.labels) for record in self.records)
-        logger.info("%s: %d images, %d categories, %d boxes; dropped %d crowd and %d degenerate boxes",
-                    self.annotation_file, len(self.records), len(self.category_names), num_boxes,
-                    self.num_crowd_dropped, self.num_degenerate_dropped)
+        logger.info(
+            "%s: %d images, %d categories, %d boxes; dropped %d crowd and %d degenerate boxes",
+            self.annotation_file,
+            len(self.records),
+            len(self.category_names),
+            num_boxes,
+            self.num_crowd_dropped,
+            self.num_degenerate_dropped,
+        )
 
     def _check_images_exist(self) -> None:
         if not self.image_folder.is_dir():
-            raise FileNotFoundError(f"image folder {self.image_folder} does not exist "
-                                    f"(annotations: {self.annotation_file})")
+            raise FileNotFoundError(
+                f"image folder {self.image_folder} does not exist (annotations: {self.annotation_file})"
+            )
         for record in self.records:
             path = self.image_folder / record.file_name
             if not path.is_file():
-                raise FileNotFoundError(f"image {path} (image id {record.image_id} in {self.annotation_file}) "
-                                        "does not exist")
+                raise FileNotFoundError(
+                    f"image {path} (image id {record.image_id} in {self.annotation_file}) does not exist"
+                )
 
     @property
     def image_ids(self) -> list[int]:
@@ -298,8 +321,10 @@ class CocoDetection(torch.utils.data.Dataset):
         except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoders raise all three
             raise OSError(f"cannot read image {path} (image id {record.image_id}): {error}") from error
         if (image.height, image.width) != (record.height, record.width):
-            raise ValueError(f"image {path} (image id {record.image_id}) is {image.height}x{image.width} pixels "
-                             f"but {self.annotation_file} says {record.height}x{record.width} (height x width)")
+            raise ValueError(
+                f"image {path} (image id {record.image_id}) is {image.height}x{image.width} pixels "
+                f"but {self.annotation_file} says {record.height}x{record.width} (height x width)"
+            )
         return image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -321,8 +346,13 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def build_dataset(image_set: str, coco_path: str | Path, transforms: Transform | None = None,
-                  num_classes: int = 91, check_images: bool = True) -> CocoDetection:
+def build_dataset(
+    image_set: str,
+    coco_path: str | Path,
+    transforms: Transform | None = None,
+    num_classes: int = 91,
+    check_images: bool = True,
+) -> CocoDetection:
     """The ``"train"`` or ``"val"`` split of the COCO-layout folder ``coco_path``: images in
     ``coco_path/{image_set}2017/``, annotations in ``coco_path/annotations/instances_{image_set}2017.json``."""
     if image_set not in IMAGE_SETS:
@@ -330,5 +360,10 @@ def build_dataset(image_set: str, coco_path: str | Path, transforms: Transform |
     root = Path(coco_path)
     if not root.is_dir():
         raise FileNotFoundError(f"coco_path {root} is not a directory")
-    return CocoDetection(root / f"{image_set}2017", root / "annotations" / f"instances_{image_set}2017.json",
-                         transforms, num_classes, check_images)
+    return CocoDetection(
+        root / f"{image_set}2017",
+        root / "annotations" / f"instances_{image_set}2017.json",
+        transforms,
+        num_classes,
+        check_images,
+    )

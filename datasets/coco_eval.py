@@ -14,6 +14,7 @@ Detections of one image are a dict ``boxes`` (n, 4) ``x0, y0, x1, y1`` in pixels
         evaluator.detections = merge_detections(parts)
         metrics = evaluator.evaluate(output_path=output_dir / "detections.json")
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,10 @@ def _to_numpy(image_id: int, detections: Detections) -> dict[str, np.ndarray]:
     count = len(arrays["scores"])
     arrays["boxes"] = arrays["boxes"].astype(np.float64).reshape(-1, 4)
     if len(arrays["boxes"]) != count or len(arrays["labels"]) != count:
-        raise ValueError(f"detections of image id {image_id}: boxes {arrays['boxes'].shape}, scores ({count},) "
-                         f"and labels {arrays['labels'].shape} must have the same length")
+        raise ValueError(
+            f"detections of image id {image_id}: boxes {arrays['boxes'].shape}, scores ({count},) "
+            f"and labels {arrays['labels'].shape} must have the same length"
+        )
     return arrays
 
 
@@ -58,8 +61,9 @@ def merge_detections(parts: Iterable[Mapping[int, Detections]]) -> dict[int, dic
     return merged
 
 
-def to_coco_results(detections: Mapping[int, Detections],
-                    label_to_category_id: Mapping[int, int] | None = None) -> list[dict]:
+def to_coco_results(
+    detections: Mapping[int, Detections], label_to_category_id: Mapping[int, int] | None = None
+) -> list[dict]:
     """COCO results format: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` per box, ordered by
     image id. Labels are mapped to category ids (identity when ``label_to_category_id`` is None); boxes whose
     label has no category are left out."""
@@ -72,18 +76,25 @@ def to_coco_results(detections: Mapping[int, Detections],
                 continue
             category_id = label if label_to_category_id is None else int(label_to_category_id[label])
             x0, y0, x1, y1 = (float(value) for value in box)
-            results.append({"image_id": int(image_id), "category_id": category_id,
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+            results.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": category_id,
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "score": float(score),
+                }
+            )
     return results
 
 
-def evaluate_results(coco_gt: COCO, results: list[dict], image_ids: Iterable[int] | None = None,
-                     verbose: bool = False) -> tuple[dict[str, float], str]:
+def evaluate_results(
+    coco_gt: COCO, results: list[dict], image_ids: Iterable[int] | None = None, verbose: bool = False
+) -> tuple[dict[str, float], str]:
     """Run COCOeval (bbox) over ``image_ids`` (None: every ground-truth image). Returns the metrics of
     :data:`METRIC_NAMES` (-1 where the ground truth has no box in that area range, as pycocotools) and the
     printed summary; all zeros when there is no detection (pycocotools cannot load an empty result list)."""
     if not results:
-        return {name: 0.0 for name in METRIC_NAMES}, "no detections: every metric is 0"
+        return dict.fromkeys(METRIC_NAMES, 0.0), "no detections: every metric is 0"
     known_ids = set(coco_gt.getImgIds())
     unknown = sorted({result["image_id"] for result in results} - known_ids)
     if unknown:

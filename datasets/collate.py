@@ -1,4 +1,5 @@
 """Batching images of different sizes: zero-pad at the bottom and right, and say where the padding is."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -20,10 +21,15 @@ class Batch(NamedTuple):
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch with every tensor, the targets' included, on ``device``."""
-        targets = [{key: value.to(device, non_blocking=non_blocking) for key, value in target.items()}
-                   for target in self.targets]
-        return Batch(self.images.to(device, non_blocking=non_blocking),
-                     self.padding_mask.to(device, non_blocking=non_blocking), targets)
+        targets = [
+            {key: value.to(device, non_blocking=non_blocking) for key, value in target.items()}
+            for target in self.targets
+        ]
+        return Batch(
+            self.images.to(device, non_blocking=non_blocking),
+            self.padding_mask.to(device, non_blocking=non_blocking),
+            targets,
+        )
 
 
 def collate_detection(samples: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Batch:

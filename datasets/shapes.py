@@ -10,6 +10,7 @@ noisy backgrounds. Images are ``0.75 * size`` to ``size`` pixels on each side. T
 files (with the same numpy and Pillow): every image draws from its own generator seeded by
 ``(seed, split, index)``, so the first N images do not depend on how many follow.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,23 @@ def _outline(name: str, rng: np.random.Generator) -> np.ndarray | None:
         angle = rng.uniform(0, 2 * np.pi)
     elif name == "cross":
         arm = 0.3
-        corners = np.array([[-arm, -1], [arm, -1], [arm, -arm], [1, -arm], [1, arm], [arm, arm], [arm, 1],
-                            [-arm, 1], [-arm, arm], [-1, arm], [-1, -arm], [-arm, -arm]], dtype=np.float64)
+        corners = np.array(
+            [
+                [-arm, -1],
+                [arm, -1],
+                [arm, -arm],
+                [1, -arm],
+                [1, arm],
+                [arm, arm],
+                [arm, 1],
+                [-arm, 1],
+                [-arm, arm],
+                [-1, arm],
+                [-1, -arm],
+                [-arm, -arm],
+            ],
+            dtype=np.float64,
+        )
         angle = rng.uniform(-0.4, 0.4)
     else:
         raise ValueError(f"unknown shape {name!r}; expected one of {CATEGORY_NAMES}")
@@ -119,8 +135,9 @@ def _fill(rng: np.random.Generator, height: int, width: int, avoid: np.ndarray) 
     return colour + rng.normal(0, 25, (height, width, 3))
 
 
-def render_image(rng: np.random.Generator, height: int, width: int, max_objects: int = MAX_OBJECTS
-                 ) -> tuple[np.ndarray, list[dict]]:
+def render_image(
+    rng: np.random.Generator, height: int, width: int, max_objects: int = MAX_OBJECTS
+) -> tuple[np.ndarray, list[dict]]:
     """One (H, W, 3) uint8 image and its 1..``max_objects`` objects (none in a few images)
     ``{"category_id", "bbox": [x, y, w, h], "area"}``; ``area`` is the shape's own, occluded parts included."""
     image = _background(rng, height, width)
@@ -137,13 +154,25 @@ def render_image(rng: np.random.Generator, height: int, width: int, max_objects:
         inside = alpha > 0.5
         texture = _fill(rng, height, width, image[inside].mean(0) if inside.any() else image.mean((0, 1)))
         image = image * (1 - alpha[..., None]) + texture * alpha[..., None]
-        objects.append({"category_id": category + 1, "bbox": [round(value, 2) for value in box],
-                        "area": round(float(alpha.sum()), 2)})
+        objects.append(
+            {
+                "category_id": category + 1,
+                "bbox": [round(value, 2) for value in box],
+                "area": round(float(alpha.sum()), 2),
+            }
+        )
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), objects
 
 
-def generate_split(out: Path, split: str, num_images: int, seed: int, size: int, image_format: str = "png",
-                   max_objects: int = MAX_OBJECTS) -> dict:
+def generate_split(
+    out: Path,
+    split: str,
+    num_images: int,
+    seed: int,
+    size: int,
+    image_format: str = "png",
+    max_objects: int = MAX_OBJECTS,
+) -> dict:
     """Write ``num_images`` images to ``out/{split}2017/`` and return the split's COCO annotation dict."""
     folder = out / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
@@ -159,14 +188,22 @@ def generate_split(out: Path, split: str, num_images: int, seed: int, size: int,
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for item in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **item})
-    categories = [{"id": index + 1, "name": name, "supercategory": "shape"}
-                  for index, name in enumerate(CATEGORY_NAMES)]
+    categories = [
+        {"id": index + 1, "name": name, "supercategory": "shape"} for index, name in enumerate(CATEGORY_NAMES)
+    ]
     info = {"description": f"synthetic shapes, {split} split, seed {seed}", "version": "1.0"}
     return {"info": info, "licenses": [], "images": images, "annotations": annotations, "categories": categories}
 
 
-def generate_shapes_dataset(out: str | Path, num_train: int, num_val: int, seed: int = 0, size: int = 128,
-                            image_format: str = "png", max_objects: int = MAX_OBJECTS) -> Path:
+def generate_shapes_dataset(
+    out: str | Path,
+    num_train: int,
+    num_val: int,
+    seed: int = 0,
+    size: int = 128,
+    image_format: str = "png",
+    max_objects: int = MAX_OBJECTS,
+) -> Path:
     """Write the train and val splits in the COCO layout under ``out``; returns ``out``."""
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
@@ -201,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    out = generate_shapes_dataset(args.out, args.num_train, args.num_val, args.seed, args.size, args.image_format,
-                                args.max_objects)
+    out = generate_shapes_dataset(
+        args.out, args.num_train, args.num_val, args.seed, args.size, args.image_format, args.max_objects
+    )
     print(f"wrote {args.num_train} train and {args.num_val} val images of at most {args.size} px to {out}")
 
 

@@ -7,6 +7,7 @@ normalised to [0, 1] of the image, the format the model and its loss read. ``tar
 int64 ``(h, w)`` of the current image throughout. Random choices draw from torch's global generator, which
 ``DataLoader`` seeds differently in every worker.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -67,8 +68,9 @@ def resize(image: Image.Image, target: Target, height: int, width: int) -> tuple
     return image, target
 
 
-def crop_region(image: Image.Image, target: Target, top: int, left: int, height: int, width: int
-                ) -> tuple[Image.Image, Target]:
+def crop_region(
+    image: Image.Image, target: Target, top: int, left: int, height: int, width: int
+) -> tuple[Image.Image, Target]:
     """Cut the region ``[top, top + height) x [left, left + width)``; boxes are clipped to it, boxes left with no
     area are removed (with their labels), areas become those of the clipped boxes."""
     image = image.crop((left, top, left + width, top + height))

@@ -11,6 +11,7 @@ Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 | ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s``; |
 | | emptied when a run starts from scratch, appended to when it resumes |
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -124,24 +125,42 @@ class TrainingRun:
 def build_training(cfg: Config, info: DistributedInfo) -> TrainingRun:
     model, criterion, postprocessors = build_model_on(cfg, info)
     train_set, val_set = build_split("train", cfg), build_split("val", cfg)
-    trained = model if info.world_size == 1 else DistributedDataParallel(
-        model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    trained = (
+        model
+        if info.world_size == 1
+        else DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    )
     optimizer = build_optimizer(model, cfg)
-    return TrainingRun(model=model, trained=trained, criterion=criterion, postprocess=postprocessors["bbox"],
-                       optimizer=optimizer, lr_scheduler=build_lr_scheduler(optimizer, cfg),
-                       scaler=build_grad_scaler(cfg.amp, info.device), train_set=train_set, val_set=val_set,
-                       train_loader=build_train_loader(train_set, cfg, info.rank, info.world_size),
-                       val_loader=build_eval_loader(val_set, cfg, info.rank, info.world_size))
+    return TrainingRun(
+        model=model,
+        trained=trained,
+        criterion=criterion,
+        postprocess=postprocessors["bbox"],
+        optimizer=optimizer,
+        lr_scheduler=build_lr_scheduler(optimizer, cfg),
+        scaler=build_grad_scaler(cfg.amp, info.device),
+        train_set=train_set,
+        val_set=val_set,
+        train_loader=build_train_loader(train_set, cfg, info.rank, info.world_size),
+        val_loader=build_eval_loader(val_set, cfg, info.rank, info.world_size),
+    )
 
 
 def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> int:
     """Load ``cfg.resume`` or ``cfg.finetune_from`` (when set) into ``run``; returns the first epoch to train."""
     if cfg.resume and cfg.finetune_from:
-        raise ValueError(f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
-                         f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}")
+        raise ValueError(
+            f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
+            f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
+        )
     if cfg.finetune_from:
-        kept = load_model_weights(run.model, load_checkpoint(cfg.finetune_from), cfg.finetune_from,
-                                  describe=describe_state_dict, resizable=CLASS_HEADS)
+        kept = load_model_weights(
+            run.model,
+            load_checkpoint(cfg.finetune_from),
+            cfg.finetune_from,
+            describe=describe_state_dict,
+            resizable=CLASS_HEADS,
+        )
         fresh = f"; {len(kept)} class-head tensors (another num_classes) keep their initialisation" if kept else ""
         say(info, f"fine-tuning from the weights of {cfg.finetune_from}{fresh}")
         return 0
@@ -156,9 +175,15 @@ def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> int
 
 def save_epoch(run: TrainingRun, epoch: int, cfg: Config, output_dir: Path) -> None:
     """``checkpoint.pth`` (and ``checkpointNNNN.pth`` when due) after epoch ``epoch``; call on rank 0."""
-    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "lr_scheduler": run.lr_scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-             "config": cfg.to_dict(), "category_names": dict(run.train_set.category_names)}
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "config": cfg.to_dict(),
+        "category_names": dict(run.train_set.category_names),
+    }
     save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
     if checkpoint_due(epoch, cfg):
         save_checkpoint(state, output_dir / f"checkpoint{epoch:04d}.pth")
@@ -170,22 +195,42 @@ def train_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo
     seed_everything(epoch_seed(cfg.seed, info.rank, epoch))
     run.train_loader.batch_sampler.sampler.set_epoch(epoch)
     try:
-        losses = train_one_epoch(run.trained, run.criterion, run.train_loader, run.optimizer, info.device, epoch,
-                                 clip_max_norm=cfg.clip_max_norm, amp=cfg.amp, scaler=run.scaler,
-                                 print_every=cfg.print_every)
+        losses = train_one_epoch(
+            run.trained,
+            run.criterion,
+            run.train_loader,
+            run.optimizer,
+            info.device,
+            epoch,
+            clip_max_norm=cfg.clip_max_norm,
+            amp=cfg.amp,
+            scaler=run.scaler,
+            print_every=cfg.print_every,
+        )
     except NonFiniteLossError as error:
         last = output_dir / LATEST_CHECKPOINT
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
         raise NonFiniteLossError(f"{error}; {kept}. Lower lr, set clip_max_norm, or turn amp off.") from None
-    record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"],
-              **{f"train_{name}": value for name, value in losses.items()}}
+    record = {
+        "epoch": epoch,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        **{f"train_{name}": value for name, value in losses.items()},
+    }
     run.lr_scheduler.step()
     if info.is_main:
         save_epoch(run, epoch, cfg, output_dir)
     barrier()
     if evaluation_due(epoch, cfg):
-        metrics = evaluate(run.model, run.postprocess, run.val_loader, run.val_set, info.device, output_dir,
-                           amp=cfg.amp, print_every=cfg.print_every)
+        metrics = evaluate(
+            run.model,
+            run.postprocess,
+            run.val_loader,
+            run.val_set,
+            info.device,
+            output_dir,
+            amp=cfg.amp,
+            print_every=cfg.print_every,
+        )
         record.update({f"val_{name}": value for name, value in (metrics or {}).items()})
     record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
     return record
@@ -205,15 +250,21 @@ def train(cfg: Config) -> dict[str, float] | None:
     run = build_training(cfg, info)
     start_epoch = resume_training(run, cfg, info)
     if start_epoch >= cfg.epochs:
-        say(info, f"nothing to train: {cfg.resume} already finished epoch {start_epoch - 1} and epochs={cfg.epochs}"
-                  f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
-                  "train further, or run `main.py eval` to evaluate it")
+        say(
+            info,
+            f"nothing to train: {cfg.resume} already finished epoch {start_epoch - 1} and epochs={cfg.epochs}"
+            f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
+            "train further, or run `main.py eval` to evaluate it",
+        )
         return None
     if info.is_main and start_epoch == 0:  # a fresh run: its log starts empty, as its checkpoints start anew
         (output_dir / LOG_FILE).unlink(missing_ok=True)
     num_parameters = sum(parameter.numel() for parameter in run.model.parameters() if parameter.requires_grad)
-    say(info, f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
-              f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {output_dir}")
+    say(
+        info,
+        f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
+        f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {output_dir}",
+    )
     run_start, metrics = time.perf_counter(), None
     for epoch in range(start_epoch, cfg.epochs):
         record = train_epoch(run, epoch, cfg, info, output_dir)
@@ -222,8 +273,11 @@ def train(cfg: Config) -> dict[str, float] | None:
                 file.write(json.dumps(record) + "\n")
             metrics = {name[4:]: value for name, value in record.items() if name.startswith("val_")} or metrics
             shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
-            say(info, f"epoch {epoch} done in {format_duration(record['epoch_time_s'])}: loss "
-                      f"{record['train_loss']:.4f}{shown}")
+            say(
+                info,
+                f"epoch {epoch} done in {format_duration(record['epoch_time_s'])}: loss "
+                f"{record['train_loss']:.4f}{shown}",
+            )
     say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
     return metrics
 
@@ -238,8 +292,16 @@ def evaluate_checkpoint(cfg: Config) -> dict[str, float] | None:
     loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
     if info.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(model, postprocessors["bbox"], loader, val_set, info.device, cfg.output_dir, amp=cfg.amp,
-                       print_every=cfg.print_every)
+    metrics = evaluate(
+        model,
+        postprocessors["bbox"],
+        loader,
+        val_set,
+        info.device,
+        cfg.output_dir,
+        amp=cfg.amp,
+        print_every=cfg.print_every,
+    )
     if metrics is not None:
         say(info, "metrics: " + json.dumps({name: round(value, 4) for name, value in metrics.items()}))
     return metrics
@@ -251,8 +313,17 @@ def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, thre
     model, _, postprocessors = build_model_on(cfg, info)
     checkpoint = _load_for_inference(cfg, "predict", model)
     names = checkpoint.get("category_names")
-    results = predict_files(model, postprocessors["bbox"], images, build_config_transforms("val", cfg), info.device,
-                            out_dir, names, threshold, cfg.amp)
+    results = predict_files(
+        model,
+        postprocessors["bbox"],
+        images,
+        build_config_transforms("val", cfg),
+        info.device,
+        out_dir,
+        names,
+        threshold,
+        cfg.amp,
+    )
     for result in results:
         found = ", ".join(f"{d['name']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
         say(info, f"{result['file']}: {found}")
@@ -260,9 +331,18 @@ def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, thre
     return results
 
 
-def visualize(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5,
-              top_k: int = 4, points: Sequence[tuple[float, float]] | None = None, layer: int = -1,
-              by_level: bool = False, by_head: bool = False, query_level: int = 0) -> list[Path]:
+def visualize(
+    cfg: Config,
+    images: Sequence[str | Path],
+    out_dir: str | Path,
+    threshold: float = 0.5,
+    top_k: int = 4,
+    points: Sequence[tuple[float, float]] | None = None,
+    layer: int = -1,
+    by_level: bool = False,
+    by_head: bool = False,
+    query_level: int = 0,
+) -> list[Path]:
     """Where ``cfg.resume`` looks in each of ``images``: writes ``out_dir/<stem>_detections.png``,
     ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` and ``<stem>_sampling.json`` (see
     ``util.visualize.write_visualization``); the encoder queries are cells of level ``query_level`` (0: the
@@ -270,8 +350,10 @@ def visualize(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, th
     stems = [Path(path).stem for path in images]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
-        raise ValueError(f"images share the file name stems {repeated}: their outputs would overwrite each other; "
-                         "visualize them into different --out folders")
+        raise ValueError(
+            f"images share the file name stems {repeated}: their outputs would overwrite each other; "
+            "visualize them into different --out folders"
+        )
     info = init_distributed(cfg.device)
     model, _, _ = build_model_on(cfg, info)
     checkpoint = _load_for_inference(cfg, "visualize", model)
@@ -279,10 +361,21 @@ def visualize(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, th
     transforms = build_config_transforms("val", cfg)
     written = []
     for path in images:
-        view = sample_attention(model, load_image(path), transforms, threshold=threshold, top_k=top_k,
-                                points=points, layer=layer, query_level=query_level)
+        view = sample_attention(
+            model,
+            load_image(path),
+            transforms,
+            threshold=threshold,
+            top_k=top_k,
+            points=points,
+            layer=layer,
+            query_level=query_level,
+        )
         written += write_visualization(view, out_dir, Path(path).stem, names, by_level, by_head)
-        say(info, f"{path}: {len(view.detections)} detection(s) at or above {threshold}; decoder layer "
-                  f"{view.decoder_layer}, encoder layer {view.encoder_layer}")
+        say(
+            info,
+            f"{path}: {len(view.detections)} detection(s) at or above {threshold}; decoder layer "
+            f"{view.decoder_layer}, encoder layer {view.encoder_layer}",
+        )
     say(info, f"wrote {len(written)} file(s) to {out_dir}")
     return written

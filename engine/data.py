@@ -5,6 +5,7 @@ and a resumed run sees the batches it would have seen); call ``set_epoch`` on it
 the images over ranks without shuffling; the sampler repeats a few images to give every rank the same count, and
 the evaluator counts each image id once.
 """
+
 from __future__ import annotations
 
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
@@ -19,9 +20,15 @@ def build_config_transforms(image_set: str, cfg: Config) -> Compose:
     ``train_crop``, ``crop_scales``, ``crop_size``, ``val_size``)."""
     if len(cfg.crop_size) != 2:
         raise ValueError(f"crop_size must be [min, max], got {cfg.crop_size}")
-    return build_transforms(image_set, scales=cfg.train_scales, max_size=cfg.max_size, crop=cfg.train_crop,
-                            crop_scales=cfg.crop_scales, crop_size=(cfg.crop_size[0], cfg.crop_size[1]),
-                            val_size=cfg.val_size)
+    return build_transforms(
+        image_set,
+        scales=cfg.train_scales,
+        max_size=cfg.max_size,
+        crop=cfg.train_crop,
+        crop_scales=cfg.crop_scales,
+        crop_size=(cfg.crop_size[0], cfg.crop_size[1]),
+        val_size=cfg.val_size,
+    )
 
 
 def build_split(image_set: str, cfg: Config) -> CocoDetection:
@@ -36,8 +43,10 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
     ``engine.commands.epoch_seed``): each rank and each epoch gets its own augmentations, the same after a resume.
     """
     if len(dataset) < cfg.batch_size * world_size:
-        raise ValueError(f"the training split has {len(dataset)} images, fewer than one batch of "
-                         f"batch_size={cfg.batch_size} on each of {world_size} processes")
+        raise ValueError(
+            f"the training split has {len(dataset)} images, fewer than one batch of "
+            f"batch_size={cfg.batch_size} on each of {world_size} processes"
+        )
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     batches = BatchSampler(sampler, cfg.batch_size, drop_last=True)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection, num_workers=cfg.num_workers)
@@ -46,5 +55,11 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
 def build_eval_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Every image once per rank's share (a few repeated to even the shares), in order."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_detection,
-                      num_workers=cfg.num_workers, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        collate_fn=collate_detection,
+        num_workers=cfg.num_workers,
+        drop_last=False,
+    )

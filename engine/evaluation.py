@@ -1,4 +1,5 @@
 """COCO bbox evaluation of a detector over a loader, gathered from every rank with each image counted once."""
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,16 @@ def detect(model: nn.Module, postprocess: nn.Module, batch: Batch, amp: str = "n
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, postprocess: nn.Module, loader: DataLoader, dataset: CocoDetection,
-             device: torch.device, output_dir: str | Path | None = None, amp: str = "none",
-             print_every: int = 10) -> dict[str, float] | None:
+def evaluate(
+    model: nn.Module,
+    postprocess: nn.Module,
+    loader: DataLoader,
+    dataset: CocoDetection,
+    device: torch.device,
+    output_dir: str | Path | None = None,
+    amp: str = "none",
+    print_every: int = 10,
+) -> dict[str, float] | None:
     """Run ``model`` over ``loader`` (this rank's share of ``dataset``), gather the detections of all ranks and
     evaluate them with pycocotools on rank 0.
 

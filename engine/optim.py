@@ -6,10 +6,11 @@ Groups, in the original implementation's order (so that its optimizer states lin
 |---|---|---|
 | ``rest`` | everything else that trains | ``lr`` |
 | ``backbone`` | ``lr_backbone_names`` (``backbone.0``) | ``lr_backbone`` |
-| ``linear_proj`` | ``lr_linear_proj_names`` (``reference_points``, ``sampling_offsets``) | ``lr * lr_linear_proj_mult`` |
+| ``linear_proj`` | ``lr_linear_proj_names`` (reference_points, sampling_offsets) | lr * ``lr_linear_proj_mult`` |
 
 A parameter matching both lists counts as backbone. Frozen parameters (``requires_grad=False``) are left out.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,8 +51,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:
     """
     groups = build_parameter_groups(model, cfg)
     parameters = [parameter for group in groups for parameter in group["params"]]
-    fused = bool(parameters) and all(parameter.device.type in FUSED_DEVICES and parameter.is_floating_point()
-                                     for parameter in parameters)
+    fused = bool(parameters) and all(
+        parameter.device.type in FUSED_DEVICES and parameter.is_floating_point() for parameter in parameters
+    )
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 

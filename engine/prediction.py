@@ -1,4 +1,5 @@
 """Detect objects in image files, write the detections as JSON and each image with its boxes drawn."""
+
 from __future__ import annotations
 
 import json
@@ -29,14 +30,26 @@ def load_image(path: str | Path) -> Image.Image:
 def prepare(image: Image.Image, transforms: Compose) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``image`` through the evaluation ``transforms``, with the target fields the evaluation reads."""
     size = torch.tensor([image.height, image.width], dtype=torch.int64)
-    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64), "orig_size": size,
-              "size": size.clone()}
+    target = {
+        "boxes": torch.zeros(0, 4),
+        "labels": torch.zeros(0, dtype=torch.int64),
+        "orig_size": size,
+        "size": size.clone(),
+    }
     return transforms(image, target)
 
 
-def predict_files(model: nn.Module, postprocess: nn.Module, paths: Sequence[str | Path], transforms: Compose,
-                  device: torch.device, out_dir: str | Path, names: Mapping[int, str] | None = None,
-                  threshold: float = 0.5, amp: str = "none") -> list[dict]:
+def predict_files(
+    model: nn.Module,
+    postprocess: nn.Module,
+    paths: Sequence[str | Path],
+    transforms: Compose,
+    device: torch.device,
+    out_dir: str | Path,
+    names: Mapping[int, str] | None = None,
+    threshold: float = 0.5,
+    amp: str = "none",
+) -> list[dict]:
     """Detect in every image of ``paths`` (one at a time), keep detections scoring at least ``threshold``, and
     write ``out_dir/predictions.json`` and ``out_dir/<name>.png`` per image with the boxes drawn.
 
@@ -52,13 +65,18 @@ def predict_files(model: nn.Module, postprocess: nn.Module, paths: Sequence[str 
         found = detect(model, postprocess, batch, amp)[0]
         keep = found["scores"] >= threshold
         boxes, labels, scores = found["boxes"][keep], found["labels"][keep], found["scores"][keep]
-        detections = [{"label": int(label), "name": class_name(names, int(label)), "score": round(float(score), 4),
-                       "box": [round(float(value), 2) for value in box]}
-                      for box, label, score in zip(boxes, labels, scores)]
+        detections = [
+            {
+                "label": int(label),
+                "name": class_name(names, int(label)),
+                "score": round(float(score), 4),
+                "box": [round(float(value), 2) for value in box],
+            }
+            for box, label, score in zip(boxes, labels, scores)
+        ]
         results.append({"file": str(path), "detections": detections})
         drawn = draw_detections(image, boxes.tolist(), labels.tolist(), scores.tolist(), names)
         drawn.save(out_dir / f"{index:03d}_{Path(path).stem}.png")
     with open(out_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
     return results
-

@@ -1,4 +1,5 @@
 """One training epoch: forward (optionally under autocast), set criterion, backward, clipping, AdamW step."""
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,19 @@ def to_float32(outputs: Any) -> Any:
     return outputs
 
 
-def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, *, clip_max_norm: float = 0.0, amp: str = "none",
-                    scaler: torch.amp.GradScaler | None = None, print_every: int = 10) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    *,
+    clip_max_norm: float = 0.0,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    print_every: int = 10,
+) -> dict[str, float]:
     """Train ``model`` on every batch of ``loader`` once.
 
     Returns the epoch's averages over this process's batches, then over processes: ``loss`` (the weighted
@@ -57,8 +68,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: DataLoader, 
     criterion.train()
     dtype = autocast_dtype(amp)
     scaler = scaler if scaler is not None else build_grad_scaler("none", device)
-    progress = Progress(len(loader), header=f"epoch {epoch}", every=print_every, enabled=is_main_process(),
-                        shown=SHOWN)
+    progress = Progress(len(loader), header=f"epoch {epoch}", every=print_every, enabled=is_main_process(), shown=SHOWN)
     for iteration, batch in enumerate(loader):
         batch: Batch = batch.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -68,8 +78,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: DataLoader, 
         total = all_reduce_mean(loss.detach().reshape(1)).item()
         if not math.isfinite(total):
             shown = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items() if name in SHOWN)
-            raise NonFiniteLossError(f"epoch {epoch}, iteration {iteration}: the loss is {total} ({shown}); "
-                                     "training stopped before the optimizer step")
+            raise NonFiniteLossError(
+                f"epoch {epoch}, iteration {iteration}: the loss is {total} ({shown}); "
+                "training stopped before the optimizer step"
+            )
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if clip_max_norm > 0:
@@ -77,8 +89,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, loader: DataLoader, 
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
         scaler.step(optimizer)
         scaler.update()
-        progress.step(loss=loss.item(), **{name: value.item() for name, value in losses.items()},
-                      lr=optimizer.param_groups[0]["lr"])
+        progress.step(
+            loss=loss.item(),
+            **{name: value.item() for name, value in losses.items()},
+            lr=optimizer.param_groups[0]["lr"],
+        )
     progress.close()
     averages = {name: value for name, value in progress.averages().items() if name != "lr"}
     return _mean_over_processes(averages, device)

@@ -1,4 +1,5 @@
 """The Deformable DETR detector: ``model, criterion, postprocessors = build_model(cfg)``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,13 @@ def build_model(cfg: Config) -> tuple[DeformableDETR, SetCriterion, dict[str, nn
     """The detector described by ``cfg`` (see ``util.config.Config``), its criterion, and its post-processors
     (``{"bbox": PostProcess}``)."""
     model = DeformableDETR(
-        backbone=build_backbone(cfg), transformer=build_deformable_transformer(cfg), num_classes=cfg.num_classes,
-        num_queries=cfg.num_queries, num_feature_levels=cfg.num_feature_levels, aux_loss=cfg.aux_loss)
+        backbone=build_backbone(cfg),
+        transformer=build_deformable_transformer(cfg),
+        num_classes=cfg.num_classes,
+        num_queries=cfg.num_queries,
+        num_feature_levels=cfg.num_feature_levels,
+        aux_loss=cfg.aux_loss,
+    )
     return model, build_criterion(cfg), {"bbox": PostProcess()}
 
 

@@ -3,6 +3,7 @@
 Module names follow the original checkpoints: the detector's ``backbone`` is a :class:`Joiner` whose ``0`` is a
 :class:`Backbone` (``backbone.0.body.layer1...``) and whose ``1`` is the position encoding.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -93,8 +94,9 @@ class Joiner(nn.Sequential):
     def position_encoding(self) -> PositionEmbeddingSine:
         return self[1]
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def forward(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """-> per level: features (B, C_l, H_l, W_l), masks (B, H_l, W_l) bool, positions (B, hidden_dim, H_l, W_l)."""
         levels = self[0](images, padding_mask)
         features = [feature for feature, _ in levels]
@@ -108,15 +110,19 @@ def resize_mask(padding_mask: torch.Tensor, size: tuple[int, int] | torch.Size) 
     return F.interpolate(padding_mask[None].float(), size=tuple(size)).to(torch.bool)[0]
 
 
-def _load_resnet(name: str, dilation: bool, pretrained: bool | str, from_scratch: bool = False
-                 ) -> torchvision.models.ResNet:
+def _load_resnet(
+    name: str, dilation: bool, pretrained: bool | str, from_scratch: bool = False
+) -> torchvision.models.ResNet:
     """A torchvision ResNet with FrozenBatchNorm2d (BatchNorm2d ``from_scratch``), random or with ImageNet weights
     (downloaded or a local file)."""
     if dilation and name in ("resnet18", "resnet34"):
         raise ValueError(f"dilation (DC5) needs a bottleneck ResNet (resnet50, resnet101), got {name!r}")
     builder = getattr(torchvision.models, name)
-    resnet = builder(weights=None, replace_stride_with_dilation=[False, False, dilation],
-                     norm_layer=nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d)
+    resnet = builder(
+        weights=None,
+        replace_stride_with_dilation=[False, False, dilation],
+        norm_layer=nn.BatchNorm2d if from_scratch else FrozenBatchNorm2d,
+    )
     if pretrained is True:
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1  # the weights the original trained from
         try:
@@ -126,7 +132,8 @@ def _load_resnet(name: str, dilation: bool, pretrained: bool | str, from_scratch
                 f"pretrained_backbone=true could not download the ImageNet weights of {name} ({error}). "
                 f"Offline, set pretrained_backbone to a local file of torchvision's {name} weights "
                 f"(pretrained_backbone=/path/to/{name}.pth), or pretrained_backbone=false to start from random "
-                f"weights.") from error
+                f"weights."
+            ) from error
         resnet.load_state_dict(state_dict)
     elif isinstance(pretrained, str):
         path = Path(pretrained)
@@ -137,8 +144,10 @@ def _load_resnet(name: str, dilation: bool, pretrained: bool | str, from_scratch
         missing, unexpected = resnet.load_state_dict(state_dict, strict=False)
         missing = [key for key in missing if not key.startswith("fc.")]  # the classifier is not used
         if missing or unexpected:
-            raise ValueError(f"pretrained_backbone={pretrained!r} is not a torchvision {name} state dict: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"pretrained_backbone={pretrained!r} is not a torchvision {name} state dict: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     return resnet
 
 
@@ -156,14 +165,16 @@ def _timm_backbone(cfg: Config) -> Backbone:
     if isinstance(pretrained, str) and not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained_backbone={pretrained!r}: no such file")
     try:
-        model = timm.create_model(cfg.backbone, pretrained=pretrained is not False, features_only=True,
-                                  pretrained_cfg_overlay=overlay)
+        model = timm.create_model(
+            cfg.backbone, pretrained=pretrained is not False, features_only=True, pretrained_cfg_overlay=overlay
+        )
     except (OSError, RuntimeError) as error:
         if pretrained is not True:
             raise
         raise RuntimeError(
             f"pretrained_backbone=true could not download the weights of timm's {cfg.backbone} ({error}). Offline, "
-            f"set pretrained_backbone to a local weights file, or pretrained_backbone=false.") from error
+            f"set pretrained_backbone to a local weights file, or pretrained_backbone=false."
+        ) from error
     if not cfg.backbone_from_scratch:
         model = timm.layers.freeze_batch_norm_2d(model)
     reductions, channels = model.feature_info.reduction(), model.feature_info.channels()
@@ -186,8 +197,10 @@ def build_backbone(cfg: Config) -> Joiner:
     :func:`_timm_backbone`).
     """
     if cfg.backbone_from_scratch and cfg.pretrained_backbone is not False:
-        raise ValueError("backbone_from_scratch=true trains the backbone's normalisation and stem from random "
-                         f"weights: it needs pretrained_backbone=false, got {cfg.pretrained_backbone!r}")
+        raise ValueError(
+            "backbone_from_scratch=true trains the backbone's normalisation and stem from random "
+            f"weights: it needs pretrained_backbone=false, got {cfg.pretrained_backbone!r}"
+        )
     if cfg.backbone not in RESNETS:
         return Joiner(backbone=_timm_backbone(cfg), position_encoding=build_position_encoding(cfg))
     resnet = _load_resnet(cfg.backbone, cfg.dilation, cfg.pretrained_backbone, cfg.backbone_from_scratch)

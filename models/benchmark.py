@@ -7,6 +7,7 @@ Prints a Markdown table per device: batch size, dtype, median forward millisecon
 row). CPU rows run batch 1 in float32; CUDA rows batch 1 and 4 in float32 and bfloat16 (autocast).
 The original reports 15.0 to 19.4 images/s for these variants on a V100.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ from util.config import load_config
 HEIGHT, WIDTH = 800, 1333
 
 
-def measure(variant: str, device_type: str, batch: int, dtype: torch.dtype, repeats: int, warmup: int
-            ) -> tuple[float, float]:
+def measure(
+    variant: str, device_type: str, batch: int, dtype: torch.dtype, repeats: int, warmup: int
+) -> tuple[float, float]:
     """-> (median forward ms, peak memory MiB) of one variant, batch and dtype."""
     torch.manual_seed(0)
     cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
@@ -56,8 +58,11 @@ def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> l
         lines.append(f"\n{device_type}: {describe_machine(torch.device(device_type))}, input {HEIGHT}x{WIDTH}")
         lines.append("| variant | batch | dtype | forward ms | images/s | peak memory MiB |")
         lines.append("|---|---:|---|---:|---:|---:|")
-        rows = [(1, torch.float32)] if device_type == "cpu" else [
-            (batch, dtype) for batch in (1, 4) for dtype in (torch.float32, torch.bfloat16)]
+        rows = (
+            [(1, torch.float32)]
+            if device_type == "cpu"
+            else [(batch, dtype) for batch in (1, 4) for dtype in (torch.float32, torch.bfloat16)]
+        )
         for variant in variants:
             for batch, dtype in rows:
                 arguments = (variant, device_type, batch, dtype, repeats, warmup)
@@ -66,16 +71,19 @@ def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> l
                         milliseconds, memory = pool.apply(_measure_in_child, (arguments + (torch.get_num_threads(),),))
                 else:
                     milliseconds, memory = measure(*arguments)
-                row = (f"| {variant} | {batch} | {str(dtype).replace('torch.', '')} | {milliseconds:.0f} | "
-                       f"{batch * 1e3 / milliseconds:.2f} | {memory:.0f} |")
+                row = (
+                    f"| {variant} | {batch} | {str(dtype).replace('torch.', '')} | {milliseconds:.0f} | "
+                    f"{batch * 1e3 / milliseconds:.2f} | {memory:.0f} |"
+                )
                 lines.append(row)
                 print(row, flush=True)
     return lines
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m models.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m models.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", nargs="+", choices=list(PUBLISHED_CONFIGS), default=list(PUBLISHED_CONFIGS))
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)

@@ -3,6 +3,7 @@
 Computed as the original computes it (normalisations, the cardinality quirk, the two-stage class-agnostic
 encoder loss), so that its recipes and loss curves transfer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,9 @@ class SetCriterion(nn.Module):
         focal_alpha: alpha of the sigmoid focal loss (gamma 2).
     """
 
-    def __init__(self, *, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
-                 focal_alpha: float = 0.25) -> None:
+    def __init__(
+        self, *, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float], focal_alpha: float = 0.25
+    ) -> None:
         super().__init__()
         self.num_classes, self.matcher, self.focal_alpha = num_classes, matcher, focal_alpha
         self.weight_dict = weight_dict
@@ -41,8 +43,10 @@ class SetCriterion(nn.Module):
         for index, target in enumerate(targets):
             labels = target["labels"]
             if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"targets[{index}]['labels'] must lie in [0, num_classes={self.num_classes}), "
-                                 f"got values from {int(labels.min())} to {int(labels.max())}")
+                raise ValueError(
+                    f"targets[{index}]['labels'] must lie in [0, num_classes={self.num_classes}), "
+                    f"got values from {int(labels.min())} to {int(labels.max())}"
+                )
         num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
         losses = self._losses(outputs, targets, num_boxes, suffix="", log=True)
         for index, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
@@ -57,16 +61,20 @@ class SetCriterion(nn.Module):
         """sum(weight_dict[k] * losses[k]) over the weighted losses."""
         return sum(losses[name] * weight for name, weight in self.weight_dict.items() if name in losses)
 
-    def _losses(self, outputs: dict, targets: list[dict], num_boxes: float, suffix: str, log: bool
-                ) -> dict[str, torch.Tensor]:
+    def _losses(
+        self, outputs: dict, targets: list[dict], num_boxes: float, suffix: str, log: bool
+    ) -> dict[str, torch.Tensor]:
         indices = self.matcher(outputs, targets)
-        losses = {**self.loss_labels(outputs, targets, indices, num_boxes, log),
-                  **self.loss_cardinality(outputs, targets),
-                  **self.loss_boxes(outputs, targets, indices, num_boxes)}
+        losses = {
+            **self.loss_labels(outputs, targets, indices, num_boxes, log),
+            **self.loss_cardinality(outputs, targets),
+            **self.loss_boxes(outputs, targets, indices, num_boxes),
+        }
         return {name + suffix: value for name, value in losses.items()}
 
-    def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, log: bool
-                    ) -> dict[str, torch.Tensor]:
+    def loss_labels(
+        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float, log: bool
+    ) -> dict[str, torch.Tensor]:
         """Sigmoid focal loss over all queries and classes, matched queries' targets one-hot, others all zero."""
         logits = outputs["pred_logits"]
         batch_index, query_index = _matched_queries(indices)
@@ -89,15 +97,17 @@ class SetCriterion(nn.Module):
         predicted_counts = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
         return {"cardinality_error": F.l1_loss(predicted_counts.float(), target_counts.float())}
 
-    def loss_boxes(self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
-                   ) -> dict[str, torch.Tensor]:
+    def loss_boxes(
+        self, outputs: dict, targets: list[dict], indices: Indices, num_boxes: float
+    ) -> dict[str, torch.Tensor]:
         """L1 and 1 - GIoU of the matched boxes, each summed and divided by num_boxes."""
         batch_index, query_index = _matched_queries(indices)
         pred_boxes = outputs["pred_boxes"][batch_index, query_index]
         target_boxes = torch.cat([target["boxes"][columns] for target, (_, columns) in zip(targets, indices)])
         loss_bbox = F.l1_loss(pred_boxes, target_boxes, reduction="none").sum() / num_boxes
-        giou = generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
-                                   box_convert(target_boxes, "cxcywh", "xyxy"))
+        giou = generalized_box_iou(
+            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")
+        )
         loss_giou = (1 - torch.diag(giou)).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
@@ -138,5 +148,9 @@ def build_weight_dict(cfg: Config) -> dict[str, float]:
 
 
 def build_criterion(cfg: Config) -> SetCriterion:
-    return SetCriterion(num_classes=cfg.num_classes, matcher=build_matcher(cfg), weight_dict=build_weight_dict(cfg),
-                        focal_alpha=cfg.focal_alpha)
+    return SetCriterion(
+        num_classes=cfg.num_classes,
+        matcher=build_matcher(cfg),
+        weight_dict=build_weight_dict(cfg),
+        focal_alpha=cfg.focal_alpha,
+    )

@@ -1,5 +1,6 @@
 """The Deformable DETR decoder: query self-attention, deformable cross-attention to the encoder memory, feed-forward;
 optionally refining each query's box layer by layer (iterative bounding-box refinement)."""
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,16 @@ class DeformableDecoderLayer(nn.Module):
     checkpoints'; ``self_attn`` is an ``nn.MultiheadAttention`` (``in_proj_weight``, ``out_proj``).
     """
 
-    def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4, attention_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        d_model: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        attention_backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=attention_backend)
         self.dropout1 = nn.Dropout(dropout)
@@ -39,18 +48,32 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: torch.Tensor, query_pos: torch.Tensor, reference_points: torch.Tensor,
-                memory: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                memory_padding_mask: torch.Tensor | None, return_sampling: bool = False
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        query_pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
+        return_sampling: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2 or 4) on the padded levels; memory (N, S, C)
         -> (N, Q, C) and, with ``return_sampling``, {"sampling_locations": (N, Q, M, L, P, 2),
         "attention_weights": (N, Q, M, L, P)}."""
         query = key = with_position(tgt, query_pos)
         attended = self.self_attn(query, key, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
-        attended = self.cross_attn(with_position(tgt, query_pos), reference_points, memory, spatial_shapes,
-                                   level_start_index, memory_padding_mask, return_sampling=return_sampling)
+        attended = self.cross_attn(
+            with_position(tgt, query_pos),
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            memory_padding_mask,
+            return_sampling=return_sampling,
+        )
         sampling = None
         if return_sampling:
             attended, locations, weights = attended
@@ -77,10 +100,18 @@ class DeformableDecoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed: nn.ModuleList | None = None
 
-    def forward(self, tgt: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor,
-                spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, valid_ratios: torch.Tensor,
-                query_pos: torch.Tensor, memory_padding_mask: torch.Tensor | None, return_sampling: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        reference_points: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory_padding_mask: torch.Tensor | None,
+        return_sampling: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Decode the queries.
 
         Args:
@@ -105,8 +136,16 @@ class DeformableDecoder(nn.Module):
                 reference_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 reference_input = reference_points[:, :, None] * valid_ratios[:, None]
-            output, sampling = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
-                                     memory_padding_mask, return_sampling)
+            output, sampling = layer(
+                output,
+                query_pos,
+                reference_input,
+                memory,
+                spatial_shapes,
+                level_start_index,
+                memory_padding_mask,
+                return_sampling,
+            )
             if return_sampling:
                 layers_sampling.append({**sampling, "reference_points": reference_input})
             if self.with_box_refine:

@@ -1,7 +1,9 @@
 """The Deformable DETR detector: backbone, input projections, deformable transformer, class and box heads."""
+
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -21,7 +23,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index, layer in enumerate(self.layers):
@@ -47,14 +49,24 @@ class DeformableDETR(nn.Module):
     Two-stage adds one more head pair, which scores the encoder's proposals.
     """
 
-    def __init__(self, *, backbone: Joiner, transformer: DeformableTransformer, num_classes: int,
-                 num_queries: int = 300, num_feature_levels: int = 4, aux_loss: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        backbone: Joiner,
+        transformer: DeformableTransformer,
+        num_classes: int,
+        num_queries: int = 300,
+        num_feature_levels: int = 4,
+        aux_loss: bool = True,
+    ) -> None:
         super().__init__()
         hidden_dim = transformer.d_model
         with_box_refine, two_stage = transformer.decoder.with_box_refine, transformer.two_stage
         if num_feature_levels != transformer.level_embed.shape[0]:
-            raise ValueError(f"num_feature_levels ({num_feature_levels}) must equal the transformer's levels "
-                             f"({transformer.level_embed.shape[0]})")
+            raise ValueError(
+                f"num_feature_levels ({num_feature_levels}) must equal the transformer's levels "
+                f"({transformer.level_embed.shape[0]})"
+            )
         self.backbone, self.transformer = backbone, transformer
         self.num_queries, self.num_feature_levels = num_queries, num_feature_levels
         self.aux_loss, self.with_box_refine, self.two_stage = aux_loss, with_box_refine, two_stage
@@ -83,20 +95,29 @@ class DeformableDETR(nn.Module):
     @staticmethod
     def _input_projections(backbone_channels: list[int], hidden_dim: int, num_feature_levels: int) -> nn.ModuleList:
         """1x1 convolution + GroupNorm per backbone level, then stride-2 3x3 convolutions for the extra levels."""
-        projections = [nn.Sequential(nn.Conv2d(channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
-                       for channels in backbone_channels]
+        projections = [
+            nn.Sequential(nn.Conv2d(channels, hidden_dim, kernel_size=1), nn.GroupNorm(32, hidden_dim))
+            for channels in backbone_channels
+        ]
         in_channels = backbone_channels[-1]
         for _ in range(num_feature_levels - len(backbone_channels)):
-            projections.append(nn.Sequential(nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1),
-                                             nn.GroupNorm(32, hidden_dim)))
+            projections.append(
+                nn.Sequential(
+                    nn.Conv2d(in_channels, hidden_dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, hidden_dim)
+                )
+            )
             in_channels = hidden_dim
         for projection in projections:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.zeros_(projection[0].bias)
         return nn.ModuleList(projections)
 
-    def forward(self, images: torch.Tensor | Sequence[torch.Tensor], padding_mask: torch.Tensor | None = None,
-                return_sampling: bool = False) -> dict:
+    def forward(
+        self,
+        images: torch.Tensor | Sequence[torch.Tensor],
+        padding_mask: torch.Tensor | None = None,
+        return_sampling: bool = False,
+    ) -> dict:
         """Detect objects.
 
         Args:
@@ -120,27 +141,40 @@ class DeformableDETR(nn.Module):
         if padding_mask is None:
             padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
         elif padding_mask.shape != (images.shape[0], *images.shape[-2:]):
-            raise ValueError(f"padding_mask must be (B, H, W) = {(images.shape[0], *images.shape[-2:])}, "
-                             f"got {tuple(padding_mask.shape)}")
+            raise ValueError(
+                f"padding_mask must be (B, H, W) = {(images.shape[0], *images.shape[-2:])}, "
+                f"got {tuple(padding_mask.shape)}"
+            )
         srcs, masks, positions = self._levels(images, padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
         transformed = self.transformer(srcs, masks, positions, query_embed, return_sampling=return_sampling)
         outputs_class, outputs_coord = self._predictions(transformed)
         outputs = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
-            outputs["aux_outputs"] = [{"pred_logits": logits, "pred_boxes": boxes}
-                                      for logits, boxes in zip(outputs_class[:-1], outputs_coord[:-1])]
+            outputs["aux_outputs"] = [
+                {"pred_logits": logits, "pred_boxes": boxes}
+                for logits, boxes in zip(outputs_class[:-1], outputs_coord[:-1])
+            ]
         if self.two_stage:
-            outputs["enc_outputs"] = {"pred_logits": transformed["enc_outputs_class"],
-                                      "pred_boxes": transformed["enc_outputs_coord_unact"].sigmoid()}
+            outputs["enc_outputs"] = {
+                "pred_logits": transformed["enc_outputs_class"],
+                "pred_boxes": transformed["enc_outputs_coord_unact"].sigmoid(),
+            }
         if return_sampling:
-            for key in ("spatial_shapes", "level_start_index", "valid_ratios", "encoder_reference_points",
-                        "encoder_sampling", "decoder_sampling"):
+            for key in (
+                "spatial_shapes",
+                "level_start_index",
+                "valid_ratios",
+                "encoder_reference_points",
+                "encoder_sampling",
+                "decoder_sampling",
+            ):
                 outputs[key] = transformed[key]
         return outputs
 
-    def _levels(self, images: torch.Tensor, padding_mask: torch.Tensor
-                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    def _levels(
+        self, images: torch.Tensor, padding_mask: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """-> per level: projected features (B, C, H_l, W_l), masks (B, H_l, W_l), position encodings."""
         features, masks, positions = self.backbone(images, padding_mask)
         srcs = [projection(feature) for projection, feature in zip(self.input_proj, features)]

@@ -1,4 +1,5 @@
 """The Deformable DETR encoder: multi-scale deformable self-attention over all levels, then a feed-forward."""
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,16 @@ class DeformableEncoderLayer(nn.Module):
     Sub-module names (``self_attn``, ``norm1``, ``linear1``, ``linear2``, ``norm2``) are the original checkpoints'.
     """
 
-    def __init__(self, d_model: int = 256, dim_feedforward: int = 1024, dropout: float = 0.1, n_levels: int = 4,
-                 n_heads: int = 8, n_points: int = 4, attention_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        d_model: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+        attention_backend: str = "auto",
+    ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=attention_backend)
         self.dropout1 = nn.Dropout(dropout)
@@ -39,13 +48,27 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, padding_mask: torch.Tensor | None,
-                return_sampling: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        return_sampling: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """src, pos (N, S, C); reference_points (N, S, L, 2) in [0, 1] of each padded level -> (N, S, C) and,
         with ``return_sampling``, {"sampling_locations": (N, S, M, L, P, 2), "attention_weights": (N, S, M, L, P)}."""
-        attended = self.self_attn(with_position(src, pos), reference_points, src, spatial_shapes, level_start_index,
-                                  padding_mask, return_sampling=return_sampling)
+        attended = self.self_attn(
+            with_position(src, pos),
+            reference_points,
+            src,
+            spatial_shapes,
+            level_start_index,
+            padding_mask,
+            return_sampling=return_sampling,
+        )
         sampling = None
         if return_sampling:
             attended, locations, weights = attended
@@ -79,16 +102,24 @@ class DeformableEncoder(nn.Module):
             centre_y, centre_x = torch.meshgrid(
                 torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device),
                 torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                indexing="ij")
+                indexing="ij",
+            )
             ref_y = centre_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
             ref_x = centre_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
             per_level.append(torch.stack((ref_x, ref_y), -1))
         reference_points = torch.cat(per_level, 1)  # (N, S, 2) in [0, 1] of the unpadded image
         return reference_points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                valid_ratios: torch.Tensor, pos: torch.Tensor, padding_mask: torch.Tensor | None,
-                return_sampling: bool = False) -> tuple[torch.Tensor, dict]:
+    def forward(
+        self,
+        src: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        pos: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        return_sampling: bool = False,
+    ) -> tuple[torch.Tensor, dict]:
         """Encode the flattened levels.
 
         Args:
@@ -104,8 +135,9 @@ class DeformableEncoder(nn.Module):
         layers_sampling = []
         output = src
         for layer in self.layers:
-            output, sampling = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask,
-                                     return_sampling)
+            output, sampling = layer(
+                output, pos, reference_points, spatial_shapes, level_start_index, padding_mask, return_sampling
+            )
             layers_sampling.append(sampling)
         if not return_sampling:
             return output, {}

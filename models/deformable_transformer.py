@@ -1,5 +1,6 @@
 """The deformable transformer: flattens the levels, encodes them, picks the queries (learned, or the encoder's
 top-k proposals in the two-stage variant) and decodes them."""
+
 from __future__ import annotations
 
 import math
@@ -26,8 +27,16 @@ class DeformableTransformer(nn.Module):
         two_stage_num_proposals: queries in the two-stage variant (fewer when the maps have fewer pixels).
     """
 
-    def __init__(self, *, encoder: DeformableEncoder, decoder: DeformableDecoder, d_model: int = 256,
-                 num_feature_levels: int = 4, two_stage: bool = False, two_stage_num_proposals: int = 300) -> None:
+    def __init__(
+        self,
+        *,
+        encoder: DeformableEncoder,
+        decoder: DeformableDecoder,
+        d_model: int = 256,
+        num_feature_levels: int = 4,
+        two_stage: bool = False,
+        two_stage_num_proposals: int = 300,
+    ) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.d_model, self.two_stage, self.two_stage_num_proposals = d_model, two_stage, two_stage_num_proposals
@@ -52,8 +61,14 @@ class DeformableTransformer(nn.Module):
             nn.init.zeros_(self.reference_points.bias)
         nn.init.normal_(self.level_embed)
 
-    def forward(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor],
-                query_embed: torch.Tensor | None = None, return_sampling: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        srcs: list[torch.Tensor],
+        masks: list[torch.Tensor],
+        pos_embeds: list[torch.Tensor],
+        query_embed: torch.Tensor | None = None,
+        return_sampling: bool = False,
+    ) -> dict[str, torch.Tensor]:
         """Run encoder and decoder.
 
         Args:
@@ -75,8 +90,9 @@ class DeformableTransformer(nn.Module):
         areas = spatial_shapes.prod(1)
         level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
-        memory, encoder_sampling = self.encoder(src_flatten, spatial_shapes, level_start_index, valid_ratios,
-                                                pos_flatten, mask_flatten, return_sampling)
+        memory, encoder_sampling = self.encoder(
+            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten, return_sampling
+        )
         outputs: dict[str, torch.Tensor] = {}
         if self.two_stage:
             query_pos, tgt, reference_points = self.two_stage_queries(memory, mask_flatten, spatial_shapes, outputs)
@@ -88,31 +104,57 @@ class DeformableTransformer(nn.Module):
             tgt = tgt.unsqueeze(0).expand(memory.shape[0], -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
         hidden_states, inter_references, decoder_sampling = self.decoder(
-            tgt, reference_points, memory, spatial_shapes, level_start_index, valid_ratios, query_pos, mask_flatten,
-            return_sampling)
+            tgt,
+            reference_points,
+            memory,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            query_pos,
+            mask_flatten,
+            return_sampling,
+        )
         outputs.update(hidden_states=hidden_states, init_reference=reference_points, inter_references=inter_references)
         if return_sampling:
-            outputs.update(spatial_shapes=spatial_shapes, level_start_index=level_start_index,
-                           valid_ratios=valid_ratios, encoder_reference_points=encoder_sampling["reference_points"],
-                           encoder_sampling=encoder_sampling["layers"], decoder_sampling=decoder_sampling)
+            outputs.update(
+                spatial_shapes=spatial_shapes,
+                level_start_index=level_start_index,
+                valid_ratios=valid_ratios,
+                encoder_reference_points=encoder_sampling["reference_points"],
+                encoder_sampling=encoder_sampling["layers"],
+                decoder_sampling=decoder_sampling,
+            )
         return outputs
 
-    def flatten_levels(self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor]
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def flatten_levels(
+        self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-level maps -> src (N, S, C), mask (N, S), pos + level embedding (N, S, C), spatial_shapes (L, 2)."""
         if not len(srcs) == len(masks) == len(pos_embeds) == self.level_embed.shape[0]:
-            raise ValueError(f"srcs, masks and pos_embeds must each hold {self.level_embed.shape[0]} levels, "
-                             f"got {len(srcs)}, {len(masks)} and {len(pos_embeds)}")
+            raise ValueError(
+                f"srcs, masks and pos_embeds must each hold {self.level_embed.shape[0]} levels, "
+                f"got {len(srcs)}, {len(masks)} and {len(pos_embeds)}"
+            )
         shapes = [src.shape[-2:] for src in srcs]
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
-        pos_flatten = torch.cat([pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
-                                 for level, pos in enumerate(pos_embeds)], 1)
+        pos_flatten = torch.cat(
+            [
+                pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
+                for level, pos in enumerate(pos_embeds)
+            ],
+            1,
+        )
         return src_flatten, mask_flatten, pos_flatten, spatial_shapes
 
-    def two_stage_queries(self, memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_shapes: torch.Tensor,
-                          outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def two_stage_queries(
+        self,
+        memory: torch.Tensor,
+        mask_flatten: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        outputs: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score one proposal per encoder pixel, keep the top k as the decoder's queries and reference boxes.
 
         Puts ``enc_outputs_class`` (N, S, num_classes) and ``enc_outputs_coord_unact`` (N, S, 4) in ``outputs``
@@ -144,8 +186,9 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_width.float() / width, valid_height.float() / height], -1)
 
 
-def encoder_proposals(memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_shapes: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def encoder_proposals(
+    memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_shapes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One proposal per encoder pixel: its centre, and width and height 0.05 * 2 ** level of the unpadded image.
 
     Args:
@@ -159,16 +202,18 @@ def encoder_proposals(memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_
     proposals = []
     start = 0
     for level, (height, width) in enumerate(spatial_shapes.tolist()):
-        mask = mask_flatten[:, start:start + height * width].view(batch, height, width)
+        mask = mask_flatten[:, start : start + height * width].view(batch, height, width)
         valid_height = (~mask[:, :, 0]).sum(1)
         valid_width = (~mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
             torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-            torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device), indexing="ij")
+            torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+            indexing="ij",
+        )
         grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)
         scale = torch.stack([valid_width, valid_height], -1).view(batch, 1, 1, 2)
         centres = (grid.unsqueeze(0).expand(batch, -1, -1, -1) + 0.5) / scale
-        sizes = torch.full_like(centres, 0.05 * (2.0 ** level))
+        sizes = torch.full_like(centres, 0.05 * (2.0**level))
         proposals.append(torch.cat((centres, sizes), -1).view(batch, -1, 4))
         start += height * width
     proposals = torch.cat(proposals, 1)
@@ -181,12 +226,21 @@ def encoder_proposals(memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_
 
 
 def build_deformable_transformer(cfg: Config) -> DeformableTransformer:
-    layer_args = dict(d_model=cfg.hidden_dim, dim_feedforward=cfg.dim_feedforward, dropout=cfg.dropout,
-                      n_levels=cfg.num_feature_levels, n_heads=cfg.nheads, attention_backend=cfg.attention_backend)
+    layer_args = {
+        "d_model": cfg.hidden_dim,
+        "dim_feedforward": cfg.dim_feedforward,
+        "dropout": cfg.dropout,
+        "n_levels": cfg.num_feature_levels,
+        "n_heads": cfg.nheads,
+        "attention_backend": cfg.attention_backend,
+    }
     encoder_layer = DeformableEncoderLayer(**layer_args, n_points=cfg.enc_n_points)
     decoder_layer = DeformableDecoderLayer(**layer_args, n_points=cfg.dec_n_points)
     return DeformableTransformer(
         encoder=DeformableEncoder(encoder_layer, cfg.enc_layers),
         decoder=DeformableDecoder(decoder_layer, cfg.dec_layers, with_box_refine=cfg.with_box_refine),
-        d_model=cfg.hidden_dim, num_feature_levels=cfg.num_feature_levels, two_stage=cfg.two_stage,
-        two_stage_num_proposals=cfg.num_queries)
+        d_model=cfg.hidden_dim,
+        num_feature_levels=cfg.num_feature_levels,
+        two_stage=cfg.two_stage,
+        two_stage_num_proposals=cfg.num_queries,
+    )

@@ -1,5 +1,6 @@
 """What a Deformable DETR state dict is, read from its keys and shapes alone: for error messages that say which
 variant a checkpoint holds and which config builds it."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -45,7 +46,12 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     if class_bias is not None:
         parts.append(f"{int(class_bias.shape[0])} classes")
     description = ", ".join(parts)
-    published_sizes = (level_embed is not None and int(level_embed.shape[1]) == 256 and backbone == "ResNet-50"
-                       and class_bias is not None and int(class_bias.shape[0]) == 91)
+    published_sizes = (
+        level_embed is not None
+        and int(level_embed.shape[1]) == 256
+        and backbone == "ResNet-50"
+        and class_bias is not None
+        and int(class_bias.shape[0]) == 91
+    )
     config = _CONFIGS.get((two_stage, refine, levels == 1)) if published_sizes else None
     return f"{description}: the published variant of {config}" if config else description

@@ -1,4 +1,5 @@
 """Hungarian matching of predictions to targets: focal class cost, L1 box cost, generalised IoU cost."""
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,14 @@ class HungarianMatcher(nn.Module):
         focal_alpha, focal_gamma: of the focal class cost.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_bbox: float = 5.0, cost_giou: float = 2.0,
-                 focal_alpha: float = 0.25, focal_gamma: float = 2.0) -> None:
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("at least one of cost_class, cost_bbox, cost_giou must be non-zero")
@@ -26,8 +33,9 @@ class HungarianMatcher(nn.Module):
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
 
     @torch.no_grad()
-    def forward(self, outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]
-                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def forward(
+        self, outputs: dict[str, torch.Tensor], targets: list[dict[str, torch.Tensor]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Match each image's queries to its targets.
 
         Args:
@@ -43,20 +51,27 @@ class HungarianMatcher(nn.Module):
         target_labels = torch.cat([target["labels"] for target in targets])
         target_boxes = torch.cat([target["boxes"] for target in targets]).float()
         alpha, gamma = self.focal_alpha, self.focal_gamma
-        negative = (1 - alpha) * probabilities ** gamma * -(1 - probabilities + 1e-8).log()
+        negative = (1 - alpha) * probabilities**gamma * -(1 - probabilities + 1e-8).log()
         positive = alpha * (1 - probabilities) ** gamma * -(probabilities + 1e-8).log()
         cost_class = positive[:, target_labels] - negative[:, target_labels]
         cost_bbox = torch.cdist(pred_boxes, target_boxes, p=1)
-        cost_giou = -generalized_box_iou(box_convert(pred_boxes, "cxcywh", "xyxy"),
-                                         box_convert(target_boxes, "cxcywh", "xyxy"))
+        cost_giou = -generalized_box_iou(
+            box_convert(pred_boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy")
+        )
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         cost = cost.view(batch, queries, -1).cpu()
         sizes = [len(target["boxes"]) for target in targets]
         indices = [linear_sum_assignment(image_cost[image]) for image, image_cost in enumerate(cost.split(sizes, -1))]
-        return [(torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(columns, dtype=torch.int64))
-                for rows, columns in indices]
+        return [
+            (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(columns, dtype=torch.int64))
+            for rows, columns in indices
+        ]
 
 
 def build_matcher(cfg: Config) -> HungarianMatcher:
-    return HungarianMatcher(cost_class=cfg.set_cost_class, cost_bbox=cfg.set_cost_bbox, cost_giou=cfg.set_cost_giou,
-                            focal_alpha=cfg.focal_alpha)
+    return HungarianMatcher(
+        cost_class=cfg.set_cost_class,
+        cost_bbox=cfg.set_cost_bbox,
+        cost_giou=cfg.set_cost_giou,
+        focal_alpha=cfg.focal_alpha,
+    )

@@ -1,4 +1,5 @@
 """Sine position encoding of feature-map pixels, normalised to each image's unpadded extent."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Turn the detector's outputs into scored, labelled boxes in image pixels."""
+
 from __future__ import annotations
 
 import torch
@@ -41,5 +42,7 @@ class PostProcess(nn.Module):
         height, width = target_sizes.unbind(1)
         scale = torch.stack([width, height, width, height], 1).to(boxes.dtype)
         boxes = boxes * scale[:, None, :]
-        return [{"scores": image_scores, "labels": image_labels, "boxes": image_boxes}
-                for image_scores, image_labels, image_boxes in zip(scores, labels, boxes)]
+        return [
+            {"scores": image_scores, "labels": image_labels, "boxes": image_boxes}
+            for image_scores, image_labels, image_boxes in zip(scores, labels, boxes)
+        ]

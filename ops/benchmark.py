@@ -7,6 +7,7 @@ Prints a Markdown table: median milliseconds of forward and of forward+backward 
 bandwidth against the memory floor (value, sampling locations and attention weights read once, output written
 once, at the device-to-device copy bandwidth measured here). M=8 heads, D=32 channels, P=4 points.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,12 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
     levels = len(case.level_shapes)
     value = torch.randn(case.batch, positions, HEADS, CHANNELS, generator=generator)
     if case.queries is None:  # encoder: each query's reference is the centre of its own pixel
-        centres = [torch.stack(torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h,
-                                              indexing="xy"), -1).reshape(-1, 2) for h, w in case.level_shapes]
+        centres = [
+            torch.stack(
+                torch.meshgrid((torch.arange(w) + 0.5) / w, (torch.arange(h) + 0.5) / h, indexing="xy"), -1
+            ).reshape(-1, 2)
+            for h, w in case.level_shapes
+        ]
         reference = torch.cat(centres)[None, :, None, None, None, :].expand(case.batch, -1, 1, 1, 1, 2)
     else:  # decoder: queries anywhere in the image
         reference = torch.rand(case.batch, queries, 1, 1, 1, 2, generator=generator)
@@ -105,8 +110,10 @@ def time_backend(backend: str, inputs: dict[str, torch.Tensor], repeats: int, wa
     """Median ms of (forward, forward + backward)."""
     device = inputs["value"].device
     leaves = {name: tensor.detach().requires_grad_(tensor.is_floating_point()) for name, tensor in inputs.items()}
-    args = [leaves[name] for name in ("value", "spatial_shapes", "level_start_index", "sampling_locations",
-                                      "attention_weights")]
+    args = [
+        leaves[name]
+        for name in ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+    ]
     grad = None
 
     def forward() -> torch.Tensor:
@@ -126,8 +133,7 @@ def time_backend(backend: str, inputs: dict[str, torch.Tensor], repeats: int, wa
 def describe_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def run(cases: list[str], backends: list[str] | None, repeats: int, warmup: int) -> list[str]:
@@ -144,8 +150,10 @@ def run(cases: list[str], backends: list[str] | None, repeats: int, warmup: int)
         lines.append(f"\n{device_type}: {describe_machine(device)}")
         if bandwidth:
             lines.append(f"measured device-to-device copy bandwidth: {bandwidth / 1e9:.0f} GB/s")
-        lines.append("| case | dtype | backend | forward ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up |"
-                     + (" fwd GB/s | fwd time/floor |" if bandwidth else ""))
+        lines.append(
+            "| case | dtype | backend | forward ms | fwd+bwd ms | fwd speed-up | fwd+bwd speed-up |"
+            + (" fwd GB/s | fwd time/floor |" if bandwidth else "")
+        )
         lines.append("|---|---|---|---:|---:|---:|---:|" + ("---:|---:|" if bandwidth else ""))
         for case_name in cases:
             for dtype in dtypes:
@@ -153,9 +161,11 @@ def run(cases: list[str], backends: list[str] | None, repeats: int, warmup: int)
                 timings = {b: time_backend(b, inputs, repeats, warmup) for b in device_backends}
                 base = timings.get("pytorch")
                 for backend, (forward_ms, both_ms) in timings.items():
-                    row = (f"| {case_name} | {str(dtype).replace('torch.', '')} | {backend} | {forward_ms:.2f} | "
-                           f"{both_ms:.2f} | "
-                           + (f"{base[0] / forward_ms:.1f}x | {base[1] / both_ms:.1f}x |" if base else "- | - |"))
+                    row = (
+                        f"| {case_name} | {str(dtype).replace('torch.', '')} | {backend} | {forward_ms:.2f} | "
+                        f"{both_ms:.2f} | "
+                        + (f"{base[0] / forward_ms:.1f}x | {base[1] / both_ms:.1f}x |" if base else "- | - |")
+                    )
                     if bandwidth:
                         achieved = floor_bytes(inputs) / (forward_ms / 1e3)
                         floor_ms = floor_bytes(inputs) / bandwidth * 1e3
@@ -166,8 +176,9 @@ def run(cases: list[str], backends: list[str] | None, repeats: int, warmup: int)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ops.benchmark", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--backends", nargs="+", choices=["pytorch", "cpu", "cuda"], default=None)
     parser.add_argument("--repeats", type=int, default=5)

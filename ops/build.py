@@ -8,6 +8,7 @@ without a GPU::
     python -m ops.build            # the CPU kernel, and the CUDA kernel where a GPU is visible
     python -m ops.build --cuda     # also compile the CUDA kernel without a GPU (TORCH_CUDA_ARCH_LIST or 8.0;9.0)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,9 @@ def load_cuda_kernel(verbose: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cuda", action="store_true", help="compile the CUDA kernel even without a GPU")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU kernel")
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")

@@ -4,6 +4,7 @@ The compiled kernels (``ops/csrc``) register CPU and CUDA implementations of the
 :mod:`ops.build` loads them. Defining the schemas here, in Python, makes the ops traceable by ``torch.compile``
 (through the fake implementations) whether or not a kernel is built.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,10 +14,12 @@ NAMESPACE = "deformable_detr"
 _library = torch.library.Library(NAMESPACE, "DEF")
 _library.define(
     "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-    "Tensor sampling_locations, Tensor attention_weights) -> Tensor")
+    "Tensor sampling_locations, Tensor attention_weights) -> Tensor"
+)
 _library.define(
     "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-    "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)")
+    "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
+)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ms_deform_attn_forward")
@@ -37,9 +40,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_locations, grad_weights = torch.ops.deformable_detr.ms_deform_attn_backward(
-        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
     return grad_value, None, None, grad_locations, grad_weights
 
 
-torch.library.register_autograd(
-    f"{NAMESPACE}::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(f"{NAMESPACE}::ms_deform_attn_forward", _backward, setup_context=_setup_context)

@@ -1,4 +1,5 @@
 """``ms_deform_attn``: one entry point over the CUDA, C++ CPU and pure-PyTorch implementations."""
+
 from __future__ import annotations
 
 import warnings
@@ -59,8 +60,10 @@ def _resolve_backend_traced(backend: str, device: torch.device) -> str:
         return "pytorch"
     if backend == "pytorch":
         return backend
-    raise RuntimeError(f"the {backend} kernel must be loaded before torch.compile traces ms_deform_attn: call it "
-                       "once eagerly or call ops.available_backends() first")
+    raise RuntimeError(
+        f"the {backend} kernel must be loaded before torch.compile traces ms_deform_attn: call it "
+        "once eagerly or call ops.available_backends() first"
+    )
 
 
 def available_backends() -> list[str]:
@@ -95,8 +98,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         except KernelBuildError as error:
             if kind not in _warned_fallback:
                 _warned_fallback.add(kind)
-                warnings.warn(f"{error}\nms_deform_attn falls back to the pytorch backend on {kind}.",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{error}\nms_deform_attn falls back to the pytorch backend on {kind}.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             return "pytorch"
     if device.type != backend:
         raise ValueError(f"backend {backend!r} runs on {backend} tensors but value is on {device}")
@@ -139,19 +145,38 @@ def ms_deform_attn(
     eager call (or ``ops.available_backends()``) must load it first, else "auto" traces the pytorch backend.
     """
     device_type = value.device.type if isinstance(value, torch.Tensor) else "cpu"
-    if (_autocast_enabled(device_type) and isinstance(sampling_locations, torch.Tensor)
-            and isinstance(attention_weights, torch.Tensor) and isinstance(value, torch.Tensor)):
-        common = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
-                                     attention_weights.dtype)
+    if (
+        _autocast_enabled(device_type)
+        and isinstance(sampling_locations, torch.Tensor)
+        and isinstance(attention_weights, torch.Tensor)
+        and isinstance(value, torch.Tensor)
+    ):
+        common = torch.promote_types(
+            torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
+        )
         value, sampling_locations, attention_weights = (
-            value.to(common), sampling_locations.to(common), attention_weights.to(common))
-    validate_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                    check_layout=not _is_compiling())
-    chosen = _resolve_backend_traced(backend, value.device) if _is_compiling() else resolve_backend(
-        backend, value.device)
+            value.to(common),
+            sampling_locations.to(common),
+            attention_weights.to(common),
+        )
+    validate_inputs(
+        value,
+        spatial_shapes,
+        level_start_index,
+        sampling_locations,
+        attention_weights,
+        check_layout=not _is_compiling(),
+    )
+    chosen = (
+        _resolve_backend_traced(backend, value.device) if _is_compiling() else resolve_backend(backend, value.device)
+    )
     if chosen == "pytorch":
         level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     return torch.ops.deformable_detr.ms_deform_attn_forward(
-        value.contiguous(), spatial_shapes.long().contiguous(), level_start_index.long().contiguous(),
-        sampling_locations.contiguous(), attention_weights.contiguous())
+        value.contiguous(),
+        spatial_shapes.long().contiguous(),
+        level_start_index.long().contiguous(),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+    )

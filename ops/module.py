@@ -1,4 +1,5 @@
 """``MSDeformAttn``: the multi-scale deformable attention module of Deformable DETR (Zhu et al., eq. 3)."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ class MSDeformAttn(nn.Module):
         backend: implementation of the sampling, see :func:`ops.ms_deform_attn`.
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, backend: str = "auto"
+    ) -> None:
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -87,13 +89,16 @@ class MSDeformAttn(nn.Module):
         positions = input_flatten.shape[1]
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
         if reference_points.dim() != 4 or reference_points.shape[:3] != (batch, queries, levels):
-            raise ValueError(f"reference_points must be (N, Lq, L, 2 or 4) = ({batch}, {queries}, {levels}, 2 or 4), "
-                             f"got {tuple(reference_points.shape)}")
+            raise ValueError(
+                f"reference_points must be (N, Lq, L, 2 or 4) = ({batch}, {queries}, {levels}, 2 or 4), "
+                f"got {tuple(reference_points.shape)}"
+            )
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             if input_padding_mask.shape != (batch, positions):
-                raise ValueError(f"input_padding_mask must be (N, S) = ({batch}, {positions}), "
-                                 f"got {tuple(input_padding_mask.shape)}")
+                raise ValueError(
+                    f"input_padding_mask must be (N, S) = ({batch}, {positions}), got {tuple(input_padding_mask.shape)}"
+                )
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(batch, positions, heads, self.d_model // heads)
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
@@ -108,8 +113,14 @@ class MSDeformAttn(nn.Module):
             sampling_locations = reference[..., :2] + offsets / points * reference[..., 2:] * 0.5
         else:
             raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {reference_points.shape[-1]}")
-        output = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, sampling_locations,
-                                attention_weights, backend=self.backend)
+        output = ms_deform_attn(
+            value,
+            input_spatial_shapes,
+            input_level_start_index,
+            sampling_locations,
+            attention_weights,
+            backend=self.backend,
+        )
         output = self.output_proj(output)
         if return_sampling:
             return output, sampling_locations, attention_weights

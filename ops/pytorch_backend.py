@@ -2,6 +2,7 @@
 
 Runs on any device and dtype that ``grid_sample`` supports and exports cleanly; the compiled kernels are faster.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 
 def ms_deform_attn_pytorch(
-    value: torch.Tensor, level_shapes: Sequence[tuple[int, int]], sampling_locations: torch.Tensor,
+    value: torch.Tensor,
+    level_shapes: Sequence[tuple[int, int]],
+    sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Sample every level with ``grid_sample`` and sum with the attention weights.
@@ -36,8 +39,9 @@ def ms_deform_attn_pytorch(
         level_value = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels, height, width)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # (N*M, D, Lq, P)
+        sampled.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (N*M, D, Lq, P)
     # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)

@@ -1,4 +1,5 @@
 """Tiny hand-written COCO-layout datasets for the datasets tests."""
+
 from __future__ import annotations
 
 import copy

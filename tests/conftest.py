@@ -1,4 +1,5 @@
 """Shared fixtures: random multi-scale deformable attention problems, the original checkpoints' keys."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,15 @@ def reference() -> dict:
 
 
 def make_problem(
-    level_shapes: list[tuple[int, int]], batch: int, queries: int, heads: int, channels: int, points: int,
-    dtype: torch.dtype = torch.float64, device: str = "cpu", seed: int | None = None,
+    level_shapes: list[tuple[int, int]],
+    batch: int,
+    queries: int,
+    heads: int,
+    channels: int,
+    points: int,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+    seed: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Fresh random inputs with locations spread over [-0.25, 1.25] (a share outside the map) and some
     exactly on the borders 0 and 1."""
@@ -49,8 +57,10 @@ def make_problem(
 
 
 def op_args(problem: dict) -> tuple:
-    return tuple(problem[name] for name in ("value", "spatial_shapes", "level_start_index", "sampling_locations",
-                                            "attention_weights"))
+    return tuple(
+        problem[name]
+        for name in ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
+    )
 
 
 @pytest.fixture

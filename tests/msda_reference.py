@@ -1,25 +1,31 @@
 """An independent float64 multi-scale deformable attention for the tests: explicit bilinear corners and
 gathers, no ``grid_sample``, differentiable through autograd."""
+
 from __future__ import annotations
 
 import torch
 
 
 def reference_ms_deform_attn(
-    value: torch.Tensor, level_shapes: list[tuple[int, int]], sampling_locations: torch.Tensor,
+    value: torch.Tensor,
+    level_shapes: list[tuple[int, int]],
+    sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P)
     -> (N, Lq, M * D), computed in float64."""
     value, sampling_locations, attention_weights = (
-        value.double(), sampling_locations.double(), attention_weights.double())
+        value.double(),
+        sampling_locations.double(),
+        attention_weights.double(),
+    )
     assert sum(height * width for height, width in level_shapes) == value.shape[1]
     batch, _, heads, channels = value.shape
     queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
     output = value.new_zeros(batch, queries, heads, channels)
     start = 0
     for level, (height, width) in enumerate(level_shapes):
-        level_value = value[:, start:start + height * width].permute(0, 2, 1, 3)  # (N, M, HW, D)
+        level_value = value[:, start : start + height * width].permute(0, 2, 1, 3)  # (N, M, HW, D)
         start += height * width
         x = sampling_locations[:, :, :, level, :, 0] * width - 0.5  # (N, Lq, M, P) pixel column
         y = sampling_locations[:, :, :, level, :, 1] * height - 0.5

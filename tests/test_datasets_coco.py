@@ -1,4 +1,5 @@
 """The COCO-format dataset: targets, what it drops and counts, and an error naming file and id for bad input."""
+
 from __future__ import annotations
 
 import logging
@@ -90,32 +91,60 @@ def _set(entry: dict, key: str, value) -> None:
 # name -> (change to the annotation dict, fragment naming the id, fragment saying what is wrong)
 MALFORMED = {
     "annotation_without_bbox": (lambda d: d["annotations"][1].pop("bbox"), "annotation id 102", "'bbox'"),
-    "annotation_without_image_id": (lambda d: d["annotations"][0].pop("image_id"), "annotation id 101",
-                                    "'image_id'"),
-    "annotation_without_category_id": (lambda d: d["annotations"][5].pop("category_id"), "annotation id 106",
-                                       "'category_id'"),
+    "annotation_without_image_id": (lambda d: d["annotations"][0].pop("image_id"), "annotation id 101", "'image_id'"),
+    "annotation_without_category_id": (
+        lambda d: d["annotations"][5].pop("category_id"),
+        "annotation id 106",
+        "'category_id'",
+    ),
     "annotation_without_id": (lambda d: d["annotations"][2].pop("id"), "annotation at index 2", "'id'"),
-    "negative_box_width": (lambda d: _set(d["annotations"][0], "bbox", [2, 3, -1, 5]), "annotation id 101",
-                           "negative size"),
-    "negative_box_height": (lambda d: _set(d["annotations"][1], "bbox", [2, 3, 4, -5]), "annotation id 102",
-                            "negative size"),
-    "unknown_image_id": (lambda d: _set(d["annotations"][3], "image_id", 99), "annotation id 104",
-                         "image_id 99 is not among"),
-    "unknown_category_id": (lambda d: _set(d["annotations"][0], "category_id", 2), "annotation id 101",
-                            "category_id 2 is not among"),
-    "bbox_of_three_numbers": (lambda d: _set(d["annotations"][0], "bbox", [1, 2, 3]), "annotation id 101",
-                              "4 finite numbers"),
-    "bbox_not_numbers": (lambda d: _set(d["annotations"][0], "bbox", [1, "2", 3, 4]), "annotation id 101",
-                         "4 finite numbers"),
-    "bbox_with_nan": (lambda d: _set(d["annotations"][0], "bbox", [1, 2, float("nan"), 4]), "annotation id 101",
-                      "4 finite numbers"),
-    "annotation_not_an_object": (lambda d: d["annotations"].insert(3, [1, 2]), "annotation at index 3",
-                                 "expected a JSON object"),
+    "negative_box_width": (
+        lambda d: _set(d["annotations"][0], "bbox", [2, 3, -1, 5]),
+        "annotation id 101",
+        "negative size",
+    ),
+    "negative_box_height": (
+        lambda d: _set(d["annotations"][1], "bbox", [2, 3, 4, -5]),
+        "annotation id 102",
+        "negative size",
+    ),
+    "unknown_image_id": (
+        lambda d: _set(d["annotations"][3], "image_id", 99),
+        "annotation id 104",
+        "image_id 99 is not among",
+    ),
+    "unknown_category_id": (
+        lambda d: _set(d["annotations"][0], "category_id", 2),
+        "annotation id 101",
+        "category_id 2 is not among",
+    ),
+    "bbox_of_three_numbers": (
+        lambda d: _set(d["annotations"][0], "bbox", [1, 2, 3]),
+        "annotation id 101",
+        "4 finite numbers",
+    ),
+    "bbox_not_numbers": (
+        lambda d: _set(d["annotations"][0], "bbox", [1, "2", 3, 4]),
+        "annotation id 101",
+        "4 finite numbers",
+    ),
+    "bbox_with_nan": (
+        lambda d: _set(d["annotations"][0], "bbox", [1, 2, float("nan"), 4]),
+        "annotation id 101",
+        "4 finite numbers",
+    ),
+    "annotation_not_an_object": (
+        lambda d: d["annotations"].insert(3, [1, 2]),
+        "annotation at index 3",
+        "expected a JSON object",
+    ),
     "image_id_not_an_integer": (lambda d: _set(d["images"][2], "id", "9"), "image at index 2", "'id'"),
-    "bbox_not_a_list": (lambda d: _set(d["annotations"][4], "bbox", "1 2 3 4"), "annotation id 105",
-                        "4 finite numbers"),
-    "duplicate_annotation_id": (lambda d: _set(d["annotations"][1], "id", 101), "annotation id 101",
-                                "appears twice"),
+    "bbox_not_a_list": (
+        lambda d: _set(d["annotations"][4], "bbox", "1 2 3 4"),
+        "annotation id 105",
+        "4 finite numbers",
+    ),
+    "duplicate_annotation_id": (lambda d: _set(d["annotations"][1], "id", 101), "annotation id 101", "appears twice"),
     "bad_iscrowd": (lambda d: _set(d["annotations"][0], "iscrowd", 2), "annotation id 101", "'iscrowd'"),
     "negative_area": (lambda d: _set(d["annotations"][0], "area", -3.0), "annotation id 101", "'area'"),
     "image_without_file_name": (lambda d: d["images"][1].pop("file_name"), "image id 8", "'file_name'"),

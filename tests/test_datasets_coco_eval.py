@@ -1,4 +1,5 @@
 """COCO evaluation: perfect detections score 1, the metrics are pycocotools' own, each image counts once."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,15 +23,26 @@ from datasets.coco_eval import (
 IMAGES = [{"id": image_id, "file_name": f"{image_id}.png", "height": 300, "width": 400} for image_id in (1, 2, 5)]
 CATEGORIES = [{"id": 2, "name": "circle"}, {"id": 7, "name": "square"}]
 # [x, y, w, h]: small, medium and large boxes; image 5 has none.
-BOXES = {1: [([10, 10, 20, 15], 2), ([50, 40, 120, 90], 7), ([200, 100, 150, 180], 2)],
-         2: [([30, 30, 60, 50], 7), ([100, 120, 25, 25], 7)]}
+BOXES = {
+    1: [([10, 10, 20, 15], 2), ([50, 40, 120, 90], 7), ([200, 100, 150, 180], 2)],
+    2: [([30, 30, 60, 50], 7), ([100, 120, 25, 25], 7)],
+}
 
 
 @pytest.fixture
 def gt_file(tmp_path):
     rows = [(image_id, box, category) for image_id, boxes in BOXES.items() for box, category in boxes]
-    annotations = [{"id": index + 1, "image_id": image_id, "category_id": category, "bbox": box,
-                    "area": box[2] * box[3], "iscrowd": 0} for index, (image_id, box, category) in enumerate(rows)]
+    annotations = [
+        {
+            "id": index + 1,
+            "image_id": image_id,
+            "category_id": category,
+            "bbox": box,
+            "area": box[2] * box[3],
+            "iscrowd": 0,
+        }
+        for index, (image_id, box, category) in enumerate(rows)
+    ]
     path = tmp_path / "instances_val2017.json"
     path.write_text(json.dumps({"images": IMAGES, "annotations": annotations, "categories": CATEGORIES}))
     return path
@@ -58,8 +70,13 @@ def _noisy(seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
     detections = {}
     for image_id in (1, 2, 5):
         rows = [([value + rng.normal(0, 4) for value in box], label) for box, label in BOXES.get(image_id, [])]
-        rows += [([rng.uniform(0, 300), rng.uniform(0, 200), rng.uniform(10, 90), rng.uniform(10, 90)],
-                  int(rng.choice([2, 7]))) for _ in range(3)]
+        rows += [
+            (
+                [rng.uniform(0, 300), rng.uniform(0, 200), rng.uniform(10, 90), rng.uniform(10, 90)],
+                int(rng.choice([2, 7])),
+            )
+            for _ in range(3)
+        ]
         detections[image_id] = _detections(rows, rng.uniform(0.05, 1.0, len(rows)).tolist())
     return detections
 
@@ -90,13 +107,19 @@ def test_metrics_equal_pycocotools_run_on_the_written_file(coco_gt, gt_file, tmp
 
 def test_written_results_use_coco_format_with_category_ids(coco_gt, tmp_path):
     evaluator = CocoEvaluator(coco_gt, label_to_category_id={0: 2, 1: 7})
-    evaluator.update({1: {"boxes": torch.tensor([[10.0, 10.0, 30.0, 25.0], [1.0, 1.0, 2.0, 2.0]]),
-                          "scores": torch.tensor([0.8, 0.4]), "labels": torch.tensor([0, 5])}})
+    evaluator.update(
+        {
+            1: {
+                "boxes": torch.tensor([[10.0, 10.0, 30.0, 25.0], [1.0, 1.0, 2.0, 2.0]]),
+                "scores": torch.tensor([0.8, 0.4]),
+                "labels": torch.tensor([0, 5]),
+            }
+        }
+    )
     evaluator.evaluate(output_path=tmp_path / "detections.json")
     written = json.loads((tmp_path / "detections.json").read_text())
     # label 5 has no category and is left out
-    assert written == [{"image_id": 1, "category_id": 2, "bbox": [10.0, 10.0, 20.0, 15.0],
-                        "score": pytest.approx(0.8)}]
+    assert written == [{"image_id": 1, "category_id": 2, "bbox": [10.0, 10.0, 20.0, 15.0], "score": pytest.approx(0.8)}]
 
 
 @pytest.mark.parametrize("images_seen", [(), (1, 2, 5)])
@@ -104,7 +127,7 @@ def test_empty_detections_give_zeros(coco_gt, tmp_path, images_seen):
     evaluator = CocoEvaluator(coco_gt)
     evaluator.update({image_id: _detections([]) for image_id in images_seen})
     metrics = evaluator.evaluate(output_path=tmp_path / "detections.json")
-    assert metrics == {name: 0.0 for name in METRIC_NAMES}
+    assert metrics == dict.fromkeys(METRIC_NAMES, 0.0)
     assert json.loads((tmp_path / "detections.json").read_text()) == []
 
 

@@ -1,4 +1,5 @@
 """Batches pad bottom/right with zeros and mark exactly the padding."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,8 +13,10 @@ from tests.coco_data import write_coco
 
 def _samples() -> list[tuple[torch.Tensor, dict]]:
     sizes = [(4, 6), (7, 3), (5, 5)]
-    return [(torch.rand(3, h, w) + 1, {"boxes": torch.rand(index, 4), "labels": torch.arange(index)})
-            for index, (h, w) in enumerate(sizes)]
+    return [
+        (torch.rand(3, h, w) + 1, {"boxes": torch.rand(index, 4), "labels": torch.arange(index)})
+        for index, (h, w) in enumerate(sizes)
+    ]
 
 
 def test_images_are_padded_to_the_largest_height_and_width():
@@ -58,8 +61,12 @@ def test_pad_images_names_the_image_with_the_wrong_shape():
 
 def test_dataset_workers_and_collation_work_together(tmp_path):
     write_coco(tmp_path)
-    dataset = build_dataset("train", tmp_path, build_transforms("train", scales=[16, 24], max_size=40,
-                                                               crop_scales=(16,), crop_size=(8, 16)), num_classes=4)
+    dataset = build_dataset(
+        "train",
+        tmp_path,
+        build_transforms("train", scales=[16, 24], max_size=40, crop_scales=(16,), crop_size=(8, 16)),
+        num_classes=4,
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate_detection)
     (batch,) = list(loader)
     for index, target in enumerate(batch.targets):

@@ -1,4 +1,5 @@
 """The shapes generator: COCO layout, tight boxes, and the same files for the same seed."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Transforms keep boxes on the pixels they annotate; sizes follow the paper's rules."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ from datasets import transforms as T
 
 MEAN = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
-SMALL_TRAIN = dict(scales=[40, 48, 56, 64], max_size=100, crop_scales=(40, 50, 60), crop_size=(24, 48))
+SMALL_TRAIN = {"scales": [40, 48, 56, 64], "max_size": 100, "crop_scales": (40, 50, 60), "crop_size": (24, 48)}
 
 
 def _painted(height: int, width: int, boxes: list[tuple[int, int, int, int]]) -> tuple[Image.Image, dict]:
@@ -19,10 +20,14 @@ def _painted(height: int, width: int, boxes: list[tuple[int, int, int, int]]) ->
     for channel, (x0, y0, x1, y1) in enumerate(boxes):
         pixels[y0:y1, x0:x1, channel] = 255
     box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    target = {"boxes": box_tensor, "labels": torch.arange(len(boxes)),
-              "area": (box_tensor[:, 2] - box_tensor[:, 0]) * (box_tensor[:, 3] - box_tensor[:, 1]),
-              "iscrowd": torch.zeros(len(boxes), dtype=torch.int64), "image_id": torch.tensor(1),
-              "size": torch.tensor([height, width])}
+    target = {
+        "boxes": box_tensor,
+        "labels": torch.arange(len(boxes)),
+        "area": (box_tensor[:, 2] - box_tensor[:, 0]) * (box_tensor[:, 3] - box_tensor[:, 1]),
+        "iscrowd": torch.zeros(len(boxes), dtype=torch.int64),
+        "image_id": torch.tensor(1),
+        "size": torch.tensor([height, width]),
+    }
     return Image.fromarray(pixels), target
 
 
@@ -180,7 +185,7 @@ def test_empty_target_passes_every_transform():
     image, target = _painted(30, 40, [])
     torch.manual_seed(0)
     for _ in range(5):
-        tensor, out = T.build_transforms("train", **SMALL_TRAIN)(image, target)
+        _tensor, out = T.build_transforms("train", **SMALL_TRAIN)(image, target)
         assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,)
 
 

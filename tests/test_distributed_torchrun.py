@@ -1,6 +1,7 @@
 """Two torchrun launchers on one machine (two "nodes" of one process each, rendezvous on 127.0.0.1, gloo):
 one epoch of training and an evaluation whose detections count every validation image exactly once, although
 the sampler gives one image to both processes."""
+
 from __future__ import annotations
 
 import collections
@@ -26,19 +27,37 @@ def free_port() -> int:
 
 def test_two_launchers_train_and_evaluate_each_image_once(tmp_path):
     coco_path, output_dir = make_shapes(tmp_path / "shapes"), tmp_path / "out"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=test",
-                "main.py", "train", "--config", str(CONFIG), "--opts", *tiny_overrides(coco_path, output_dir)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{free_port()}",
+        "--rdzv_id=test",
+        "main.py",
+        "train",
+        "--config",
+        str(CONFIG),
+        "--opts",
+        *tiny_overrides(coco_path, output_dir),
+    ]
     environment = dict(os.environ, OMP_NUM_THREADS="1")
-    nodes = [subprocess.Popen(launcher, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            launcher, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [node.communicate(timeout=TIMEOUT_S)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n----\n".join(outputs)
     assert "2 process(es)" in "".join(outputs)
     (record,) = [json.loads(line) for line in (output_dir / "log.txt").read_text().splitlines()]
     assert record["epoch"] == 0 and "val_AP" in record
-    per_image = collections.Counter(result["image_id"] for result in
-                                    json.loads((output_dir / "detections.json").read_text()))
+    per_image = collections.Counter(
+        result["image_id"] for result in json.loads((output_dir / "detections.json").read_text())
+    )
     # top 100 of 10 queries x 6 classes, less label 0 which is no category: 50 per image, each image once
     assert per_image == {image_id: 10 * len(CATEGORY_NAMES) for image_id in range(1, NUM_VAL + 1)}
     assert (output_dir / "metrics.json").is_file() and (output_dir / "checkpoint.pth").is_file()

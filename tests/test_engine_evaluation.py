@@ -1,4 +1,5 @@
 """engine.evaluation: metrics.json is what pycocotools computes from detections.json, each image counted once."""
+
 from __future__ import annotations
 
 import contextlib
@@ -63,8 +64,7 @@ def evaluated(tmp_path_factory):
     model = JitteredTruth(cfg.num_classes)
     loader = build_eval_loader(dataset, cfg)
     with contextlib.redirect_stdout(io.StringIO()):
-        metrics = evaluate(model, PostProcess(), Feeding(loader, model), dataset, torch.device("cpu"),
-                           root / "out")
+        metrics = evaluate(model, PostProcess(), Feeding(loader, model), dataset, torch.device("cpu"), root / "out")
     return metrics, dataset, root / "out"
 
 

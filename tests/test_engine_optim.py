@@ -1,4 +1,5 @@
 """engine.optim: which parameter trains at which learning rate, and the step schedule."""
+
 from __future__ import annotations
 
 import copy
@@ -17,9 +18,20 @@ from tests.tiny_training import CONFIG
 from util.checkpoint import load_checkpoint, restore_training_state, save_checkpoint
 from util.config import load_config
 
-TINY_MODEL = ["pretrained_backbone=false", "backbone=resnet18", "hidden_dim=32", "dim_feedforward=32", "nheads=2",
-              "enc_layers=1", "dec_layers=1", "num_queries=4", "num_classes=6", "lr=1e-3", "lr_backbone=1e-4",
-              "lr_linear_proj_mult=0.1"]
+TINY_MODEL = [
+    "pretrained_backbone=false",
+    "backbone=resnet18",
+    "hidden_dim=32",
+    "dim_feedforward=32",
+    "nheads=2",
+    "enc_layers=1",
+    "dec_layers=1",
+    "num_queries=4",
+    "num_classes=6",
+    "lr=1e-3",
+    "lr_backbone=1e-4",
+    "lr_linear_proj_mult=0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +79,18 @@ def test_frozen_backbone_stages_are_not_optimised(model_and_config):
 
 
 def test_sampling_offsets_and_reference_points_are_named_in_the_linear_proj_group():
-    assert parameter_group("transformer.encoder.layers.0.self_attn.sampling_offsets.weight", ["backbone.0"],
-                           ["reference_points", "sampling_offsets"]) == "linear_proj"
-    assert parameter_group("transformer.reference_points.bias", ["backbone.0"],
-                           ["reference_points", "sampling_offsets"]) == "linear_proj"
+    assert (
+        parameter_group(
+            "transformer.encoder.layers.0.self_attn.sampling_offsets.weight",
+            ["backbone.0"],
+            ["reference_points", "sampling_offsets"],
+        )
+        == "linear_proj"
+    )
+    assert (
+        parameter_group("transformer.reference_points.bias", ["backbone.0"], ["reference_points", "sampling_offsets"])
+        == "linear_proj"
+    )
     assert parameter_group("backbone.0.body.layer2.0.conv1.weight", ["backbone.0"], ["sampling_offsets"]) == "backbone"
     assert parameter_group("input_proj.0.0.weight", ["backbone.0"], ["sampling_offsets"]) == "rest"
 
@@ -99,8 +119,12 @@ def test_cpu_optimizer_is_fused_and_matches_the_per_parameter_update(model_and_c
     optimizer = build_optimizer(model, cfg)
     assert all(group["fused"] for group in optimizer.param_groups)
     reference_model = copy.deepcopy(model)
-    reference = torch.optim.AdamW([dict(group, fused=None, foreach=False)  # the per-parameter loop
-                                   for group in build_optimizer(reference_model, cfg).param_groups])
+    reference = torch.optim.AdamW(
+        [
+            dict(group, fused=None, foreach=False)  # the per-parameter loop
+            for group in build_optimizer(reference_model, cfg).param_groups
+        ]
+    )
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         for fused_param, reference_param in zip(model.parameters(), reference_model.parameters()):
@@ -121,15 +145,34 @@ def original_format_training_state(optimizer: torch.optim.Optimizer, generator: 
         lr = group["lr"] * 0.1
         ids = []
         for parameter in group["params"]:
-            state[index] = {"step": 4000, "exp_avg": torch.randn(parameter.shape, generator=generator) * 1e-3,
-                            "exp_avg_sq": torch.rand(parameter.shape, generator=generator) * 1e-6}
+            state[index] = {
+                "step": 4000,
+                "exp_avg": torch.randn(parameter.shape, generator=generator) * 1e-3,
+                "exp_avg_sq": torch.rand(parameter.shape, generator=generator) * 1e-6,
+            }
             ids.append(index)
             index += 1
-        groups.append({"lr": lr, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-4, "amsgrad": False,
-                       "initial_lr": lr * 10, "params": ids})
-    scheduler = {"step_size": 40, "gamma": 0.1, "base_lrs": [group["initial_lr"] for group in groups],
-                 "last_epoch": 50, "_step_count": 51, "verbose": False, "_get_lr_called_within_step": False,
-                 "_last_lr": [group["lr"] for group in groups]}
+        groups.append(
+            {
+                "lr": lr,
+                "betas": (0.9, 0.999),
+                "eps": 1e-8,
+                "weight_decay": 1e-4,
+                "amsgrad": False,
+                "initial_lr": lr * 10,
+                "params": ids,
+            }
+        )
+    scheduler = {
+        "step_size": 40,
+        "gamma": 0.1,
+        "base_lrs": [group["initial_lr"] for group in groups],
+        "last_epoch": 50,
+        "_step_count": 51,
+        "verbose": False,
+        "_get_lr_called_within_step": False,
+        "_last_lr": [group["lr"] for group in groups],
+    }
     return {"optimizer": {"state": state, "param_groups": groups}, "lr_scheduler": scheduler, "epoch": 49}
 
 
@@ -138,8 +181,9 @@ def test_an_original_checkpoints_optimizer_state_resumes_with_the_adamw_update(m
     model = copy.deepcopy(model)
     optimizer = build_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(1)
-    save_checkpoint({"model": model.state_dict(), **original_format_training_state(optimizer, generator)},
-                    tmp_path / "original.pth")
+    save_checkpoint(
+        {"model": model.state_dict(), **original_format_training_state(optimizer, generator)}, tmp_path / "original.pth"
+    )
     checkpoint = load_checkpoint(tmp_path / "original.pth")
     assert restore_training_state(checkpoint, optimizer, build_lr_scheduler(optimizer, cfg)) == 50
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
@@ -155,9 +199,9 @@ def test_an_original_checkpoints_optimizer_state_resumes_with_the_adamw_update(m
     for index, (name, lr) in enumerate(zip(ordered, lrs)):
         parameter, old = dict(trained)[name], saved["state"][index]
         exp_avg = 0.9 * old["exp_avg"] + 0.1 * parameter.grad
-        exp_avg_sq = 0.999 * old["exp_avg_sq"] + 0.001 * parameter.grad ** 2
+        exp_avg_sq = 0.999 * old["exp_avg_sq"] + 0.001 * parameter.grad**2
         step = 4001
-        denominator = (exp_avg_sq / (1 - 0.999 ** step)).sqrt() + 1e-8
-        expected = before[name] * (1 - lr * 1e-4) - lr * exp_avg / (1 - 0.9 ** step) / denominator
+        denominator = (exp_avg_sq / (1 - 0.999**step)).sqrt() + 1e-8
+        expected = before[name] * (1 - lr * 1e-4) - lr * exp_avg / (1 - 0.9**step) / denominator
         torch.testing.assert_close(parameter.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
         assert float(optimizer.state[parameter]["step"]) == step

@@ -1,4 +1,5 @@
 """engine.training: one epoch changes the weights, non-finite losses stop before the step, autocast runs."""
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,14 @@ from util.config import load_config
 
 def tiny_batches(count: int = 2) -> list[Batch]:
     generator = torch.Generator().manual_seed(0)
-    targets = [{"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-               {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
-    return [Batch(torch.randn(2, 3, 64, 64, generator=generator), torch.zeros(2, 64, 64, dtype=torch.bool), targets)
-            for _ in range(count)]
+    targets = [
+        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+    ]
+    return [
+        Batch(torch.randn(2, 3, 64, 64, generator=generator), torch.zeros(2, 64, 64, dtype=torch.bool), targets)
+        for _ in range(count)
+    ]
 
 
 class NanCriterion(nn.Module):
@@ -51,8 +56,9 @@ def tiny():
 def test_an_epoch_updates_the_weights_and_returns_average_losses(tiny):
     model, criterion, cfg = tiny
     before = model.class_embed[0].weight.detach().clone()
-    averages = train_one_epoch(model, criterion, tiny_batches(), build_optimizer(model, cfg), torch.device("cpu"), 0,
-                               clip_max_norm=0.1)
+    averages = train_one_epoch(
+        model, criterion, tiny_batches(), build_optimizer(model, cfg), torch.device("cpu"), 0, clip_max_norm=0.1
+    )
     assert not torch.equal(before, model.class_embed[0].weight)
     assert {"loss", "loss_ce", "loss_bbox", "loss_giou", "class_error"} <= set(averages)
     assert all(math.isfinite(value) for value in averages.values())
@@ -68,8 +74,16 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny):
 
 def test_bfloat16_autocast_trains_with_finite_losses(tiny):
     model, criterion, cfg = tiny
-    averages = train_one_epoch(model, criterion, tiny_batches(1), build_optimizer(model, cfg), torch.device("cpu"), 0,
-                               amp="bfloat16", scaler=build_grad_scaler("bfloat16", torch.device("cpu")))
+    averages = train_one_epoch(
+        model,
+        criterion,
+        tiny_batches(1),
+        build_optimizer(model, cfg),
+        torch.device("cpu"),
+        0,
+        amp="bfloat16",
+        scaler=build_grad_scaler("bfloat16", torch.device("cpu")),
+    )
     assert math.isfinite(averages["loss"])
 
 
@@ -85,8 +99,17 @@ def test_float16_gradient_scaling_steps_or_skips_with_the_fused_optimizer(tiny, 
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    averages = train_one_epoch(model, criterion, tiny_batches(1), optimizer, torch.device("cpu"), 0,
-                               clip_max_norm=0.1, amp="float16", scaler=scaler)
+    averages = train_one_epoch(
+        model,
+        criterion,
+        tiny_batches(1),
+        optimizer,
+        torch.device("cpu"),
+        0,
+        clip_max_norm=0.1,
+        amp="float16",
+        scaler=scaler,
+    )
     assert math.isfinite(averages["loss"])
     changed = [not torch.equal(before[name], p) for name, p in model.named_parameters() if p.requires_grad]
     if steps:  # a scale that fits float16: the step is taken and the scale kept

@@ -1,4 +1,5 @@
 """main.py end to end on a tiny shapes set: train one epoch, evaluate, resume, predict, stop on a bad loss."""
+
 from __future__ import annotations
 
 import json
@@ -74,16 +75,17 @@ def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_pa
     first, straight, resumed = tmp_path / "first", tmp_path / "straight", tmp_path / "resumed"
     assert run("train", opts=tiny_overrides(coco_path, first, *opts)) == 0
     assert run("train", opts=tiny_overrides(coco_path, straight, *opts, "epochs=3")) == 0
-    assert run("train", opts=tiny_overrides(coco_path, resumed, *opts, "epochs=3",
-                                            f"resume={first / 'checkpoint.pth'}")) == 0
+    assert (
+        run("train", opts=tiny_overrides(coco_path, resumed, *opts, "epochs=3", f"resume={first / 'checkpoint.pth'}"))
+        == 0
+    )
     expected, actual = final_weights(straight), final_weights(resumed)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
 
 
-def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(first_run, coco_path, tmp_path,
-                                                                               capsys):
+def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "num_classes=9", f"finetune_from={first_run / 'checkpoint.pth'}")
     assert run("train", opts=opts) == 0
     assert "class-head tensors (another num_classes) keep their initialisation" in capsys.readouterr().out
@@ -107,8 +109,9 @@ def test_eval_of_a_checkpoint_of_another_variant_names_both(first_run, coco_path
 
 
 @pytest.mark.parametrize("command", ["eval", "finetune", "resume"])
-def test_a_checkpoint_replaces_the_backbone_so_imagenet_weights_are_not_fetched(first_run, coco_path, tmp_path,
-                                                                                 monkeypatch, command):
+def test_a_checkpoint_replaces_the_backbone_so_imagenet_weights_are_not_fetched(
+    first_run, coco_path, tmp_path, monkeypatch, command
+):
     import torchvision
 
     def no_download(*args, **kwargs):
@@ -146,18 +149,39 @@ def test_eval_without_a_checkpoint_is_refused(coco_path, tmp_path):
 def test_predict_writes_json_and_drawn_images(first_run, coco_path, tmp_path):
     images = sorted((coco_path / "val2017").iterdir())[:2]
     opts = tiny_overrides(coco_path, tmp_path, f"resume={first_run / 'checkpoint.pth'}")
-    assert main.main(["predict", "--config", str(CONFIG), "--opts", *opts, "--image", *map(str, images),
-                      "--out", str(tmp_path / "pred"), "--threshold", "0"]) == 0
+    assert (
+        main.main(
+            [
+                "predict",
+                "--config",
+                str(CONFIG),
+                "--opts",
+                *opts,
+                "--image",
+                *map(str, images),
+                "--out",
+                str(tmp_path / "pred"),
+                "--threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
     predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert [entry["file"] for entry in predictions] == list(map(str, images))
     first = predictions[0]["detections"][0]
-    assert set(first) == {"label", "name", "score", "box"} and first["name"] in {"circle", "square", "triangle",
-                                                                                  "star", "cross", "class 0"}
+    assert set(first) == {"label", "name", "score", "box"} and first["name"] in {
+        "circle",
+        "square",
+        "triangle",
+        "star",
+        "cross",
+        "class 0",
+    }
     assert len(list((tmp_path / "pred").glob("*.png"))) == 2
 
 
-def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_path, tmp_path, monkeypatch,
-                                                              capsys):
+def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_path, tmp_path, monkeypatch, capsys):
     output_dir = tmp_path / "run"
     shutil.copytree(first_run, output_dir)
 

@@ -1,4 +1,5 @@
 """Backbone: levels, strides and channels, DC5, frozen layers, pretrained weights from a file or a clear error."""
+
 from __future__ import annotations
 
 import pytest

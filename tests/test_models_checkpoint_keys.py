@@ -1,4 +1,5 @@
 """Each published variant's state_dict has exactly the original checkpoints' keys, shapes and parameter count."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,9 @@ def test_checkpoint_of_reference_shapes_loads_strictly(reference, variant):
     cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
     model, _, _ = build_model(cfg)
     generator = torch.Generator().manual_seed(0)
-    checkpoint = {"model": {name: torch.randn(shape, generator=generator)
-                            for name, shape in reference[variant]["keys"].items()}}
+    checkpoint = {
+        "model": {name: torch.randn(shape, generator=generator) for name, shape in reference[variant]["keys"].items()}
+    }
     model.load_state_dict(checkpoint["model"], strict=True)
     last = cfg.dec_layers - 1
     torch.testing.assert_close(model.class_embed[last].weight, checkpoint["model"][f"class_embed.{last}.weight"])
@@ -38,8 +40,9 @@ def test_heads_are_shared_as_the_original_shares_them():
     base, _, _ = build_model(load_config(CONFIG_DIR / "deformable_detr.yaml", overrides=["pretrained_backbone=false"]))
     assert base.class_embed[0] is base.class_embed[5] and base.bbox_embed[0] is base.bbox_embed[5]
     assert base.transformer.decoder.bbox_embed is None
-    two_stage, _, _ = build_model(load_config(CONFIG_DIR / "deformable_detr_two_stage.yaml",
-                                              overrides=["pretrained_backbone=false"]))
+    two_stage, _, _ = build_model(
+        load_config(CONFIG_DIR / "deformable_detr_two_stage.yaml", overrides=["pretrained_backbone=false"])
+    )
     assert two_stage.class_embed[0] is not two_stage.class_embed[1]
     assert two_stage.transformer.decoder.class_embed is two_stage.class_embed
     assert two_stage.transformer.decoder.bbox_embed is two_stage.bbox_embed

@@ -1,4 +1,5 @@
 """SetCriterion and its weight_dict: names, perfect predictions, empty targets, the focal normalisation."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ def criterion(classes: int = 3) -> SetCriterion:
 
 def test_weight_dict_names_every_layer_and_the_encoder():
     weights = build_weight_dict(tiny_config("dec_layers=3", "two_stage=true"))
-    assert set(weights) == {f"{name}{suffix}" for name in ("loss_ce", "loss_bbox", "loss_giou")
-                            for suffix in ("", "_0", "_1", "_enc")}
+    assert set(weights) == {
+        f"{name}{suffix}" for name in ("loss_ce", "loss_bbox", "loss_giou") for suffix in ("", "_0", "_1", "_enc")
+    }
     assert (weights["loss_ce_1"], weights["loss_bbox_enc"], weights["loss_giou"]) == (2.0, 5.0, 2.0)
 
 

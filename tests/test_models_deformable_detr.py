@@ -1,5 +1,6 @@
 """DeformableDETR end to end on tiny configs: every variant's shapes, losses and gradients, odd sizes, batching,
 the sampling opt-in, and overfitting one batch."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,14 @@ from tests.tiny_model import (
     tiny_targets,
 )
 
-SAMPLING_KEYS = ("spatial_shapes", "level_start_index", "valid_ratios", "encoder_reference_points",
-                 "encoder_sampling", "decoder_sampling")
+SAMPLING_KEYS = (
+    "spatial_shapes",
+    "level_start_index",
+    "valid_ratios",
+    "encoder_reference_points",
+    "encoder_sampling",
+    "decoder_sampling",
+)
 
 
 def build_tiny(*overrides: str, seed: int = 0):
@@ -45,8 +52,11 @@ def test_variant_outputs_losses_and_gradients(variant):
     criterion.total_loss(losses).backward()
     # Reached, not non-zero: zero-initialised layers (box heads' last layers, sampling offsets) give some exact
     # zeros at initialisation.
-    no_gradient = [name for name, parameter in model.named_parameters()
-                   if parameter.requires_grad and (parameter.grad is None or not parameter.grad.isfinite().all())]
+    no_gradient = [
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and (parameter.grad is None or not parameter.grad.isfinite().all())
+    ]
     assert no_gradient == []
 
 
@@ -76,8 +86,8 @@ def test_list_of_images_equals_padded_batch_with_mask():
     batch = torch.zeros(2, 3, 64, 80)
     mask = torch.ones(2, 64, 80, dtype=torch.bool)
     for index, image in enumerate(images):
-        batch[index, :, :image.shape[1], :image.shape[2]] = image
-        mask[index, :image.shape[1], :image.shape[2]] = False
+        batch[index, :, : image.shape[1], : image.shape[2]] = image
+        mask[index, : image.shape[1], : image.shape[2]] = False
     with torch.no_grad():
         assert_same_predictions(model(images), model(batch, mask))
 
@@ -96,8 +106,9 @@ def test_image_alone_equals_image_in_padded_batch(variant):
     with torch.no_grad():
         alone = model(large[None])
         batched = model([large, small])
-    assert_same_predictions({key: value[:1] for key, value in batched.items() if key.startswith("pred_")}, alone,
-                            tolerance=1e-4)
+    assert_same_predictions(
+        {key: value[:1] for key, value in batched.items() if key.startswith("pred_")}, alone, tolerance=1e-4
+    )
 
 
 def test_return_sampling_gives_every_layer():

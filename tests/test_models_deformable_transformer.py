@@ -1,5 +1,6 @@
 """DeformableTransformer: padding is invisible (a map alone equals the same map padded with its mask), encoder
 reference points, two-stage proposals, and the sampling opt-in."""
+
 from __future__ import annotations
 
 import torch

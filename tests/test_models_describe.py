@@ -1,4 +1,5 @@
 """models.describe: a state dict's variant and sizes read from its keys and shapes."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,5 +28,4 @@ def test_each_published_checkpoint_is_described_with_its_config(reference, varia
 def test_a_model_of_other_sizes_is_described_without_a_published_config():
     cfg = load_config(CONFIG, overrides=[*TINY, "with_box_refine=true", "num_queries=7"])
     description = describe_state_dict(build_model(cfg)[0].state_dict())
-    assert description == ("one-stage, box refinement, 4 feature levels, hidden 32, ResNet-18, 7 queries, "
-                           "6 classes")
+    assert description == ("one-stage, box refinement, 4 feature levels, hidden 32, ResNet-18, 7 queries, 6 classes")

@@ -1,4 +1,5 @@
 """PostProcess: top-k over queries x classes, boxes as x0, y0, x1, y1 in image pixels."""
+
 from __future__ import annotations
 
 import pytest

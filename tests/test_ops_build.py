@@ -1,4 +1,5 @@
 """Kernel builds: the CUDA source compiles where nvcc is, and a compile error surfaces as KernelBuildError."""
+
 from __future__ import annotations
 
 import os

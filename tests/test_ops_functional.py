@@ -1,4 +1,5 @@
 """ms_deform_attn: every backend against the independent float64 reference, gradients, dispatch."""
+
 from __future__ import annotations
 
 import warnings
@@ -35,8 +36,10 @@ def _run_with_grads(backend: str, problem: dict, grad_output: torch.Tensor | Non
 
 
 def _reference_with_grads(problem: dict, grad_output: torch.Tensor):
-    leaves = [problem[n].detach().double().cpu().requires_grad_()
-              for n in ("value", "sampling_locations", "attention_weights")]
+    leaves = [
+        problem[n].detach().double().cpu().requires_grad_()
+        for n in ("value", "sampling_locations", "attention_weights")
+    ]
     output = reference_ms_deform_attn(leaves[0], problem["level_shapes"], leaves[1], leaves[2])
     grads = torch.autograd.grad(output, leaves, grad_output.double().cpu())
     return output, grads
@@ -60,8 +63,9 @@ def test_float64_forward_and_gradients_match_reference(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_matches_reference_within_float32_rounding(backend):
-    problem = make_problem(*CASES["model_like"][:1], *CASES["model_like"][1:], dtype=torch.float32,
-                           device=DEVICE[backend])
+    problem = make_problem(
+        *CASES["model_like"][:1], *CASES["model_like"][1:], dtype=torch.float32, device=DEVICE[backend]
+    )
     output, grads, grad_output = _run_with_grads(backend, problem)
     expected, expected_grads = _reference_with_grads(problem, grad_output)
     assert _relative_error(output, expected) < 1e-5
@@ -86,7 +90,8 @@ def test_gradcheck_float64(backend, small_problem):
     value, shapes, starts, locations, weights = op_args(small_problem)
     inputs = tuple(t.detach().requires_grad_() for t in (value, locations, weights))
     assert torch.autograd.gradcheck(
-        lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend=backend), inputs)
+        lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend=backend), inputs
+    )
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -106,8 +111,7 @@ def test_cuda_gradcheck_float64():
     problem = make_problem([(5, 7), (3, 4), (1, 1)], 2, 6, 3, 5, 4, device="cuda")
     value, shapes, starts, locations, weights = op_args(problem)
     inputs = tuple(t.detach().requires_grad_() for t in (value, locations, weights))
-    assert torch.autograd.gradcheck(
-        lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend="cuda"), inputs)
+    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend="cuda"), inputs)
 
 
 def test_non_contiguous_inputs_give_the_contiguous_result(small_problem):
@@ -132,8 +136,9 @@ def test_autocast_promotes_to_the_common_dtype(small_problem):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = ms_deform_attn(value.bfloat16(), shapes, starts, locations.float(), weights.float())
     assert output.dtype == torch.float32
-    expected = reference_ms_deform_attn(value.bfloat16().double(), small_problem["level_shapes"],
-                                        locations.float().double(), weights.float().double())
+    expected = reference_ms_deform_attn(
+        value.bfloat16().double(), small_problem["level_shapes"], locations.float().double(), weights.float().double()
+    )
     assert _relative_error(output, expected) < 1e-5
 
 
@@ -200,6 +205,5 @@ def test_torch_compile_traces_the_kernel_in_one_graph(small_problem):
     expected = loss(*eager_inputs)
     got = compiled(*compiled_inputs)
     torch.testing.assert_close(got, expected)
-    for got_grad, want in zip(torch.autograd.grad(got, compiled_inputs),
-                              torch.autograd.grad(expected, eager_inputs)):
+    for got_grad, want in zip(torch.autograd.grad(got, compiled_inputs), torch.autograd.grad(expected, eager_inputs)):
         torch.testing.assert_close(got_grad, want)

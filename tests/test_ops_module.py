@@ -1,4 +1,5 @@
 """MSDeformAttn: shapes, padding mask, initial sampling pattern, box references, checkpoint names."""
+
 from __future__ import annotations
 
 import json
@@ -109,10 +110,13 @@ def test_gradients_reach_every_parameter():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"d_model": 30, "n_heads": 8}, "d_model \\(30\\) must be divisible by n_heads \\(8\\)"),
-    ({"backend": "fast"}, "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"d_model": 30, "n_heads": 8}, "d_model \\(30\\) must be divisible by n_heads \\(8\\)"),
+        ({"backend": "fast"}, "backend must be one of"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MSDeformAttn(**kwargs)
@@ -134,6 +138,6 @@ def test_parameter_names_and_shapes_match_the_original_checkpoints():
         pytest.skip(f"{reference} not found")
     keys = json.loads(reference.read_text())["variants"]["deformable_detr"]["keys"]
     prefix = "transformer.encoder.layers.0.self_attn."
-    expected = {name[len(prefix):]: shape for name, shape in keys.items() if name.startswith(prefix)}
+    expected = {name[len(prefix) :]: shape for name, shape in keys.items() if name.startswith(prefix)}
     got = {name: list(tensor.shape) for name, tensor in MSDeformAttn().state_dict().items()}
     assert got == expected

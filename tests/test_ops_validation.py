@@ -1,4 +1,5 @@
 """Bad input to ms_deform_attn fails in Python with an error naming the argument; kernels never crash."""
+
 from __future__ import annotations
 
 import re
@@ -11,8 +12,12 @@ from tests.conftest import op_args
 
 
 def _replace(problem: dict, **changes) -> tuple:
-    merged = dict(zip(("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"),
-                      op_args(problem)))
+    merged = dict(
+        zip(
+            ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"),
+            op_args(problem),
+        )
+    )
     merged.update(changes)
     return tuple(merged.values())
 
@@ -21,39 +26,82 @@ def _replace(problem: dict, **changes) -> tuple:
 BAD_INPUTS = {
     "value_rank": (lambda p: {"value": p["value"][0]}, ValueError, "value must have 4 dimensions"),
     "value_not_tensor": (lambda p: {"value": p["value"].tolist()}, TypeError, "value must be a torch.Tensor"),
-    "float_spatial_shapes": (lambda p: {"spatial_shapes": p["spatial_shapes"].double()}, TypeError,
-                             "spatial_shapes must be an integer tensor"),
-    "spatial_shapes_columns": (lambda p: {"spatial_shapes": p["spatial_shapes"][:, :1]}, ValueError,
-                               "spatial_shapes must be (L, 2)"),
-    "shapes_do_not_sum_to_S": (lambda p: {"spatial_shapes": p["spatial_shapes"] + torch.tensor([[0, 0], [0, 0],
-                                                                                                [1, 0]])},
-                               ValueError, "spatial_shapes sums to 49 positions but value has 48"),
-    "nonpositive_shape": (lambda p: {"spatial_shapes": p["spatial_shapes"] * torch.tensor([[1, 1], [1, -1], [1, 1]])},
-                          ValueError, "spatial_shapes[1] = (3, -4)"),
-    "level_start_index_wrong": (lambda p: {"level_start_index": torch.tensor([0, 34, 47])}, ValueError,
-                                "level_start_index[1] = 34 but the levels before it cover 35"),
-    "level_start_index_length": (lambda p: {"level_start_index": torch.tensor([0, 35])}, ValueError,
-                                 "level_start_index has 2 entries but spatial_shapes has 3 levels"),
-    "locations_rank": (lambda p: {"sampling_locations": p["sampling_locations"][..., 0]}, ValueError,
-                       "sampling_locations must have 6 dimensions"),
-    "locations_xyz": (lambda p: {"sampling_locations": torch.cat([p["sampling_locations"],
-                                                                  p["sampling_locations"][..., :1]], -1)},
-                      ValueError, "last dimension must be 2"),
-    "locations_batch": (lambda p: {"sampling_locations": p["sampling_locations"][:1]}, ValueError,
-                        "sampling_locations N (batch) is 1 but value/spatial_shapes give 2"),
-    "locations_heads": (lambda p: {"sampling_locations": p["sampling_locations"][:, :, :2]}, ValueError,
-                        "sampling_locations M (heads) is 2"),
-    "locations_levels": (lambda p: {"sampling_locations": p["sampling_locations"][:, :, :, :2]}, ValueError,
-                         "sampling_locations L (levels) is 2"),
-    "weights_points": (lambda p: {"attention_weights": p["attention_weights"][..., :3]}, ValueError,
-                       "attention_weights must have shape (N, Lq, M, L, P) = (2, 6, 3, 3, 4)"),
-    "weights_queries": (lambda p: {"attention_weights": p["attention_weights"][:, :5]}, ValueError,
-                        "attention_weights must have shape"),
-    "mixed_dtypes": (lambda p: {"attention_weights": p["attention_weights"].float()}, TypeError,
-                     "must share one dtype"),
+    "float_spatial_shapes": (
+        lambda p: {"spatial_shapes": p["spatial_shapes"].double()},
+        TypeError,
+        "spatial_shapes must be an integer tensor",
+    ),
+    "spatial_shapes_columns": (
+        lambda p: {"spatial_shapes": p["spatial_shapes"][:, :1]},
+        ValueError,
+        "spatial_shapes must be (L, 2)",
+    ),
+    "shapes_do_not_sum_to_S": (
+        lambda p: {"spatial_shapes": p["spatial_shapes"] + torch.tensor([[0, 0], [0, 0], [1, 0]])},
+        ValueError,
+        "spatial_shapes sums to 49 positions but value has 48",
+    ),
+    "nonpositive_shape": (
+        lambda p: {"spatial_shapes": p["spatial_shapes"] * torch.tensor([[1, 1], [1, -1], [1, 1]])},
+        ValueError,
+        "spatial_shapes[1] = (3, -4)",
+    ),
+    "level_start_index_wrong": (
+        lambda p: {"level_start_index": torch.tensor([0, 34, 47])},
+        ValueError,
+        "level_start_index[1] = 34 but the levels before it cover 35",
+    ),
+    "level_start_index_length": (
+        lambda p: {"level_start_index": torch.tensor([0, 35])},
+        ValueError,
+        "level_start_index has 2 entries but spatial_shapes has 3 levels",
+    ),
+    "locations_rank": (
+        lambda p: {"sampling_locations": p["sampling_locations"][..., 0]},
+        ValueError,
+        "sampling_locations must have 6 dimensions",
+    ),
+    "locations_xyz": (
+        lambda p: {"sampling_locations": torch.cat([p["sampling_locations"], p["sampling_locations"][..., :1]], -1)},
+        ValueError,
+        "last dimension must be 2",
+    ),
+    "locations_batch": (
+        lambda p: {"sampling_locations": p["sampling_locations"][:1]},
+        ValueError,
+        "sampling_locations N (batch) is 1 but value/spatial_shapes give 2",
+    ),
+    "locations_heads": (
+        lambda p: {"sampling_locations": p["sampling_locations"][:, :, :2]},
+        ValueError,
+        "sampling_locations M (heads) is 2",
+    ),
+    "locations_levels": (
+        lambda p: {"sampling_locations": p["sampling_locations"][:, :, :, :2]},
+        ValueError,
+        "sampling_locations L (levels) is 2",
+    ),
+    "weights_points": (
+        lambda p: {"attention_weights": p["attention_weights"][..., :3]},
+        ValueError,
+        "attention_weights must have shape (N, Lq, M, L, P) = (2, 6, 3, 3, 4)",
+    ),
+    "weights_queries": (
+        lambda p: {"attention_weights": p["attention_weights"][:, :5]},
+        ValueError,
+        "attention_weights must have shape",
+    ),
+    "mixed_dtypes": (
+        lambda p: {"attention_weights": p["attention_weights"].float()},
+        TypeError,
+        "must share one dtype",
+    ),
     "integer_value": (lambda p: {"value": p["value"].long()}, TypeError, "value must be a floating tensor"),
-    "mixed_devices": (lambda p: {"attention_weights": p["attention_weights"].to("meta")}, ValueError,
-                      "attention_weights is on meta but value is on cpu"),
+    "mixed_devices": (
+        lambda p: {"attention_weights": p["attention_weights"].to("meta")},
+        ValueError,
+        "attention_weights is on meta but value is on cpu",
+    ),
 }
 
 
@@ -69,7 +117,9 @@ def test_kernel_called_directly_rejects_mismatched_shapes(small_problem):
     ms_deform_attn(*op_args(small_problem), backend="cpu")  # loads the kernel
     value, shapes, starts, locations, weights = op_args(small_problem)
     with pytest.raises(ValueError, match="attention_weights must be"):
-        torch.ops.deformable_detr.ms_deform_attn_forward(value, shapes, starts, locations, weights[..., :2].contiguous())
+        torch.ops.deformable_detr.ms_deform_attn_forward(
+            value, shapes, starts, locations, weights[..., :2].contiguous()
+        )
 
 
 def test_kernel_called_directly_never_reads_outside_value(small_problem):
@@ -83,8 +133,9 @@ def test_kernel_called_directly_never_reads_outside_value(small_problem):
     without_last_level[:, :, :, 2] = 0
     expected = torch.ops.deformable_detr.ms_deform_attn_forward(value, shapes, starts, locations, without_last_level)
     torch.testing.assert_close(output, expected)
-    grads = torch.ops.deformable_detr.ms_deform_attn_backward(torch.ones_like(output), value, too_large, starts,
-                                                              locations, weights)
+    grads = torch.ops.deformable_detr.ms_deform_attn_backward(
+        torch.ones_like(output), value, too_large, starts, locations, weights
+    )
     assert all(torch.isfinite(g).all() for g in grads)
 
 

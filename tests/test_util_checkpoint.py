@@ -1,4 +1,5 @@
 """util.checkpoint: atomic saving that survives a crash mid-write, and loading without arbitrary pickle."""
+
 from __future__ import annotations
 
 import argparse
@@ -103,8 +104,12 @@ def test_training_state_is_restored_and_the_next_epoch_returned():
     model(torch.ones(1, 2)).sum().backward()
     optimizer.step()
     scheduler.step()
-    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                  "lr_scheduler": scheduler.state_dict(), "epoch": 3}
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": scheduler.state_dict(),
+        "epoch": 3,
+    }
     fresh_optimizer = torch.optim.AdamW(model.parameters(), lr=1.0)
     fresh_scheduler = torch.optim.lr_scheduler.StepLR(fresh_optimizer, step_size=5, gamma=0.1)
     assert restore_training_state(checkpoint, fresh_optimizer, fresh_scheduler) == 4
@@ -125,8 +130,11 @@ def test_a_checkpoint_of_another_variant_is_named_with_both_descriptions():
     from models.describe import describe_state_dict
 
     checkpoint = {"model": tiny_detector("with_box_refine=true").state_dict()}
-    with pytest.raises(ValueError, match=r"unexpected keys \['transformer\.decoder\.bbox_embed.*"
-                                         r"The checkpoint: one-stage, box refinement.*This model: one-stage, no box"):
+    with pytest.raises(
+        ValueError,
+        match=r"unexpected keys \['transformer\.decoder\.bbox_embed.*"
+        r"The checkpoint: one-stage, box refinement.*This model: one-stage, no box",
+    ):
         load_model_weights(tiny_detector(), checkpoint, "refine.pth", describe=describe_state_dict)
 
 

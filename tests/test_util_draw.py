@@ -1,4 +1,5 @@
 """util.draw: boxes land where the detections say, on an enlarged copy of small images."""
+
 from __future__ import annotations
 
 from PIL import Image

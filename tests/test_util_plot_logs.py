@@ -1,4 +1,5 @@
 """util.plot_logs: curves from log.txt into a PNG; broken logs are named."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,17 @@ from util.plot_logs import main, read_log
 
 def write_log(folder, epochs: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [{"epoch": epoch, "train_loss": 5.0 - epoch, "train_loss_ce": 1.0, "train_loss_bbox": 0.5,
-              "train_loss_giou": 0.7, **({"val_AP": 0.1 * epoch, "val_AP50": 0.2 * epoch} if epoch % 2 else {})}
-             for epoch in range(epochs)]
+    lines = [
+        {
+            "epoch": epoch,
+            "train_loss": 5.0 - epoch,
+            "train_loss_ce": 1.0,
+            "train_loss_bbox": 0.5,
+            "train_loss_giou": 0.7,
+            **({"val_AP": 0.1 * epoch, "val_AP50": 0.2 * epoch} if epoch % 2 else {}),
+        }
+        for epoch in range(epochs)
+    ]
     (folder / "log.txt").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 

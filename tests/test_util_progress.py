@@ -1,4 +1,5 @@
 """util.progress: plain lines when the stream is not a terminal, averages, rank-0 silence."""
+
 from __future__ import annotations
 
 import io

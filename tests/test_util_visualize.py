@@ -1,5 +1,6 @@
 """util.visualize end to end on tiny models: the plotted points are the op's, weights sum to 1, the far corner,
 figures and JSON written from saved weights."""
+
 from __future__ import annotations
 
 import json
@@ -47,6 +48,7 @@ def catch_last_layers(model: torch.nn.Module) -> dict:
         def hook(module, inputs, output):
             caught[name] = (output[1], output[2])
             caught[f"{name}_reference_points"] = inputs[1]  # (N, Lq, L, 2 or 4) on the padded levels
+
         return hook
 
     model.transformer.encoder.layers[-1].self_attn.register_forward_hook(catch("encoder"))
@@ -73,8 +75,9 @@ def expected_rows(locations: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
 def view_and_caught():
     model = tiny_model()
     caught = catch_last_layers(model)
-    view = sample_attention(model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=3,
-                            points=[(10.0, 20.0), (130.0, 90.0)])
+    view = sample_attention(
+        model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=3, points=[(10.0, 20.0), (130.0, 90.0)]
+    )
     return view, caught
 
 
@@ -89,8 +92,9 @@ def test_plotted_decoder_points_equal_op_locations_in_pixels(view_and_caught):
     figure = decoder_figure(view)
     for axes, item in zip(figure.axes, view.decoder):
         query = item.detection.query
-        np.testing.assert_allclose(scatter_rows(axes), expected_rows(locations[0, query], weights[0, query]),
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            scatter_rows(axes), expected_rows(locations[0, query], weights[0, query]), rtol=1e-5, atol=1e-4
+        )
 
 
 def test_plotted_decoder_reference_cross_is_the_op_reference_point(view_and_caught):
@@ -114,8 +118,9 @@ def test_plotted_encoder_points_equal_op_locations_in_pixels(view_and_caught):
     locations, weights = caught["encoder"]
     figure = encoder_figure(view)
     for axes, item in zip(figure.axes, view.encoder):
-        np.testing.assert_allclose(scatter_rows(axes), expected_rows(locations[0, item.query], weights[0, item.query]),
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            scatter_rows(axes), expected_rows(locations[0, item.query], weights[0, item.query]), rtol=1e-5, atol=1e-4
+        )
 
 
 def test_far_corner_point_has_its_reference_in_the_last_cell(view_and_caught):
@@ -172,7 +177,8 @@ def test_earlier_layer_is_chosen_with_layer():
     model = tiny_model()
     caught = {}
     model.transformer.decoder.layers[0].cross_attn.register_forward_hook(
-        lambda module, inputs, output: caught.update(first=output[1]))
+        lambda module, inputs, output: caught.update(first=output[1])
+    )
     view = sample_attention(model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=1, layer=0)
     height, width = ORIGINAL_SIZE
     expected = caught["first"][0, view.decoder[0].detection.query] * torch.tensor([width, height])
@@ -188,8 +194,12 @@ def test_writes_figures_and_record_from_saved_weights(variant, tmp_path):
     model.load_state_dict(torch.load(tmp_path / "weights.pth", weights_only=True))
     view = sample_attention(model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=2)
     written = write_visualization(view, tmp_path / "out", "gradient", names={0: "circle"})
-    assert sorted(path.name for path in written) == ["gradient_decoder_sampling.png", "gradient_detections.png",
-                                                     "gradient_encoder_sampling.png", "gradient_sampling.json"]
+    assert sorted(path.name for path in written) == [
+        "gradient_decoder_sampling.png",
+        "gradient_detections.png",
+        "gradient_encoder_sampling.png",
+        "gradient_sampling.json",
+    ]
     record = json.loads((tmp_path / "out" / "gradient_sampling.json").read_text())
     box_reference = variant in ("box_refine", "two_stage", "two_stage_without_box_refine")
     assert all((query["reference_box"] is not None) == box_reference for query in record["decoder"]["queries"])

@@ -1,5 +1,6 @@
 """``main.py visualize`` (engine.commands.visualize over util.visualize) for every variant, from a checkpoint written
 the way training writes it (util.checkpoint.save_checkpoint, with config and category names)."""
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,7 @@ def write_checkpoint(variant: str, path) -> list[str]:
     cfg = tiny_config(*VARIANTS[variant])
     model, _, _ = build_model(cfg)
     randomize_zero_initialised(model)
-    save_checkpoint({"model": model.state_dict(), "epoch": 0, "config": cfg.to_dict(), "category_names": NAMES},
-                    path)
+    save_checkpoint({"model": model.state_dict(), "epoch": 0, "config": cfg.to_dict(), "category_names": NAMES}, path)
     return overrides
 
 
@@ -42,17 +42,37 @@ def write_image(path) -> str:
 def run_visualize(tmp_path, variant: str, *extra: str) -> int:
     overrides = write_checkpoint(variant, tmp_path / "checkpoint.pth")
     image = write_image(tmp_path / "gradient.png")
-    return main.main(["visualize", "--config", str(CONFIG), "--opts", *overrides, *SMALL,
-                      f"resume={tmp_path / 'checkpoint.pth'}", "--image", image, "--out", str(tmp_path / "out"),
-                      "--threshold", "0", "--top-k", "2", *extra])
+    return main.main(
+        [
+            "visualize",
+            "--config",
+            str(CONFIG),
+            "--opts",
+            *overrides,
+            *SMALL,
+            f"resume={tmp_path / 'checkpoint.pth'}",
+            "--image",
+            image,
+            "--out",
+            str(tmp_path / "out"),
+            "--threshold",
+            "0",
+            "--top-k",
+            "2",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_command_writes_every_file_for_every_variant(variant, tmp_path):
     assert run_visualize(tmp_path, variant) == 0
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [
-        "gradient_decoder_sampling.png", "gradient_detections.png", "gradient_encoder_sampling.png",
-        "gradient_sampling.json"]
+        "gradient_decoder_sampling.png",
+        "gradient_detections.png",
+        "gradient_encoder_sampling.png",
+        "gradient_sampling.json",
+    ]
     record = json.loads((tmp_path / "out" / "gradient_sampling.json").read_text())
     assert record["image_size"] == list(IMAGE_SIZE)
     assert len(record["detections"]) == 8  # threshold 0: every query of the tiny config
@@ -60,8 +80,12 @@ def test_command_writes_every_file_for_every_variant(variant, tmp_path):
 
 
 def test_points_layer_and_per_level_and_head_panels(tmp_path):
-    assert run_visualize(tmp_path, "deformable_detr", "--points", "0,0", "100,70", "--layer", "0", "--by-level",
-                         "--by-head") == 0
+    assert (
+        run_visualize(
+            tmp_path, "deformable_detr", "--points", "0,0", "100,70", "--layer", "0", "--by-level", "--by-head"
+        )
+        == 0
+    )
     out = tmp_path / "out"
     for part in ("decoder", "encoder"):
         assert (out / f"gradient_{part}_sampling_by_level.png").is_file()
@@ -98,5 +122,17 @@ def test_malformed_point_is_refused(tmp_path, capsys):
 
 def test_images_with_one_stem_are_refused(tmp_path):
     with pytest.raises(ValueError, match="share the file name stems"):
-        main.main(["visualize", "--config", str(CONFIG), "--opts", *TINY, *SMALL, "resume=none.pth",
-                   "--image", "a/x.png", "b/x.jpg"])
+        main.main(
+            [
+                "visualize",
+                "--config",
+                str(CONFIG),
+                "--opts",
+                *TINY,
+                *SMALL,
+                "resume=none.pth",
+                "--image",
+                "a/x.png",
+                "b/x.jpg",
+            ]
+        )

@@ -1,4 +1,5 @@
 """util.visualize_points: padded-level locations to original pixels, on a tiny model in a padded batch."""
+
 from __future__ import annotations
 
 import pytest
@@ -30,6 +31,7 @@ def run_padded_batch(variant: str) -> tuple[dict, dict[str, tuple[torch.Tensor, 
     def catch(name):
         def hook(module, inputs, output):
             caught[name] = (output[1], output[2])
+
         return hook
 
     model.transformer.encoder.layers[-1].self_attn.register_forward_hook(catch("encoder"))
@@ -73,8 +75,9 @@ def test_encoder_reference_is_one_image_point_on_every_level(padded_batch):
     outputs, _ = padded_batch
     height, width = ORIGINAL_SIZE
     query = encoder_query_index(outputs, 1, (width, height), ORIGINAL_SIZE)
-    per_level = to_image_pixels(outputs["encoder_reference_points"][1, query], outputs["valid_ratios"][1],
-                                ORIGINAL_SIZE)
+    per_level = to_image_pixels(
+        outputs["encoder_reference_points"][1, query], outputs["valid_ratios"][1], ORIGINAL_SIZE
+    )
     torch.testing.assert_close(per_level, per_level[:1].expand_as(per_level))
 
 

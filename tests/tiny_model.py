@@ -1,4 +1,5 @@
 """A tiny Deformable DETR config for fast tests: resnet18 without weights, 64 channels, one encoder layer."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,18 @@ import torch
 from models import CONFIG_DIR
 from util.config import Config, load_config
 
-TINY = ["pretrained_backbone=false", "backbone=resnet18", "hidden_dim=64", "dim_feedforward=64", "nheads=2",
-        "enc_layers=1", "dec_layers=2", "num_queries=8", "num_classes=5", "dropout=0.0"]
+TINY = [
+    "pretrained_backbone=false",
+    "backbone=resnet18",
+    "hidden_dim=64",
+    "dim_feedforward=64",
+    "nheads=2",
+    "enc_layers=1",
+    "dec_layers=2",
+    "num_queries=8",
+    "num_classes=5",
+    "dropout=0.0",
+]
 VARIANTS = {  # name -> the overrides that make it
     "deformable_detr": [],
     "single_scale": ["num_feature_levels=1"],
@@ -24,8 +35,10 @@ def tiny_config(*overrides: str) -> Config:
 
 def tiny_targets() -> list[dict[str, torch.Tensor]]:
     """Two images: two objects, and none."""
-    return [{"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.25, 0.3, 0.2, 0.2]])},
-            {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}]
+    return [
+        {"labels": torch.tensor([1, 3]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.3], [0.25, 0.3, 0.2, 0.2]])},
+        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+    ]
 
 
 def randomize_zero_initialised(model: torch.nn.Module, seed: int = 0) -> None:

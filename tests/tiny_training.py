@@ -1,6 +1,7 @@
 """A tiny training run for the engine tests: a few 64-pixel shapes images shown at 80 pixels (so that the
 smallest feature level keeps 2x2 positions: GroupNorm over 32 groups of 32 channels needs more than one) and a
 32-channel model."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,31 @@ from datasets.shapes import generate_shapes_dataset
 from util.config import Config, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "deformable_detr.yaml"
-TINY = ["device=cpu", "pretrained_backbone=false", "backbone=resnet18", "lr_backbone=0", "hidden_dim=32",
-        "dim_feedforward=32", "nheads=2", "enc_layers=1", "dec_layers=1", "num_queries=10", "num_classes=6",
-        "dropout=0.0", "attention_backend=pytorch", "batch_size=2", "epochs=1", "lr_drop=10", "num_workers=0",
-        "train_scales=[80]", "max_size=96", "train_crop=false", "val_size=80", "print_every=1", "save_every=1"]
+TINY = [
+    "device=cpu",
+    "pretrained_backbone=false",
+    "backbone=resnet18",
+    "lr_backbone=0",
+    "hidden_dim=32",
+    "dim_feedforward=32",
+    "nheads=2",
+    "enc_layers=1",
+    "dec_layers=1",
+    "num_queries=10",
+    "num_classes=6",
+    "dropout=0.0",
+    "attention_backend=pytorch",
+    "batch_size=2",
+    "epochs=1",
+    "lr_drop=10",
+    "num_workers=0",
+    "train_scales=[80]",
+    "max_size=96",
+    "train_crop=false",
+    "val_size=80",
+    "print_every=1",
+    "save_every=1",
+]
 # 5 validation images: two processes get 3 each, one image twice.
 NUM_TRAIN, NUM_VAL = 4, 5
 

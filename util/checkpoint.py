@@ -5,6 +5,7 @@ A checkpoint is a dict ``{"model", "optimizer", "lr_scheduler", "scaler", "epoch
 The original implementation's checkpoints also hold ``args``, an ``argparse.Namespace``: that one class is
 allowed while loading, nothing else.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,14 +52,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         keys = list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"checkpoint {path} has no 'model' entry (found {keys}); expected a file written by "
-                         "main.py train or by the original Deformable DETR code")
+        raise ValueError(
+            f"checkpoint {path} has no 'model' entry (found {keys}); expected a file written by "
+            "main.py train or by the original Deformable DETR code"
+        )
     return checkpoint
 
 
-def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], source: str | Path = "checkpoint", *,
-                       describe: Callable[[Mapping[str, torch.Tensor]], str] | None = None,
-                       resizable: tuple[str, ...] = ()) -> list[str]:
+def load_model_weights(
+    model: torch.nn.Module,
+    checkpoint: dict[str, Any],
+    source: str | Path = "checkpoint",
+    *,
+    describe: Callable[[Mapping[str, torch.Tensor]], str] | None = None,
+    resizable: tuple[str, ...] = (),
+) -> list[str]:
     """Copy ``checkpoint["model"]`` into ``model``: every key and shape must match.
 
     Tensors inside a module named in ``resizable`` (a component of the key, e.g. ``"class_embed"``) may differ in
@@ -71,12 +79,19 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], sourc
     unexpected = [key for key in weights if key not in own]
     resized = [key for key in own if key in weights and tuple(weights[key].shape) != tuple(own[key].shape)]
     kept = [key for key in resized if set(key.split(".")) & set(resizable)]
-    wrong_shape = [f"{key} {tuple(weights[key].shape)} (model {tuple(own[key].shape)})"
-                   for key in resized if key not in kept]
+    wrong_shape = [
+        f"{key} {tuple(weights[key].shape)} (model {tuple(own[key].shape)})" for key in resized if key not in kept
+    ]
     if missing or unexpected or wrong_shape:
-        problems = [f"{len(items)} {label} {items[:5]}" for label, items in
-                    (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", wrong_shape))
-                    if items]
+        problems = [
+            f"{len(items)} {label} {items[:5]}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shapes differ", wrong_shape),
+            )
+            if items
+        ]
         message = f"{source} does not fit this model (check the config it was trained with): " + ", ".join(problems)
         if describe is not None:
             message += f". The checkpoint: {describe(weights)}. This model: {describe(own)}"
@@ -85,9 +100,13 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], sourc
     return kept
 
 
-def restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Optimizer,
-                           lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
-                           scaler: torch.amp.GradScaler | None = None, source: str | Path = "checkpoint") -> int:
+def restore_training_state(
+    checkpoint: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None = None,
+    source: str | Path = "checkpoint",
+) -> int:
     """Restore optimizer, scheduler and AMP scaler from ``checkpoint``; returns the next epoch to train.
 
     The scheduler keeps the step size it has now (the config's ``lr_drop``), so a resumed run can move the drop.
@@ -98,8 +117,10 @@ def restore_training_state(checkpoint: dict[str, Any], optimizer: torch.optim.Op
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as error:
-        raise ValueError(f"{source}: its optimizer state does not fit this model's parameter groups ({error}); "
-                         "the model or lr_backbone / lr_linear_proj_names differ from the run that wrote it") from error
+        raise ValueError(
+            f"{source}: its optimizer state does not fit this model's parameter groups ({error}); "
+            "the model or lr_backbone / lr_linear_proj_names differ from the run that wrote it"
+        ) from error
     if "lr_scheduler" in checkpoint:
         step_size = getattr(lr_scheduler, "step_size", None)
         lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])

@@ -6,6 +6,7 @@ a key that is not there, in a file or an override, is an error that names it::
     cfg = load_config("configs/deformable_detr.yaml", overrides=["hidden_dim=128", "two_stage=true"])
     cfg.hidden_dim  # 128
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,7 +68,8 @@ class Config:
     lr_drop: int = 40
     clip_max_norm: float = 0.1
     lr_linear_proj_names: list[str] = dataclasses.field(
-        default_factory=lambda: ["reference_points", "sampling_offsets"])  # parameters at lr * lr_linear_proj_mult
+        default_factory=lambda: ["reference_points", "sampling_offsets"]
+    )  # parameters at lr * lr_linear_proj_mult
     lr_backbone_names: list[str] = dataclasses.field(default_factory=lambda: ["backbone.0"])  # at lr_backbone
     amp: str = "none"  # autocast: none | bfloat16 | float16 (float16 with a gradient scaler)
     # data: image sizes of the transforms (the paper's by default)
@@ -167,8 +169,10 @@ def _check_type(key: str, value: Any, expected: Any, origin: str) -> Any:
 def _check_list(key: str, value: Any, item_type: type, origin: str) -> list:
     """A list of ``item_type`` (ints pass as floats); YAML ``[1, 2]`` or a single item."""
     items = value if isinstance(value, list) else [value]
-    if any(isinstance(item, bool) or not isinstance(item, (item_type, int) if item_type is float else item_type)
-           for item in items):
+    if any(
+        isinstance(item, bool) or not isinstance(item, (item_type, int) if item_type is float else item_type)
+        for item in items
+    ):
         raise ValueError(f"config key {key!r} in {origin} must be a list of {item_type.__name__}, got {value!r}")
     return [item_type(item) for item in items]
 

@@ -4,6 +4,7 @@ One process: nothing is initialised and every helper answers as the only rank. U
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment) the default group starts
 with ``init_method="env://"``, NCCL for CUDA devices and gloo for the CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,7 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if not device.startswith("cuda"):
         raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available here; set device=cpu "
-                           "(e.g. --opts device=cpu)")
+        raise RuntimeError(f"device={device!r} but CUDA is not available here; set device=cpu (e.g. --opts device=cpu)")
     return torch.device(device if ":" in device else f"cuda:{local_rank}")
 
 

@@ -1,12 +1,23 @@
 """Draw detections on an image: a box, the class name and the score for each."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
+PALETTE = (
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
+    (170, 110, 40),
+)
 
 
 def class_name(names: Mapping[int, str] | None, label: int) -> str:
@@ -14,9 +25,14 @@ def class_name(names: Mapping[int, str] | None, label: int) -> str:
     return names.get(label, f"class {label}") if names is not None else f"class {label}"
 
 
-def draw_detections(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequence[int],
-                    scores: Sequence[float], names: Mapping[int, str] | None = None,
-                    min_side: int = 512) -> Image.Image:
+def draw_detections(
+    image: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    labels: Sequence[int],
+    scores: Sequence[float],
+    names: Mapping[int, str] | None = None,
+    min_side: int = 512,
+) -> Image.Image:
     """A copy of ``image`` with each box (``x0, y0, x1, y1`` pixels) outlined in its label's colour and captioned
     ``name score``; ``names`` maps labels to class names (missing: ``class N``). Images whose shorter side is below
     ``min_side`` are enlarged first (boxes with them), so that small images stay readable."""

@@ -1,4 +1,5 @@
 """Pad images of different sizes into one batch with a padding mask."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

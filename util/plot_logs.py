@@ -6,6 +6,7 @@ Draws, per run, the training loss and its three final-layer parts (``loss_ce``, 
 against the epoch, and the validation AP and AP50 of the epochs that were evaluated. The PNG goes to
 ``--out``, by default ``curves.png`` in the first run's folder.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 
-PANELS = (("train_loss", "loss (weighted total)"), ("train_loss_ce", "loss_ce"), ("train_loss_bbox", "loss_bbox"),
-          ("train_loss_giou", "loss_giou"), ("val_AP", "val AP"), ("val_AP50", "val AP50"))
+PANELS = (
+    ("train_loss", "loss (weighted total)"),
+    ("train_loss_ce", "loss_ce"),
+    ("train_loss_bbox", "loss_bbox"),
+    ("train_loss_giou", "loss_giou"),
+    ("val_AP", "val AP"),
+    ("val_AP50", "val AP50"),
+)
 
 
 def read_log(path: str | Path) -> list[dict]:
@@ -45,12 +52,20 @@ def plot_logs(runs: Sequence[str | Path], out: str | Path) -> Path:
     for run in runs:
         records = read_log(run)
         for axis, (key, title) in zip(axes.flat, PANELS):
-            points = [(record["epoch"], record[key]) for record in records
-                      if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])]
+            points = [
+                (record["epoch"], record[key])
+                for record in records
+                if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
+            ]
             if points:
                 epochs, values = zip(*points)
-                axis.plot(epochs, values, marker="o" if len(points) < 30 else None, markersize=3,
-                          label=Path(run).name or str(run))
+                axis.plot(
+                    epochs,
+                    values,
+                    marker="o" if len(points) < 30 else None,
+                    markersize=3,
+                    label=Path(run).name or str(run),
+                )
             axis.set_title(title)
             axis.set_xlabel("epoch")
             axis.grid(alpha=0.3)

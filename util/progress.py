@@ -9,6 +9,7 @@ line is printed every ``every`` iterations and after the last, so logs stay read
         progress.step(loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
     progress.close()
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,7 +28,7 @@ class SmoothedValue:
         self.count = 0
 
     def update(self, value: float) -> None:
-        self.recent = (self.recent + [value])[-self.window:]
+        self.recent = (self.recent + [value])[-self.window :]
         self.total += value
         self.count += 1
 
@@ -56,8 +57,15 @@ class Progress:
         stream: where to print (stdout by default).
     """
 
-    def __init__(self, total: int, header: str = "", every: int = 10, enabled: bool = True,
-                 shown: tuple[str, ...] | None = None, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        header: str = "",
+        every: int = 10,
+        enabled: bool = True,
+        shown: tuple[str, ...] | None = None,
+        stream: TextIO | None = None,
+    ) -> None:
         self.total, self.header, self.every, self.enabled = total, header, max(1, every), enabled
         self.shown = shown
         self.stream = stream if stream is not None else sys.stdout
@@ -88,10 +96,15 @@ class Progress:
         rate = self.iteration / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.iteration) / rate if rate > 0 else 0.0
         width = len(str(self.total))
-        shown = " ".join(f"{name} {value.median_window:.4g} ({value.global_avg:.4g})"
-                         for name, value in self.values.items() if self.shown is None or name in self.shown)
-        return (f"{self.header} [{self.iteration:>{width}}/{self.total}] {shown}  {rate:.2f} it/s  "
-                f"ETA {format_duration(eta)}").strip()
+        shown = " ".join(
+            f"{name} {value.median_window:.4g} ({value.global_avg:.4g})"
+            for name, value in self.values.items()
+            if self.shown is None or name in self.shown
+        )
+        return (
+            f"{self.header} [{self.iteration:>{width}}/{self.total}] {shown}  {rate:.2f} it/s  "
+            f"ETA {format_duration(eta)}"
+        ).strip()
 
     def averages(self) -> dict[str, float]:
         """The average of every value over all iterations so far."""
@@ -104,5 +117,9 @@ class Progress:
         if self.interactive:
             self.stream.write("\n")
         elapsed = time.perf_counter() - self.start
-        print(f"{self.header} done: {self.iteration} iterations in {format_duration(elapsed)} "
-              f"({elapsed / max(self.iteration, 1):.3f} s/it)", file=self.stream, flush=True)
+        print(
+            f"{self.header} done: {self.iteration} iterations in {format_duration(elapsed)} "
+            f"({elapsed / max(self.iteration, 1):.3f} s/it)",
+            file=self.stream,
+            flush=True,
+        )

@@ -15,6 +15,7 @@ From a notebook::
 The model runs once, with ``return_sampling=True``: the points are those that ``ops.MSDeformAttn`` itself
 sampled, mapped to the original image's pixels by :mod:`util.visualize_points`.
 """
+
 from __future__ import annotations
 
 import json
@@ -85,8 +86,7 @@ class AttentionView:
     encoder: list[EncoderQuery]
 
 
-def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transform
-                      ) -> tuple[dict, tuple[int, int]]:
+def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transform) -> tuple[dict, tuple[int, int]]:
     """``image`` through ``transforms`` (the validation resize and normalisation) and ``model`` in eval mode with
     ``return_sampling=True`` -> the outputs (batch of one) and the resized (height, width)."""
     no_boxes = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
@@ -123,9 +123,17 @@ def ranked_queries(outputs: dict, image_size: tuple[int, int], batch_index: int 
     return [Detection(int(query), int(labels[query]), float(scores[query]), boxes[query]) for query in order]
 
 
-def sample_attention(model: nn.Module, image: Image.Image, transforms: Transform, *, threshold: float = 0.5,
-                     top_k: int = 4, points: Sequence[tuple[float, float]] | None = None, layer: int = -1,
-                     query_level: int = 0) -> AttentionView:
+def sample_attention(
+    model: nn.Module,
+    image: Image.Image,
+    transforms: Transform,
+    *,
+    threshold: float = 0.5,
+    top_k: int = 4,
+    points: Sequence[tuple[float, float]] | None = None,
+    layer: int = -1,
+    query_level: int = 0,
+) -> AttentionView:
     """Run ``model`` on ``image`` once and collect where layer ``layer`` of its encoder and decoder looked.
 
     Args:
@@ -146,20 +154,38 @@ def sample_attention(model: nn.Module, image: Image.Image, transforms: Transform
     shown = detections[:top_k] or ranked[:top_k]
     decoder_layer = resolve_layer(layer, len(outputs["decoder_sampling"]), "decoder")
     encoder_layer = resolve_layer(layer, len(outputs["encoder_sampling"]), "encoder")
-    decoder = [DecoderQuery(detection, detection.score >= threshold,
-                            decoder_query_sampling(outputs, decoder_layer, 0, detection.query, image_size))
-               for detection in shown]
+    decoder = [
+        DecoderQuery(
+            detection,
+            detection.score >= threshold,
+            decoder_query_sampling(outputs, decoder_layer, 0, detection.query, image_size),
+        )
+        for detection in shown
+    ]
     if points is None:
         points = [_box_centre(detection.box, image_size) for detection in shown]
     encoder = []
     for pixel in points:
         query = encoder_query_index(outputs, 0, pixel, image_size, query_level)
-        encoder.append(EncoderQuery((float(pixel[0]), float(pixel[1])), query,
-                                    encoder_query_sampling(outputs, encoder_layer, 0, query, image_size)))
-    return AttentionView(image=image, resized_size=resized_size,
-                         spatial_shapes=[tuple(shape) for shape in outputs["spatial_shapes"].tolist()],
-                         threshold=threshold, detections=detections, decoder_layer=decoder_layer, decoder=decoder,
-                         encoder_layer=encoder_layer, encoder_query_level=query_level, encoder=encoder)
+        encoder.append(
+            EncoderQuery(
+                (float(pixel[0]), float(pixel[1])),
+                query,
+                encoder_query_sampling(outputs, encoder_layer, 0, query, image_size),
+            )
+        )
+    return AttentionView(
+        image=image,
+        resized_size=resized_size,
+        spatial_shapes=[tuple(shape) for shape in outputs["spatial_shapes"].tolist()],
+        threshold=threshold,
+        detections=detections,
+        decoder_layer=decoder_layer,
+        decoder=decoder,
+        encoder_layer=encoder_layer,
+        encoder_query_level=query_level,
+        encoder=encoder,
+    )
 
 
 def _box_centre(box: torch.Tensor, image_size: tuple[int, int]) -> tuple[float, float]:
@@ -176,8 +202,13 @@ def decoder_figure(view: AttentionView, split: str = "none", names: Mapping[int,
     for item in view.decoder:
         detection = item.detection
         mark = "" if item.above_threshold else " (below threshold)"
-        panels.append(Panel(f"query {detection.query}: {class_name(names, detection.label)} "
-                            f"{detection.score:.2f}{mark}", item.sampling, detection.box))
+        panels.append(
+            Panel(
+                f"query {detection.query}: {class_name(names, detection.label)} {detection.score:.2f}{mark}",
+                item.sampling,
+                detection.box,
+            )
+        )
     return sampling_figure(view.image, panels, split, f"decoder layer {view.decoder_layer}: cross-attention")
 
 
@@ -185,27 +216,55 @@ def encoder_figure(view: AttentionView, split: str = "none") -> Figure:
     """A panel per query pixel (per pixel and level / head with ``split``): its reference point and the encoder
     layer's sampling points coloured by attention weight."""
     panels = [Panel(f"pixel ({item.pixel[0]:.0f}, {item.pixel[1]:.0f})", item.sampling) for item in view.encoder]
-    return sampling_figure(view.image, panels, split, f"encoder layer {view.encoder_layer}: self-attention "
-                                                      f"(queries on level {view.encoder_query_level})")
+    return sampling_figure(
+        view.image,
+        panels,
+        split,
+        f"encoder layer {view.encoder_layer}: self-attention (queries on level {view.encoder_query_level})",
+    )
 
 
 def sampling_record(view: AttentionView, names: Mapping[int, str] | None = None) -> dict:
     """Everything the figures show, as JSON-ready values (pixels of the original image; boxes x0, y0, x1, y1)."""
+
     def detection_record(detection: Detection) -> dict:
-        return {"query": detection.query, "label": detection.label, "name": class_name(names, detection.label),
-                "score": round(detection.score, 6), "box": _rounded(detection.box)}
+        return {
+            "query": detection.query,
+            "label": detection.label,
+            "name": class_name(names, detection.label),
+            "score": round(detection.score, 6),
+            "box": _rounded(detection.box),
+        }
 
     return {
-        "image_size": [view.image.height, view.image.width], "resized_size": list(view.resized_size),
-        "spatial_shapes": [list(shape) for shape in view.spatial_shapes], "threshold": view.threshold,
+        "image_size": [view.image.height, view.image.width],
+        "resized_size": list(view.resized_size),
+        "spatial_shapes": [list(shape) for shape in view.spatial_shapes],
+        "threshold": view.threshold,
         "detections": [detection_record(detection) for detection in view.detections],
-        "decoder": {"layer": view.decoder_layer, "queries": [
-            {**detection_record(item.detection), "above_threshold": item.above_threshold,
-             **_sampling_record(item.sampling)} for item in view.decoder]},
-        "encoder": {"layer": view.encoder_layer, "query_level": view.encoder_query_level, "queries": [
-            {"pixel": [round(value, 3) for value in item.pixel], "query": item.query,
-             **_sampling_record(item.sampling)}
-            for item in view.encoder]},
+        "decoder": {
+            "layer": view.decoder_layer,
+            "queries": [
+                {
+                    **detection_record(item.detection),
+                    "above_threshold": item.above_threshold,
+                    **_sampling_record(item.sampling),
+                }
+                for item in view.decoder
+            ],
+        },
+        "encoder": {
+            "layer": view.encoder_layer,
+            "query_level": view.encoder_query_level,
+            "queries": [
+                {
+                    "pixel": [round(value, 3) for value in item.pixel],
+                    "query": item.query,
+                    **_sampling_record(item.sampling),
+                }
+                for item in view.encoder
+            ],
+        },
     }
 
 
@@ -213,10 +272,20 @@ def _sampling_record(sampling: QuerySampling) -> dict:
     """``reference_point``, ``reference_box`` (or None) and ``levels``: per level, per head, the
     ``sampling_points`` [[x, y] * P] and their ``attention_weights`` [P]."""
     num_heads, num_levels, _ = sampling.attention_weights.shape
-    levels = [{"level": level, "heads": [
-        {"head": head, "sampling_points": _rounded(sampling.sampling_points[head, level]),
-         "attention_weights": _rounded(sampling.attention_weights[head, level], 6)}
-        for head in range(num_heads)]} for level in range(num_levels)]
+    levels = [
+        {
+            "level": level,
+            "heads": [
+                {
+                    "head": head,
+                    "sampling_points": _rounded(sampling.sampling_points[head, level]),
+                    "attention_weights": _rounded(sampling.attention_weights[head, level], 6),
+                }
+                for head in range(num_heads)
+            ],
+        }
+        for level in range(num_levels)
+    ]
     box = None if sampling.reference_box is None else _rounded(sampling.reference_box)
     return {"reference_point": _rounded(sampling.reference_point), "reference_box": box, "levels": levels}
 
@@ -225,8 +294,14 @@ def _rounded(tensor: torch.Tensor, digits: int = 3) -> list:
     return torch.round(tensor.double(), decimals=digits).tolist()
 
 
-def write_visualization(view: AttentionView, out_dir: str | Path, stem: str, names: Mapping[int, str] | None = None,
-                        by_level: bool = False, by_head: bool = False) -> list[Path]:
+def write_visualization(
+    view: AttentionView,
+    out_dir: str | Path,
+    stem: str,
+    names: Mapping[int, str] | None = None,
+    by_level: bool = False,
+    by_head: bool = False,
+) -> list[Path]:
     """Write ``out_dir/<stem>_detections.png`` (every detection at or above the threshold, drawn by
     ``util.draw``), ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` (with ``by_level`` /
     ``by_head`` also ``..._by_level.png`` / ``..._by_head.png``) and ``<stem>_sampling.json``; returns the paths.
@@ -237,9 +312,13 @@ def write_visualization(view: AttentionView, out_dir: str | Path, stem: str, nam
     out_dir.mkdir(parents=True, exist_ok=True)
     detections = view.detections
     path = out_dir / f"{stem}_detections.png"
-    draw_detections(view.image, [detection.box.tolist() for detection in detections],
-                    [detection.label for detection in detections], [detection.score for detection in detections],
-                    names).save(path)
+    draw_detections(
+        view.image,
+        [detection.box.tolist() for detection in detections],
+        [detection.label for detection in detections],
+        [detection.score for detection in detections],
+        names,
+    ).save(path)
     written = [path]
     splits = ["none"] + (["level"] if by_level else []) + (["head"] if by_head else [])
     for split in splits:

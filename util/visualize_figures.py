@@ -3,6 +3,7 @@
 Figures are ``matplotlib.figure.Figure`` objects made without pyplot, so no display or global figure state is
 involved; ``figure.savefig(path)`` renders them with Agg.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,15 +34,16 @@ class Panel:
     box: torch.Tensor | None = None
 
 
-def selected_points(sampling: QuerySampling, level: int | None = None, head: int | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def selected_points(
+    sampling: QuerySampling, level: int | None = None, head: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampling points (K, 2) and weights (K,) of one level, one head, or all (None), by ascending weight
     (so that the strongest are drawn last, on top)."""
     points, weights = sampling.sampling_points, sampling.attention_weights  # (M, L, P, 2), (M, L, P)
     if head is not None:
-        points, weights = points[head:head + 1], weights[head:head + 1]
+        points, weights = points[head : head + 1], weights[head : head + 1]
     if level is not None:
-        points, weights = points[:, level:level + 1], weights[:, level:level + 1]
+        points, weights = points[:, level : level + 1], weights[:, level : level + 1]
     points, weights = points.reshape(-1, 2), weights.reshape(-1)
     order = torch.argsort(weights, stable=True)
     return points[order], weights[order]
@@ -67,37 +69,56 @@ def sampling_figure(image: Image.Image, panels: list[Panel], split: str = "none"
         return figure
     num_heads, num_levels, _ = panels[0].sampling.attention_weights.shape
     # (level, head) of each column; rows are the panels unless split is "none".
-    columns = {"none": [(None, None)], "level": [(level, None) for level in range(num_levels)],
-               "head": [(None, head) for head in range(num_heads)]}[split]
+    columns = {
+        "none": [(None, None)],
+        "level": [(level, None) for level in range(num_levels)],
+        "head": [(None, head) for head in range(num_heads)],
+    }[split]
     cells = [(panel, level, head) for panel in panels for level, head in columns]
     num_columns = min(len(panels), MAX_COLUMNS) if split == "none" else len(columns)
     num_rows = math.ceil(len(cells) / num_columns)
     aspect = image.height / image.width
-    figure = Figure(figsize=(PANEL_INCHES * num_columns + 1.0, PANEL_INCHES * aspect * num_rows + 0.8),
-                    layout="constrained")
+    figure = Figure(
+        figsize=(PANEL_INCHES * num_columns + 1.0, PANEL_INCHES * aspect * num_rows + 0.8), layout="constrained"
+    )
     highest = max(float(panel.sampling.attention_weights.max()) for panel in panels)
     norm = Normalize(vmin=0.0, vmax=max(highest, 1e-6))
     all_axes = figure.subplots(num_rows, num_columns, squeeze=False).reshape(-1)
     for axes, (panel, level, head) in zip(all_axes, cells):
         part = " ".join(f"{name} {index}" for name, index in (("level", level), ("head", head)) if index is not None)
         draw_panel(axes, image, panel, norm, level, head, f"{panel.title}\n{part}" if part else panel.title)
-    for axes in all_axes[len(cells):]:
+    for axes in all_axes[len(cells) :]:
         axes.axis("off")
-    figure.colorbar(ScalarMappable(norm=norm, cmap=COLOUR_MAP), ax=list(all_axes), label="attention weight",
-                    shrink=0.8)
+    figure.colorbar(ScalarMappable(norm=norm, cmap=COLOUR_MAP), ax=list(all_axes), label="attention weight", shrink=0.8)
     if title:
         figure.suptitle(title, fontsize=10)
     return figure
 
 
-def draw_panel(axes, image: Image.Image, panel: Panel, norm: Normalize, level: int | None = None,
-               head: int | None = None, title: str = "") -> None:
+def draw_panel(
+    axes,
+    image: Image.Image,
+    panel: Panel,
+    norm: Normalize,
+    level: int | None = None,
+    head: int | None = None,
+    title: str = "",
+) -> None:
     """One panel on ``axes``: the image, the chosen points (see :func:`selected_points`), the reference and boxes.
     The scatter is the axes' first collection."""
     axes.imshow(image)
     points, weights = selected_points(panel.sampling, level, head)
-    axes.scatter(points[:, 0].numpy(), points[:, 1].numpy(), c=weights.numpy(), cmap=COLOUR_MAP, norm=norm, s=14,
-                 edgecolors="black", linewidths=0.3, zorder=3)
+    axes.scatter(
+        points[:, 0].numpy(),
+        points[:, 1].numpy(),
+        c=weights.numpy(),
+        cmap=COLOUR_MAP,
+        norm=norm,
+        s=14,
+        edgecolors="black",
+        linewidths=0.3,
+        zorder=3,
+    )
     if panel.sampling.reference_box is not None:
         axes.add_patch(_rectangle(panel.sampling.reference_box, "white", "--"))
     if panel.box is not None:

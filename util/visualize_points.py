@@ -13,14 +13,21 @@ On coarse levels the unpadded share counts whole cells of the padding mask resiz
 little from the image's exact share of the padded batch; dividing by it is still right, because the model places
 its reference points in those same units. Nothing here runs a model or draws: :mod:`util.visualize` does both.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-SAMPLING_KEYS = ("spatial_shapes", "level_start_index", "valid_ratios", "encoder_reference_points",
-                 "encoder_sampling", "decoder_sampling")
+SAMPLING_KEYS = (
+    "spatial_shapes",
+    "level_start_index",
+    "valid_ratios",
+    "encoder_reference_points",
+    "encoder_sampling",
+    "decoder_sampling",
+)
 
 
 @dataclass
@@ -51,13 +58,14 @@ def check_sampling_outputs(outputs: dict) -> None:
 def resolve_layer(layer: int, num_layers: int, name: str) -> int:
     """``layer`` (negative counts from the last) as an index in [0, num_layers); the error names ``name``."""
     if not -num_layers <= layer < num_layers:
-        raise ValueError(f"layer {layer} does not exist: the {name} has {num_layers} layer(s), "
-                         f"so layer must be in [{-num_layers}, {num_layers - 1}]")
+        raise ValueError(
+            f"layer {layer} does not exist: the {name} has {num_layers} layer(s), "
+            f"so layer must be in [{-num_layers}, {num_layers - 1}]"
+        )
     return layer % num_layers
 
 
-def to_image_pixels(locations: torch.Tensor, valid_ratios: torch.Tensor, image_size: tuple[int, int]
-                    ) -> torch.Tensor:
+def to_image_pixels(locations: torch.Tensor, valid_ratios: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
     """Points on padded level maps -> pixels of the original image.
 
     Args:
@@ -82,8 +90,9 @@ def _box_to_image_pixels(box: torch.Tensor, valid_ratio: torch.Tensor, image_siz
     return torch.cat([centre - size / 2, centre + size / 2])
 
 
-def decoder_query_sampling(outputs: dict, layer: int, batch_index: int, query: int, image_size: tuple[int, int]
-                           ) -> QuerySampling:
+def decoder_query_sampling(
+    outputs: dict, layer: int, batch_index: int, query: int, image_size: tuple[int, int]
+) -> QuerySampling:
     """Decoder layer ``layer``'s cross-attention of object query ``query`` of image ``batch_index``.
 
     Args:
@@ -105,11 +114,13 @@ def decoder_query_sampling(outputs: dict, layer: int, batch_index: int, query: i
         reference_point=to_image_pixels(reference[0, :2], valid_ratios[0], image_size),
         sampling_points=to_image_pixels(locations, valid_ratios[None, :, None, :], image_size),
         attention_weights=sampling["attention_weights"][batch_index, query],
-        reference_box=reference_box)
+        reference_box=reference_box,
+    )
 
 
-def encoder_query_index(outputs: dict, batch_index: int, pixel: tuple[float, float], image_size: tuple[int, int],
-                        level: int = 0) -> int:
+def encoder_query_index(
+    outputs: dict, batch_index: int, pixel: tuple[float, float], image_size: tuple[int, int], level: int = 0
+) -> int:
     """The encoder query (an index into the flattened levels) of the level-``level`` cell covering ``pixel``.
 
     Args:
@@ -134,8 +145,9 @@ def encoder_query_index(outputs: dict, batch_index: int, pixel: tuple[float, flo
     return int(outputs["level_start_index"][level]) + row * map_width + column
 
 
-def encoder_query_sampling(outputs: dict, layer: int, batch_index: int, query: int, image_size: tuple[int, int]
-                           ) -> QuerySampling:
+def encoder_query_sampling(
+    outputs: dict, layer: int, batch_index: int, query: int, image_size: tuple[int, int]
+) -> QuerySampling:
     """Encoder layer ``layer``'s self-attention of encoder query ``query`` (see :func:`encoder_query_index`)."""
     check_sampling_outputs(outputs)
     layers = outputs["encoder_sampling"]
@@ -146,4 +158,5 @@ def encoder_query_sampling(outputs: dict, layer: int, batch_index: int, query: i
     return QuerySampling(
         reference_point=to_image_pixels(reference[0], valid_ratios[0], image_size),
         sampling_points=to_image_pixels(locations, valid_ratios[None, :, None, :], image_size),
-        attention_weights=sampling["attention_weights"][batch_index, query])
+        attention_weights=sampling["attention_weights"][batch_index, query],
+    )
