@@ -31,6 +31,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from util.draw import class_name, draw_detections
+from util.image_io import to_rgb
 from util.visualize_figures import Panel, sampling_figure
 from util.visualize_points import (
     QuerySampling,
@@ -90,7 +91,7 @@ def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transfor
     """``image`` through ``transforms`` (the validation resize and normalisation) and ``model`` in eval mode with
     ``return_sampling=True`` -> the outputs (batch of one) and the resized (height, width)."""
     no_boxes = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-    tensor, _ = transforms(image.convert("RGB"), no_boxes)
+    tensor, _ = transforms(to_rgb(image), no_boxes)
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
