@@ -215,3 +215,11 @@ def test_sixteen_bit_grey_image_is_seen_like_its_eight_bit_version():
     outputs, _ = run_with_sampling(model, Image.fromarray(sixteen_bit), TRANSFORMS)
     expected, _ = run_with_sampling(model, Image.fromarray(eight_bit).convert("RGB"), TRANSFORMS)
     torch.testing.assert_close(outputs["pred_logits"], expected["pred_logits"])
+
+
+def test_view_keeps_the_rgb_version_of_a_sixteen_bit_image():
+    gradient = np.linspace(0, 65535, ORIGINAL_SIZE[1]).round().astype(np.uint16)[None].repeat(ORIGINAL_SIZE[0], 0)
+    view = sample_attention(tiny_model(), Image.fromarray(gradient), TRANSFORMS, top_k=1)
+    expected = np.rint(gradient / 65535 * 255).astype(np.uint8)
+    assert view.image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(view.image), np.repeat(expected[..., None], 3, -1))

@@ -139,7 +139,8 @@ def sample_attention(
 
     Args:
         model: a ``DeformableDETR`` (any variant).
-        image: the original image; ``transforms`` resize and normalise it as in evaluation.
+        image: the original image in any mode (read as :func:`util.image_io.to_rgb` says; the view keeps the RGB
+            version); ``transforms`` resize and normalise it as in evaluation.
         threshold: detections scoring at least this are listed; the decoder panels show the best ``top_k`` of
             them, or the best ``top_k`` queries (marked below threshold) when none reaches it.
         points: encoder query pixels (x, y) in the original image; None: the centres of the decoder panels' boxes.
@@ -148,6 +149,7 @@ def sample_attention(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
+    image = to_rgb(image)
     outputs, resized_size = run_with_sampling(model, image, transforms)
     image_size = (image.height, image.width)
     ranked = ranked_queries(outputs, image_size)
