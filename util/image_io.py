@@ -43,14 +43,14 @@ BACKGROUND = (255, 255, 255)
 
 def _sixteen_bit_to_grey(image: Image.Image, name: str) -> Image.Image:
     """A 16-bit (``I;16*``) or 32-bit integer (``I``) grey image -> ``L``, scaling ``0..65535`` to ``0..255``."""
-    values = np.asarray(image).astype(np.int64)
+    values = np.asarray(image)
     if values.size and (values.min() < 0 or values.max() > SIXTEEN_BIT_MAX):
         raise UserError(
-            f"cannot read image {name}: 32-bit integer pixels range over {values.min()}..{values.max()}, "
+            f"cannot read image {name}: integer pixels range over {values.min()}..{values.max()}, "
             f"outside the 16-bit range 0..{SIXTEEN_BIT_MAX} that can be scaled to 8 bits; "
             "save the image as 8-bit or 16-bit PNG"
         )
-    scaled = (values * 255 + SIXTEEN_BIT_MAX // 2) // SIXTEEN_BIT_MAX  # round(value * 255 / 65535)
+    scaled = (values.astype(np.uint32) * 255 + SIXTEEN_BIT_MAX // 2) // SIXTEEN_BIT_MAX  # round(v * 255 / 65535)
     return Image.fromarray(scaled.astype(np.uint8))
 
 
