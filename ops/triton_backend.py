@@ -1,0 +1,157 @@
+"""The ``"triton"`` backend of ``ms_deform_attn``: launches the kernels of :mod:`ops.triton_kernels`.
+
+Usable where triton imports (it ships with the CUDA build of torch) and either a GPU is visible (the kernels
+compile for it and run on CUDA tensors) or ``TRITON_INTERPRET=1`` was set before :mod:`ops.triton_kernels` was
+first imported (the kernels then run in Triton's CPU interpreter on CPU tensors: slow, for verification only).
+
+The launches are the torch.library custom ops ``deformable_detr::ms_deform_attn_triton_forward`` / ``_backward``
+with fake implementations and registered autograd, so gradients flow and ``torch.compile`` traces through them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+from ops import custom_ops
+
+MAX_BLOCK_QUERIES = 64  # queries per program; a (BLOCK_Q, BLOCK_D) tile stays within about 2048 elements
+POISON_OUTPUTS = False  # fill outputs with NaN before a launch, so that an element never written shows (tests)
+
+
+@functools.cache
+def _kernels():
+    """The kernel module, or None where triton does not import."""
+    try:
+        from ops import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels
+
+
+def is_available() -> bool:
+    """True where triton imports and the kernels can run: on a GPU, or in Triton's interpreter."""
+    kernels = _kernels()
+    return kernels is not None and (kernels.INTERPRETED or torch.cuda.is_available())
+
+
+def device_type() -> str:
+    """The device the backend runs on: "cpu" under the interpreter, else "cuda"."""
+    kernels = _kernels()
+    return "cpu" if kernels is not None and kernels.INTERPRETED else "cuda"
+
+
+def check_usable(device: torch.device) -> None:
+    """Raise a clear error if the triton backend cannot run on tensors of ``device``."""
+    if _kernels() is None:
+        raise RuntimeError(
+            "backend 'triton' needs the triton package (it ships with the CUDA build of torch); "
+            "install it or pick another backend"
+        )
+    if not is_available():
+        raise RuntimeError(
+            "backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before ops.triton_kernels is imported "
+            "to run Triton's CPU interpreter"
+        )
+    if device.type != device_type():
+        hint = " (the kernels run in Triton's CPU interpreter: TRITON_INTERPRET=1)" if device_type() == "cpu" else ""
+        raise ValueError(f"backend 'triton' runs on {device_type()} tensors{hint} but value is on {device}")
+
+
+def _accumulate_type(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _launch_config(value: torch.Tensor, sampling_locations: torch.Tensor) -> tuple[tuple[int, int], dict]:
+    """(grid, keyword arguments) shared by the forward and the backward launch."""
+    import triton
+
+    batch, positions, heads, channels = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    block_channels = triton.next_power_of_2(channels)
+    block_queries = min(MAX_BLOCK_QUERIES, max(1, 2048 // block_channels), triton.next_power_of_2(queries))
+    grid = (batch * triton.cdiv(queries, block_queries), heads)
+    return grid, {
+        "queries": queries,
+        "positions": positions,
+        "heads": heads,
+        "levels": levels,
+        "points": points,
+        "CHANNELS": channels,
+        "ACC": _accumulate_type(value.dtype),
+        "BLOCK_Q": block_queries,
+        "BLOCK_D": block_channels,
+    }
+
+
+def _on_device(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_triton_forward", mutates_args=())
+def _forward(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    batch, _, heads, channels = value.shape
+    output = _new_output((batch, sampling_locations.shape[1], heads * channels), value)
+    if output.numel() == 0:
+        return output
+    grid, arguments = _launch_config(value, sampling_locations)
+    with _on_device(value):
+        _kernels().ms_deform_attn_forward_kernel[grid](
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output, **arguments
+        )
+    return output
+
+
+@torch.library.custom_op("deformable_detr::ms_deform_attn_triton_backward", mutates_args=())
+def _backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
+    grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)  # atomic adds land here
+    grad_locations = _new_output(tuple(sampling_locations.shape), sampling_locations)
+    grad_weights = _new_output(tuple(attention_weights.shape), attention_weights)
+    if grad_output.numel() != 0:
+        grid, arguments = _launch_config(value, sampling_locations)
+        with _on_device(value):
+            _kernels().ms_deform_attn_backward_kernel[grid](
+                grad_output.contiguous(),
+                value,
+                spatial_shapes,
+                level_start_index,
+                sampling_locations,
+                attention_weights,
+                grad_value,
+                grad_locations,
+                grad_weights,
+                **arguments,
+            )
+    return grad_value.to(value.dtype), grad_locations, grad_weights
+
+
+_forward.register_fake(custom_ops.forward_fake)
+_backward.register_fake(custom_ops.backward_fake)
+
+
+_forward.register_autograd(custom_ops.backward_through(_backward), setup_context=custom_ops.save_inputs)
