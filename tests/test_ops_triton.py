@@ -87,6 +87,13 @@ def test_triton_sample_outside_the_map_contributes_exactly_zero_even_with_infini
     torch.testing.assert_close(grad_value.cpu(), expected_grads[0], rtol=1e-9, atol=1e-9)
 
 
+def test_triton_without_queries_gives_an_empty_output_and_zero_gradients():
+    problem = make_problem([(3, 4)], 2, 0, 2, 3, 2, device=DEVICE, seed=7)
+    output, (grad_value, grad_locations, grad_weights), _ = run_with_grads("triton", problem)
+    assert output.shape == (2, 0, 6) and grad_locations.numel() == 0 and grad_weights.numel() == 0
+    assert torch.equal(grad_value, torch.zeros_like(grad_value))
+
+
 def test_triton_non_contiguous_inputs_give_the_contiguous_result():
     problem = make_problem([(3, 4), (1, 2)], 1, 3, 2, 3, 2, device=DEVICE, seed=4)
     value, shapes, starts, locations, weights = op_args(problem)
