@@ -70,11 +70,10 @@ def _accumulate_type(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _new_output(shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    dtype = dtype or like.dtype
+def _new_output(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _power_of_two_at_least(count: int) -> int:
@@ -107,6 +106,14 @@ def _launch_config(value: torch.Tensor, sampling_locations: torch.Tensor) -> tup
     }
 
 
+def _check_layout(*tensors: torch.Tensor) -> None:
+    """The kernels index raw memory: a direct call through torch.ops must not hand them another layout."""
+    if not all(tensor.is_contiguous() for tensor in tensors):
+        raise ValueError("the triton kernels need contiguous inputs (ops.ms_deform_attn makes them so)")
+    if not tensors[1].dtype == tensors[2].dtype == torch.int64:
+        raise TypeError("the triton kernels need int64 spatial_shapes and level_start_index")
+
+
 def _on_device(tensor: torch.Tensor):
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
@@ -119,6 +126,7 @@ def _forward(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
+    _check_layout(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     batch, _, heads, channels = value.shape
     output = _new_output((batch, sampling_locations.shape[1], heads * channels), value)
     if output.numel() == 0:
@@ -140,6 +148,7 @@ def _backward(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_layout(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     accumulate = torch.float64 if value.dtype == torch.float64 else torch.float32
     grad_value = torch.zeros(value.shape, dtype=accumulate, device=value.device)  # atomic adds land here
     grad_locations = _new_output(tuple(sampling_locations.shape), sampling_locations)

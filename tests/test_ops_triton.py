@@ -104,6 +104,16 @@ def test_triton_non_contiguous_inputs_give_the_contiguous_result():
     torch.testing.assert_close(got, expected)
 
 
+def test_triton_custom_op_rejects_a_layout_the_kernels_cannot_index():
+    problem = make_problem([(2, 3)], 1, 2, 2, 3, 1, device=DEVICE, seed=8)
+    value, shapes, starts, locations, weights = op_args(problem)
+    strided_value = value.transpose(2, 3).contiguous().transpose(2, 3)
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.deformable_detr.ms_deform_attn_triton_forward(strided_value, shapes, starts, locations, weights)
+    with pytest.raises(TypeError, match="int64"):
+        torch.ops.deformable_detr.ms_deform_attn_triton_forward(value, shapes.int(), starts, locations, weights)
+
+
 def test_triton_custom_op_registration_passes_opcheck():
     problem = make_problem([(2, 3)], 1, 2, 1, 3, 1, device=DEVICE, seed=5)
     value, shapes, starts, locations, weights = op_args(problem)
