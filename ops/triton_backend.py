@@ -47,13 +47,19 @@ def device_type() -> str:
     return "cpu" if kernels is not None and kernels.INTERPRETED else "cuda"
 
 
-def check_usable(device: torch.device) -> None:
-    """Raise a clear error if the triton backend cannot run on tensors of ``device``."""
-    if _kernels() is None:
+def _loaded_kernels():
+    kernels = _kernels()
+    if kernels is None:
         raise RuntimeError(
             "backend 'triton' needs the triton package (it ships with the CUDA build of torch); "
             "install it or pick another backend"
         )
+    return kernels
+
+
+def check_usable(device: torch.device) -> None:
+    """Raise a clear error if the triton backend cannot run on tensors of ``device``."""
+    _loaded_kernels()
     if not is_available():
         raise RuntimeError(
             "backend 'triton' needs a CUDA GPU, or TRITON_INTERPRET=1 set before ops.triton_kernels is imported "
@@ -133,7 +139,7 @@ def _forward(
         return output
     grid, arguments = _launch_config(value, sampling_locations)
     with _on_device(value):
-        _kernels().ms_deform_attn_forward_kernel[grid](
+        _loaded_kernels().ms_deform_attn_forward_kernel[grid](
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output, **arguments
         )
     return output
@@ -156,7 +162,7 @@ def _backward(
     if grad_output.numel() != 0:
         grid, arguments = _launch_config(value, sampling_locations)
         with _on_device(value):
-            _kernels().ms_deform_attn_backward_kernel[grid](
+            _loaded_kernels().ms_deform_attn_backward_kernel[grid](
                 grad_output.contiguous(),
                 value,
                 spatial_shapes,

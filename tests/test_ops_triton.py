@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,6 +136,14 @@ def test_triton_without_the_package_is_not_listed_and_raises_when_asked_for(monk
     monkeypatch.setattr(triton_backend, "_kernels", lambda: None)
     assert "triton" not in available_backends()
     with pytest.raises(RuntimeError, match="backend 'triton' needs the triton package"):
+        ms_deform_attn(*op_args(small_problem), backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the compiled kernels are usable")
+def test_triton_compiled_for_a_gpu_without_one_is_not_listed_and_says_what_to_do(monkeypatch, small_problem):
+    monkeypatch.setattr(triton_backend, "_kernels", lambda: SimpleNamespace(INTERPRETED=False))
+    assert "triton" not in available_backends()
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
         ms_deform_attn(*op_args(small_problem), backend="triton")
 
 
