@@ -23,26 +23,35 @@ _library.define(
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ms_deform_attn_forward")
-def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     batch, _, heads, channels = value.shape
     return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ms_deform_attn_backward")
-def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = torch.ops.deformable_detr.ms_deform_attn_backward(
-        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
-    return grad_value, None, None, grad_locations, grad_weights
+def backward_through(backward_op):
+    """The autograd formula of a forward op (the five op inputs) whose gradients ``backward_op`` computes."""
+
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = backward_op(
+            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+    return backward
 
 
-torch.library.register_autograd(f"{NAMESPACE}::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd(
+    f"{NAMESPACE}::ms_deform_attn_forward",
+    backward_through(torch.ops.deformable_detr.ms_deform_attn_backward),
+    setup_context=save_inputs,
+)
