@@ -45,7 +45,7 @@ from engine.data import (
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prediction import PREDICTIONS_FILE, load_image, predict_files
-from engine.run_dir import CONFIG_FILE, LATEST_CHECKPOINT, append_log, claim_output_dir, unlogged_record
+from engine.run_dir import CONFIG_FILE, LATEST_CHECKPOINT, append_log, claim_output_dir, reconcile_log
 from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
 from models import build_model
 from models.describe import describe_state_dict
@@ -311,26 +311,27 @@ def validation_metrics(record: dict) -> dict[str, float]:
 def train(cfg: Config) -> dict[str, float] | None:
     """Train ``cfg.epochs`` epochs (from ``cfg.resume`` when given), evaluating and checkpointing as configured.
 
-    Returns the last evaluation's metrics on rank 0 (None on other ranks or when no epoch was left to train).
-    Raises a :class:`UserError` when ``cfg.output_dir`` holds another run (see ``engine.run_dir``).
+    Returns the last evaluation's metrics on rank 0 (None on other ranks, or when no evaluation ran). Raises a
+    :class:`UserError` when ``cfg.output_dir`` holds another run (see ``engine.run_dir``).
     """
     info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     seed_everything(cfg.seed + info.rank)
-    output_dir = Path(cfg.output_dir)
+    with explaining_timeouts(cfg.dist_timeout_minutes):
+        return train_epochs(cfg, info, Path(cfg.output_dir))
+
+
+def train_epochs(cfg: Config, info: DistributedInfo, output_dir: Path) -> dict[str, float] | None:
     for note in decided_on_main(
         info, lambda: claim_output_dir(output_dir, cfg.resume, cfg.finetune_from, cfg.overwrite)
     ):
         say(info, note)
     if info.is_main:
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    with explaining_timeouts(cfg.dist_timeout_minutes):
-        return train_epochs(cfg, info, output_dir)
-
-
-def train_epochs(cfg: Config, info: DistributedInfo, output_dir: Path) -> dict[str, float] | None:
     run = build_training(cfg, info)
     start_epoch, last_record = resume_training(run, cfg, info)
-    unlogged = decided_on_main(info, lambda: unlogged_record(output_dir, cfg.resume, start_epoch, last_record))
+    unlogged, notes = decided_on_main(info, lambda: reconcile_log(output_dir, cfg.resume, start_epoch, last_record))
+    for note in notes:
+        say(info, note)
     metrics = validation_metrics(complete_record(run, unlogged, cfg, info, output_dir)) if unlogged else {}
     if start_epoch >= cfg.epochs:
         say(

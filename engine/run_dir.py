@@ -46,24 +46,23 @@ def claim_output_dir(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    notes = [
-        f"removed {path}, left by a checkpoint write that was killed" for path in remove_stale_temporaries(output_dir)
-    ]
     existing = matching_files(output_dir, RUN_PATTERNS)
-    if not existing or continues_run_in(output_dir, resume):
-        return notes
-    if not overwrite:
+    if existing and not overwrite and not continues_run_in(output_dir, resume):
         names = ", ".join(path.name for path in existing[:4]) + (", ..." if len(existing) > 4 else "")
         raise UserError(
             f"output_dir {output_dir} already holds a training run ({names}); nothing was changed. Continue it "
             f"with --opts resume={output_dir / LATEST_CHECKPOINT}, train into another output_dir, or set "
             "overwrite=true to delete that run and start anew"
         )
-    sources = {Path(path).resolve() for path in (resume, finetune_from) if path}
-    removed = [path for path in matching_files(output_dir, OVERWRITTEN_PATTERNS) if path.resolve() not in sources]
-    for path in removed:
-        path.unlink()
-    notes.append(f"overwrite=true: deleted the earlier run in {output_dir} ({len(removed)} files)")
+    notes = [
+        f"removed {path}, left by a checkpoint write that was killed" for path in remove_stale_temporaries(output_dir)
+    ]
+    if existing and not continues_run_in(output_dir, resume):  # overwrite
+        sources = {Path(path).resolve() for path in (resume, finetune_from) if path}
+        removed = [path for path in matching_files(output_dir, OVERWRITTEN_PATTERNS) if path.resolve() not in sources]
+        for path in removed:
+            path.unlink()
+        notes.append(f"overwrite=true: deleted the earlier run in {output_dir} ({len(removed)} files)")
     return notes
 
 
@@ -72,29 +71,37 @@ def append_log(output_dir: str | Path, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
 
 
-def log_before(output_dir: str | Path, epoch: int) -> list[dict]:
-    """The records of ``log.txt`` for the epochs before ``epoch``; later records (left by a run resumed from an
-    earlier checkpoint, whose epochs are trained again) are removed from the file. [] when it is absent."""
+def log_before(output_dir: str | Path, epoch: int) -> tuple[list[dict], list[dict]]:
+    """The records of ``log.txt`` for the epochs before ``epoch``, and those from ``epoch`` on, which are removed
+    from the file (left by a run resumed from an earlier checkpoint: those epochs are trained again)."""
     path = Path(output_dir) / LOG_FILE
     if not path.is_file():
-        return []
+        return [], []
     records = read_log(path)
     kept = [record for record in records if record.get("epoch", -1) < epoch]
-    if len(kept) < len(records):
+    dropped = [record for record in records if record.get("epoch", -1) >= epoch]
+    if dropped:
         path.write_text("".join(json.dumps(record) + "\n" for record in kept), encoding="utf-8")
-    return kept
+    return kept, dropped
 
 
-def unlogged_record(output_dir: str | Path, resume: str, start_epoch: int, last_record: dict | None) -> dict | None:
-    """The record of the epoch that ``resume`` (a checkpoint of ``output_dir``) finished but ``log.txt`` lacks,
-    because the run stopped after that checkpoint was written, in the evaluation; None when the log is complete.
+def reconcile_log(
+    output_dir: str | Path, resume: str, start_epoch: int, last_record: dict | None
+) -> tuple[dict | None, list[str]]:
+    """Make ``log.txt`` hold the epochs before ``start_epoch`` alone, the resumed run going on from there.
 
-    ``last_record`` is the checkpoint's own copy of that record (losses and lr; ``val_*`` are added by evaluating
-    again). Records of epochs from ``start_epoch`` on are first removed (see :func:`log_before`).
+    Returns the record of the epoch that ``resume`` (a checkpoint of ``output_dir``) finished but ``log.txt``
+    lacks, because the run stopped after that checkpoint was written, in the evaluation (None when the log is
+    complete), and lines that say what changed. ``last_record`` is the checkpoint's own copy of that record
+    (losses and lr; ``val_*`` are added by evaluating again).
     """
-    kept = log_before(output_dir, start_epoch)
+    kept, dropped = log_before(output_dir, start_epoch)
+    notes = []
+    if dropped:
+        epochs = sorted({record.get("epoch") for record in dropped})
+        notes.append(f"{Path(output_dir) / LOG_FILE}: removed the records of epochs {epochs}, trained again now")
     if last_record is None or not continues_run_in(output_dir, resume):
-        return None
+        return None, notes
     if any(record.get("epoch") == last_record["epoch"] for record in kept):
-        return None
-    return last_record
+        return None, notes
+    return last_record, notes

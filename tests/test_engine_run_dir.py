@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine.run_dir import append_log, claim_output_dir, log_before, unlogged_record
+from engine.run_dir import append_log, claim_output_dir, reconcile_log
 from util.errors import UserError
 
 
@@ -65,18 +65,20 @@ def test_a_folder_without_a_run_is_created_and_cleared_of_stale_temporaries(tmp_
 
 def test_log_records_of_epochs_to_be_trained_again_are_removed(tmp_path):
     output_dir = finished_run(tmp_path / "run")
-    assert log_before(output_dir, 1) == [{"epoch": 0, "train_loss": 1.0}]
+    unlogged, notes = reconcile_log(output_dir, str(output_dir / "checkpoint0000.pth"), 1, None)
+    assert unlogged is None
+    assert notes == [f"{output_dir / 'log.txt'}: removed the records of epochs [1], trained again now"]
     lines = (output_dir / "log.txt").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0]
-    assert log_before(tmp_path / "empty", 3) == []
+    assert reconcile_log(tmp_path / "empty", "", 3, None) == (None, [])
 
 
 def test_the_record_of_an_epoch_that_stopped_in_its_evaluation_is_found(tmp_path):
     output_dir = finished_run(tmp_path / "run")
     checkpoint = str(output_dir / "checkpoint.pth")
     record = {"epoch": 2, "train_loss": 0.5, "epoch_time_s": 3.0}
-    assert unlogged_record(output_dir, checkpoint, 3, record) == record  # log.txt has epochs 0 and 1
+    assert reconcile_log(output_dir, checkpoint, 3, record) == (record, [])  # log.txt has epochs 0 and 1
     append_log(output_dir, {**record, "val_AP": 0.1})
-    assert unlogged_record(output_dir, checkpoint, 3, record) is None
+    assert reconcile_log(output_dir, checkpoint, 3, record) == (None, [])
     # resumed from a checkpoint elsewhere: this folder's log starts at the next epoch
-    assert unlogged_record(tmp_path / "other", checkpoint, 3, record) is None
+    assert reconcile_log(tmp_path / "other", checkpoint, 3, record) == (None, [])

@@ -1,9 +1,10 @@
 """Checkpoints written atomically and read without arbitrary unpickling.
 
-A checkpoint is a dict ``{"model", "optimizer", "lr_scheduler", "scaler", "epoch", "config",
-"category_names"}`` of tensors and plain Python values, so that ``torch.load(..., weights_only=True)`` reads it.
-The original implementation's checkpoints also hold ``args``, an ``argparse.Namespace``: that one class is
-allowed while loading, nothing else.
+A checkpoint is a dict ``{"model", "optimizer", "lr_scheduler", "scaler", "epoch", "config", "category_names",
+"log_record"}`` of tensors and plain Python values, so that ``torch.load(..., weights_only=True)`` reads it. The
+original implementation's checkpoints also hold ``args``, an ``argparse.Namespace``: that one class is allowed
+while loading, nothing else. A file that is not a readable checkpoint, or that holds other objects, raises a
+:class:`UserError` that names it and never suggests unpickling it.
 """
 
 from __future__ import annotations

@@ -78,6 +78,12 @@ class CollectiveTimeoutError(RunError):
     """A collective (gradient all-reduce, barrier, gather) got no answer from some rank within the timeout."""
 
 
+def is_collective_timeout(error: RuntimeError) -> bool:
+    """Whether ``error`` is a process group's timeout (gloo raises a plain RuntimeError naming its transport)."""
+    text = str(error).lower()
+    return ("timed out" in text or "timeout" in text) and (isinstance(error, dist.DistError) or "gloo" in text)
+
+
 @contextmanager
 def explaining_timeouts(timeout_minutes: float) -> Iterator[None]:
     """Turn a collective's timeout inside the block into a :class:`CollectiveTimeoutError` that says which rank
@@ -85,7 +91,7 @@ def explaining_timeouts(timeout_minutes: float) -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:
-        if not is_distributed() or "timed out" not in str(error).lower():
+        if not is_distributed() or not is_collective_timeout(error):
             raise
         rank, world_size = dist.get_rank(), dist.get_world_size()
         others = [other for other in range(world_size) if other != rank]
