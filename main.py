@@ -26,10 +26,9 @@ import argparse
 import sys
 
 from engine.commands import evaluate_checkpoint, predict, train, visualize
-from engine.training import NonFiniteLossError
 from util.config import load_config
 from util.distributed import shutdown_distributed
-from util.errors import UserError
+from util.errors import RunError, UserError
 
 COMMANDS = ("train", "eval", "predict", "visualize")
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.by_head,
                 args.query_level,
             )
-    except NonFiniteLossError as error:
+    except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except UserError as error:
