@@ -9,15 +9,17 @@
 // (batch, query, head) are shared out: lane k computes the corner geometry of every lanes-th sample once, and the
 // group receives it with shuffles, so every lane spends a few instructions per sample on geometry instead of all
 // of it. Offsets are int32 inside one batch item (value[b] has S * M * D elements, checked on the host) on an
-// int64 base pointer.
+// int64 base pointer (a batch item rather than a (batch, level) slice: the bound is then S * M * D < 2^31, 8 GB of
+// float32 per image, and the offset needs no per-level base).
 //
 // Forward: out[b, q, m, channels of the lane] = sum over samples of attention * bilinear(value); one 16-byte
 // load per in-map corner per lane. Backward (one fused kernel): reads the output gradient once per lane and
-// every corner once per sample; the attention-weight and location gradients are sums over the channels,
-// reduced across the group with xor shuffles and written by the lane that owns the sample; the value gradient
-// is scattered with atomics into a float32 (float64) accumulator: float4/float2 vector atomics on sm_90, one
-// atomic per element before. Half-precision atomics into half storage would round every partial sum, so the
-// accumulator stays float32 and is cast once at the end.
+// every corner once per sample; the attention-weight and location gradients are linear in the four sums
+// grad_output . corner (one multiply-add per corner and channel), reduced across the group with xor shuffles and
+// written by the lane that owns the sample; the value gradient is scattered with atomics into a float32 (float64)
+// accumulator: float4/float2 vector atomics on sm_90, one atomic per element before. Native half2/bfloat162
+// atomics into half storage would round every partial sum to 8-11 bits, so the accumulator stays float32 and is
+// cast once at the end.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -271,45 +273,39 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Problem<scalar_t> p,
       const acc_t sample_attention = __shfl_sync(kFullWarp, mine.attention, k, p.lanes);
       const acc_t weight[4] = {(acc_t(1) - dh) * (acc_t(1) - dw), (acc_t(1) - dh) * dw, dh * (acc_t(1) - dw),
                                dh * dw};
-      acc_t grad_attention = 0, grad_h = 0, grad_w = 0;
+      acc_t scale[4];  // d(output) / d(corner value) = attention * bilinear weight
+#pragma unroll
+      for (int c = 0; c < 4; ++c) scale[c] = sample_attention * weight[c];
+      // dot[c] = sum over the lane's channels of grad_output * corner c: the three sample gradients are linear
+      // in these four sums, so the per-channel work is one multiply-add per corner
+      acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       for (int round = 0; round < rounds; ++round) {
         const int chunk = round * p.lanes + lane;
         if (!active || chunk >= chunks) continue;
         const int channel = chunk * V;
         const Vector<scalar_t, V> out_grad = kSingleRound ? held_grad : load_vector<V>(grad_output + channel);
-        acc_t corner[4][V];
+        acc_t go[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) go[i] = static_cast<acc_t>(out_grad.element[i]);
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          if (offset[c] >= 0 && want_sampling) {
-            const Vector<scalar_t, V> loaded = load_vector<V>(value + offset[c] + channel);
+          if (offset[c] < 0) continue;
+          if (want_sampling) {
+            const Vector<scalar_t, V> corner = load_vector<V>(value + offset[c] + channel);
 #pragma unroll
-            for (int i = 0; i < V; ++i) corner[c][i] = static_cast<acc_t>(loaded.element[i]);
-          } else {
-#pragma unroll
-            for (int i = 0; i < V; ++i) corner[c][i] = acc_t(0);
+            for (int i = 0; i < V; ++i) dot[c] += go[i] * static_cast<acc_t>(corner.element[i]);
           }
-        }
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const acc_t go = static_cast<acc_t>(out_grad.element[i]);
-          const acc_t v0 = corner[0][i], v1 = corner[1][i], v2 = corner[2][i], v3 = corner[3][i];
-          grad_attention += go * (weight[0] * v0 + weight[1] * v1 + weight[2] * v2 + weight[3] * v3);
-          grad_w += go * ((acc_t(1) - dh) * (v1 - v0) + dh * (v3 - v2));
-          grad_h += go * ((acc_t(1) - dw) * (v2 - v0) + dw * (v3 - v1));
-        }
-        if (grad_value != nullptr) {
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            if (offset[c] < 0) continue;
+          if (grad_value != nullptr) {
             acc_t scattered[V];
 #pragma unroll
-            for (int i = 0; i < V; ++i) {
-              scattered[i] = sample_attention * weight[c] * static_cast<acc_t>(out_grad.element[i]);
-            }
+            for (int i = 0; i < V; ++i) scattered[i] = scale[c] * go[i];
             atomic_add_vector<V>(grad_value + offset[c] + channel, scattered);
           }
         }
       }
+      acc_t grad_attention = weight[0] * dot[0] + weight[1] * dot[1] + weight[2] * dot[2] + weight[3] * dot[3];
+      acc_t grad_w = (acc_t(1) - dh) * (dot[1] - dot[0]) + dh * (dot[3] - dot[2]);
+      acc_t grad_h = (acc_t(1) - dw) * (dot[2] - dot[0]) + dw * (dot[3] - dot[1]);
       if (!want_sampling) continue;
       for (int step = p.lanes >> 1; step > 0; step >>= 1) {
         grad_attention += __shfl_xor_sync(kFullWarp, grad_attention, step, p.lanes);
