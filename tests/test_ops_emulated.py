@@ -250,3 +250,20 @@ class DeterministicAlgorithms:
 
     def __exit__(self, *exc):
         torch.use_deterministic_algorithms(self.previous)
+
+
+@pytest.mark.parametrize(
+    "defect,message",
+    [
+        (1, "differs from the live lanes"),  # a shuffle naming a lane that has exited
+        (2, "different warp-synchronous operations"),  # a shuffle only half the warp reaches
+        (3, "outside every tensor of the launch"),
+        (4, "misaligned"),
+    ],
+)
+def test_emulation_catches_what_a_gpu_would_punish(emulated, defect, message):
+    values = torch.arange(64, dtype=torch.float32)
+    reversed_in_warps = values.view(2, 32).flip(1).flatten()
+    torch.testing.assert_close(emulated.run_defect_kernel(values, 0), reversed_in_warps)  # the defect-free kernel
+    with pytest.raises(RuntimeError, match=message):
+        emulated.run_defect_kernel(values, defect)

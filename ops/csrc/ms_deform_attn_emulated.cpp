@@ -56,6 +56,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_emulated(
                                                   sampling_locations, attention_weights, output_mask);
 }
 
+// Kernels with one defect each, for the test that the emulation catches what a GPU would punish.
+__global__ void defect_kernel(int defect, const float* input, float* output) {
+  const int lane = threadIdx.x & 31;
+  float value = cuda_kernels::load_scalar(input + threadIdx.x);
+  if (defect == 1 && lane == 0) return;                                 // lane 0 exits, the others shuffle with it
+  if (defect == 2 && lane % 2 == 1) value = __shfl_xor_sync(0xffffffffu, value, 1);  // divergent shuffle
+  value = __shfl_sync(0xffffffffu, value, 31 - lane);                   // reverse the warp
+  if (defect == 3) value += cuda_kernels::load_scalar(input + blockDim.x);  // one past the end
+  if (defect == 4) value += cuda_kernels::load_vector<4>(input + 1).element[0];  // misaligned 16-byte load
+  cuda_kernels::store_scalar(output + threadIdx.x, value);
+}
+
+// Runs defect_kernel on one block of 64 threads over input (64,) float32; raises what the emulation found.
+at::Tensor run_defect_kernel(const at::Tensor& input, int64_t defect) {
+  const std::lock_guard<std::mutex> lock(emulator_mutex);
+  TORCH_CHECK(input.numel() == 64 && input.scalar_type() == at::kFloat && input.is_contiguous());
+  at::Tensor output = at::empty_like(input);
+  EmulatedLauncher::bind({input}, {output});
+  EmulatedLauncher::launch(defect_kernel, 1, 64, static_cast<int>(defect), input.data_ptr<float>(),
+                           output.data_ptr<float>());
+  return output;
+}
+
 // (warp-synchronous operations, atomic adds) of the launches so far: the tests read them to see work skipped.
 std::vector<int64_t> emulator_counters() {
   const auto& e = msda_emulation::emulator();
@@ -74,6 +97,7 @@ TORCH_LIBRARY(deformable_detr_emulated, m) {
       "Tensor sampling_locations, Tensor attention_weights, bool[3] output_mask=[True, True, True]) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("counters() -> int[]", &deformable_detr::emulator_counters);
+  m.def("run_defect_kernel(Tensor input, int defect) -> Tensor", &deformable_detr::run_defect_kernel);
 }
 
 TORCH_LIBRARY_IMPL(deformable_detr_emulated, CPU, m) {
