@@ -267,3 +267,27 @@ def test_emulation_catches_what_a_gpu_would_punish(emulated, defect, message):
     torch.testing.assert_close(emulated.run_defect_kernel(values, 0), reversed_in_warps)  # the defect-free kernel
     with pytest.raises(RuntimeError, match=message):
         emulated.run_defect_kernel(values, defect)
+
+
+@pytest.mark.parametrize(
+    "channels,element_size,alignment,expected",
+    [
+        (32, 4, 256, (4, 8)),  # float32: 16-byte loads, 8 lanes of 4 channels
+        (32, 2, 256, (8, 4)),  # float16: 8 halves per load
+        (32, 8, 256, (2, 16)),  # float64: 2 doubles per load
+        (13, 4, 256, (1, 16)),  # odd D: scalar loads
+        (6, 4, 256, (2, 4)),  # D = 6: 8-byte loads (3 vectors, rounded up to 4 lanes)
+        (32, 4, 260, (1, 32)),  # an address off by one float: scalar loads
+        (264, 2, 256, (8, 32)),  # more vectors than lanes: 33 vectors over 32 lanes
+    ],
+)
+def test_emulated_launch_plan_picks_the_widest_aligned_vector(emulated, channels, element_size, alignment, expected):
+    vector_width, lanes, blocks = emulated.launch_plan([2, 100, 8, channels, 50, 4, 4], element_size, alignment)
+    assert (vector_width, lanes) == expected
+    assert blocks == -(-2 * 50 * 8 * lanes // 256)  # one group of lanes per (batch, query, head)
+
+
+def test_emulated_launch_plan_refuses_a_batch_item_past_int32(emulated):
+    with pytest.raises(ValueError, match="indexes one batch item of value"):
+        emulated.launch_plan([1, 2**24, 8, 16, 1, 1, 1], 4, 256)  # S * M * D = 2^31
+    assert emulated.launch_plan([1, 2**24 - 1, 8, 16, 1, 1, 1], 4, 256)[0] == 4

@@ -79,6 +79,16 @@ at::Tensor run_defect_kernel(const at::Tensor& input, int64_t defect) {
   return output;
 }
 
+// The launch plan (V, lanes, blocks) of the CUDA host code for sizes (N, S, M, D, Lq, L, P), dtype element size
+// and the alignment in bytes of the tensors' addresses; raises where the host code refuses.
+std::vector<int64_t> launch_plan(std::vector<int64_t> sizes, int64_t element_size, int64_t alignment) {
+  TORCH_CHECK(sizes.size() == 7, "sizes must be (N, S, M, D, Lq, L, P)");
+  const Sizes s{sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], sizes[6]};
+  const void* address = reinterpret_cast<const void*>(static_cast<uintptr_t>(alignment));
+  const cuda_kernels::LaunchPlan plan = cuda_kernels::plan_launch(s, static_cast<size_t>(element_size), {address});
+  return {plan.vector_width, plan.lanes, plan.blocks};
+}
+
 // (warp-synchronous operations, atomic adds) of the launches so far: the tests read them to see work skipped.
 std::vector<int64_t> emulator_counters() {
   const auto& e = msda_emulation::emulator();
@@ -97,6 +107,7 @@ TORCH_LIBRARY(deformable_detr_emulated, m) {
       "Tensor sampling_locations, Tensor attention_weights, bool[3] output_mask=[True, True, True]) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("counters() -> int[]", &deformable_detr::emulator_counters);
+  m.def("launch_plan(int[] sizes, int element_size, int alignment) -> int[]", &deformable_detr::launch_plan);
   m.def("run_defect_kernel(Tensor input, int defect) -> Tensor", &deformable_detr::run_defect_kernel);
 }
 
