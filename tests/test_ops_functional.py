@@ -31,6 +31,11 @@ CASES = {
     "odd_sizes_batch3": ([(7, 5), (3, 3), (2, 1)], 3, 9, 3, 13, 4),
     "model_like": ([(8, 8), (4, 4), (2, 2), (1, 1)], 2, 10, 8, 32, 4),
 }
+# nondet_tol of the float64 gradchecks of the CUDA kernel (and its emulation): atomics add a value-gradient
+# element's contributions in any order, which changes the float64 sum by a few ulps of its largest partial sum;
+# entries here are O(1) with at most Lq * L * P = 72 contributions, so 72 * 2^-52 * O(10) < 1e-12 bounds any
+# reordering while a wrong gradient (off by far more) still fails.
+NONDET_TOL = 1e-12
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -94,7 +99,23 @@ def test_cuda_gradcheck_float64():
     problem = make_problem([(5, 7), (3, 4), (1, 1)], 2, 6, 3, 5, 4, device="cuda")
     value, shapes, starts, locations, weights = op_args(problem)
     inputs = tuple(t.detach().requires_grad_() for t in (value, locations, weights))
-    assert torch.autograd.gradcheck(lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend="cuda"), inputs)
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: ms_deform_attn(v, shapes, starts, loc, w, backend="cuda"), inputs, nondet_tol=NONDET_TOL
+    )
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_backward_raises_under_deterministic_algorithms():
+    problem = make_problem([(5, 7), (3, 4)], 1, 4, 2, 8, 2, dtype=torch.float32, device="cuda")
+    value, shapes, starts, locations, weights = op_args(problem)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        output = ms_deform_attn(value.requires_grad_(), shapes, starts, locations, weights, backend="cuda")
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward"):
+            output.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def test_non_contiguous_inputs_give_the_contiguous_result(small_problem):
