@@ -115,6 +115,9 @@ def export_onnx(
                 output_names=OUTPUT_NAMES,
                 dynamic_shapes={"images": dynamic},
                 external_data=False,
+                # onnxscript 0.7's graph optimizer drops a node of the box refinement (its output is then read but
+                # never written: onnxruntime refuses the model); onnxruntime optimises the graph itself anyway
+                optimize=False,
             )
             program.save(str(path))
         else:
