@@ -149,5 +149,8 @@ def export_checkpoint(cfg: Config, out: str | Path, exporter: str = "dynamo") ->
         raise UserError(f"resume={cfg.resume!r}: no such checkpoint file")
     # every weight comes from the checkpoint: no ImageNet download
     model, _, _ = build_model(dataclasses.replace(cfg, pretrained_backbone=False, attention_backend="pytorch"))
-    load_model_weights(model, load_checkpoint(cfg.resume), cfg.resume, describe=describe_state_dict)
+    try:
+        load_model_weights(model, load_checkpoint(cfg.resume), cfg.resume, describe=describe_state_dict)
+    except ValueError as error:  # a checkpoint of another variant or size: the message names both
+        raise UserError(str(error)) from error
     return export_onnx(model, out, exporter=exporter)

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from models import CONFIG_DIR, PUBLISHED_CONFIGS, build_model
+from models.describe import describe_state_dict
+from util.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from util.config import Config, load_config
 from util.errors import UserError
 
@@ -354,11 +356,14 @@ def convert_from_hf(path: str | Path) -> tuple[dict[str, Any], str, list[str]]:
 def convert_to_hf(checkpoint_path: str | Path, cfg: Config, out_dir: str | Path) -> Path:
     """Our checkpoint (built with ``cfg``) -> ``out_dir/config.json`` and ``model.safetensors`` (or
     ``pytorch_model.bin`` without the safetensors package), for ``DeformableDetrForObjectDetection``."""
-    from util.checkpoint import load_checkpoint, load_model_weights
-
+    if not Path(checkpoint_path).is_file():
+        raise UserError(f"--to-hf {checkpoint_path}: no such checkpoint file")
     model, _, _ = build_model(cfg)
     checkpoint = load_checkpoint(checkpoint_path)
-    load_model_weights(model, checkpoint, checkpoint_path)  # the config must describe the checkpoint
+    try:  # the config must describe the checkpoint
+        load_model_weights(model, checkpoint, checkpoint_path, describe=describe_state_dict)
+    except ValueError as error:
+        raise UserError(f"{error}; pass the config it was trained with (--config, --opts)") from error
     hf_config = config_to_hf(cfg, checkpoint.get("category_names"))
     weights = to_hf_state_dict(model.state_dict())
     out_dir = Path(out_dir)
@@ -388,8 +393,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.from_hf:
-            from util.checkpoint import save_checkpoint
-
             checkpoint, config_file, overrides = convert_from_hf(args.from_hf)
             path = save_checkpoint(checkpoint, args.out)
             opts = " ".join([*overrides, f"resume={path}"])

@@ -184,7 +184,9 @@ class DeformableTransformer(nn.Module):
         outputs.update(enc_outputs_class=enc_outputs_class, enc_outputs_coord_unact=enc_outputs_coord_unact)
         # Padding never becomes a query (the original can pick it when its constant score is high enough).
         scores = enc_outputs_class[..., 0].masked_fill(mask_flatten, float("-inf"))
-        topk = torch.sym_min(self.two_stage_num_proposals, scores.shape[1])  # no guard on S when exported
+        # sym_min: no guard on S in a torch.export graph; the tracing exporter sees S as a tensor and needs min
+        pick_min = min if torch.jit.is_tracing() else torch.sym_min
+        topk = pick_min(self.two_stage_num_proposals, scores.shape[1])
         topk_indices = torch.topk(scores, topk, dim=1)[1]
         topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_indices[..., None].expand(-1, -1, 4))
         topk_coords_unact = topk_coords_unact.detach()

@@ -123,7 +123,7 @@ def test_architectures_we_do_not_have_are_refused(hf_config, message):
         config_from_hf(hf_config)
 
 
-def test_config_round_trips(tmp_path):
+def test_config_round_trips():
     cfg = tiny_config(*VARIANTS["two_stage"])
     config_file, overrides = config_from_hf(config_to_hf(cfg, {1: "circle"}))
     back = load_config(config_file, overrides=[*overrides, "pretrained_backbone=false"])
@@ -229,3 +229,10 @@ def test_our_checkpoint_converts_to_transformers_with_the_same_detections(varian
     assert main(["--to-hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf"), "--opts", *opts]) == 0
     hf_model = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path / "hf").eval()
     assert_same_detections(hf_model, ours)
+
+
+def test_to_hf_with_a_config_that_does_not_describe_the_checkpoint_is_refused(tmp_path, capsys):
+    save_checkpoint({"model": tiny_model("deformable_detr").state_dict()}, tmp_path / "ours.pth")
+    assert main(["--to-hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf")]) == 2
+    error = capsys.readouterr().err
+    assert "does not fit this model" in error and "pass the config it was trained with" in error
