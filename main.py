@@ -5,6 +5,8 @@
     python main.py predict --config configs/demo_shapes.yaml --opts resume=CKPT --image A.png B.png --out DIR
     python main.py visualize --config configs/demo_shapes.yaml --opts resume=CKPT --image A.png --out DIR \
         [--points X,Y ...] [--layer N] [--by-level] [--by-head]
+    python main.py export  --config configs/deformable_detr.yaml --opts resume=CKPT --out model.onnx \
+        [--exporter dynamo|torchscript]
 
 ``--opts`` overrides config keys (``util.config``; values read as YAML: ``lr=1e-4``, ``amp=bfloat16``,
 ``train_scales=[96,128]``). Several processes, on one machine or many, through torchrun (env:// rendezvous;
@@ -26,11 +28,12 @@ import argparse
 import sys
 
 from engine.commands import evaluate_checkpoint, predict, train, visualize
+from engine.export import EXPORTERS, export_checkpoint
 from util.config import load_config
 from util.distributed import shutdown_distributed
 from util.errors import RunError, UserError
 
-COMMANDS = ("train", "eval", "predict", "visualize")
+COMMANDS = ("train", "eval", "predict", "visualize", "export")
 
 
 def parse_point(text: str) -> tuple[float, float]:
@@ -53,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out",
         default=None,
-        help="predict, visualize: output folder (default OUTPUT_DIR/predictions or OUTPUT_DIR/visualize)",
+        help="predict, visualize: output folder (default OUTPUT_DIR/predictions or OUTPUT_DIR/visualize); "
+        "export: the .onnx file (default OUTPUT_DIR/model.onnx)",
     )
     parser.add_argument(
         "--threshold", type=float, default=0.5, help="predict, visualize: lowest score drawn and written"
+    )
+    parser.add_argument(
+        "--exporter", choices=EXPORTERS, default="dynamo", help="export: torch.onnx's exporter (engine/export.py)"
     )
     visualizing = parser.add_argument_group("visualize: where the deformable attention samples")
     visualizing.add_argument("--top-k", type=int, default=4, help="decoder panels for the best K detections")
@@ -93,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         elif args.command == "eval":
             evaluate_checkpoint(cfg)
+        elif args.command == "export":
+            path = export_checkpoint(cfg, args.out or f"{cfg.output_dir}/model.onnx", args.exporter)
+            print(f"wrote {path}")
         elif args.command == "predict":
             predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
         else:

@@ -4,6 +4,7 @@ optionally refining each query's box layer by layer (iterative bounding-box refi
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -58,6 +59,7 @@ class DeformableDecoderLayer(nn.Module):
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
         return_sampling: bool = False,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2 or 4) on the padded levels; memory (N, S, C)
         -> (N, Q, C) and, with ``return_sampling``, {"sampling_locations": (N, Q, M, L, P, 2),
@@ -73,6 +75,7 @@ class DeformableDecoderLayer(nn.Module):
             level_start_index,
             memory_padding_mask,
             return_sampling=return_sampling,
+            level_shapes=level_shapes,
         )
         sampling = None
         if return_sampling:
@@ -111,6 +114,7 @@ class DeformableDecoder(nn.Module):
         query_pos: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
         return_sampling: bool = False,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
         """Decode the queries.
 
@@ -120,6 +124,7 @@ class DeformableDecoder(nn.Module):
             memory: (N, S, C); spatial_shapes (L, 2); level_start_index (L,); valid_ratios (N, L, 2);
             memory_padding_mask: (N, S) bool or None.
             return_sampling: collect every layer's sampling locations, attention weights and reference points.
+            level_shapes: ``spatial_shapes`` as Python ints (see :func:`ops.ms_deform_attn`), or None.
 
         Returns:
             hidden states (num_layers, N, Q, C); reference points (num_layers, N, Q, 2 or 4), those after each
@@ -145,6 +150,7 @@ class DeformableDecoder(nn.Module):
                 level_start_index,
                 memory_padding_mask,
                 return_sampling,
+                level_shapes,
             )
             if return_sampling:
                 layers_sampling.append({**sampling, "reference_points": reference_input})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ class DeformableEncoderLayer(nn.Module):
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor | None,
         return_sampling: bool = False,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """src, pos (N, S, C); reference_points (N, S, L, 2) in [0, 1] of each padded level -> (N, S, C) and,
         with ``return_sampling``, {"sampling_locations": (N, S, M, L, P, 2), "attention_weights": (N, S, M, L, P)}."""
@@ -68,6 +70,7 @@ class DeformableEncoderLayer(nn.Module):
             level_start_index,
             padding_mask,
             return_sampling=return_sampling,
+            level_shapes=level_shapes,
         )
         sampling = None
         if return_sampling:
@@ -86,22 +89,27 @@ class DeformableEncoder(nn.Module):
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
 
     @staticmethod
-    def reference_points(spatial_shapes: torch.Tensor, valid_ratios: torch.Tensor) -> torch.Tensor:
+    def reference_points(
+        spatial_shapes: torch.Tensor,
+        valid_ratios: torch.Tensor,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
         """Pixel centres of every level, as (x, y) in [0, 1] of each padded level.
 
         Args:
             spatial_shapes: (L, 2) int64 rows (H, W).
             valid_ratios: (N, L, 2) the unpadded share (x, y) of each level.
+            level_shapes: ``spatial_shapes`` as Python ints (see :func:`ops.ms_deform_attn`), or None.
 
         Returns:
             (N, S, L, 2): pixel (i, j) of level l, normalised to the unpadded part of level l, then placed on every
             level's padded map (so that it is the same point of the image on each level).
         """
         per_level = []
-        for level, (height, width) in enumerate(spatial_shapes.tolist()):
+        for level, (height, width) in enumerate(spatial_shapes.tolist() if level_shapes is None else level_shapes):
             centre_y, centre_x = torch.meshgrid(
-                torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device),
-                torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device),
+                torch.arange(height, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
+                torch.arange(width, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5,
                 indexing="ij",
             )
             ref_y = centre_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
@@ -119,6 +127,7 @@ class DeformableEncoder(nn.Module):
         pos: torch.Tensor,
         padding_mask: torch.Tensor | None,
         return_sampling: bool = False,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> tuple[torch.Tensor, dict]:
         """Encode the flattened levels.
 
@@ -126,17 +135,25 @@ class DeformableEncoder(nn.Module):
             src, pos: (N, S, C) features and position (+ level) embeddings.
             spatial_shapes: (L, 2); level_start_index: (L,); valid_ratios: (N, L, 2); padding_mask: (N, S) or None.
             return_sampling: collect every layer's sampling locations and attention weights.
+            level_shapes: ``spatial_shapes`` as Python ints (see :func:`ops.ms_deform_attn`), or None.
 
         Returns:
             memory (N, S, C) and a dict, empty unless ``return_sampling``: ``reference_points`` (N, S, L, 2) and
             ``layers``, per layer {"sampling_locations": (N, S, M, L, P, 2), "attention_weights": (N, S, M, L, P)}.
         """
-        reference_points = self.reference_points(spatial_shapes, valid_ratios)
+        reference_points = self.reference_points(spatial_shapes, valid_ratios, level_shapes)
         layers_sampling = []
         output = src
         for layer in self.layers:
             output, sampling = layer(
-                output, pos, reference_points, spatial_shapes, level_start_index, padding_mask, return_sampling
+                output,
+                pos,
+                reference_points,
+                spatial_shapes,
+                level_start_index,
+                padding_mask,
+                return_sampling,
+                level_shapes,
             )
             layers_sampling.append(sampling)
         if not return_sampling:

@@ -4,6 +4,7 @@ top-k proposals in the two-stage variant) and decodes them."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -87,15 +88,24 @@ class DeformableTransformer(nn.Module):
             Locations are (x, y) in [0, 1] of each padded level: divide by ``valid_ratios`` for the unpadded image.
         """
         src_flatten, mask_flatten, pos_flatten, spatial_shapes = self.flatten_levels(srcs, masks, pos_embeds)
+        # the sizes as ints too: symbolic when exported, so that the graph takes any image size
+        level_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
         areas = spatial_shapes.prod(1)
         level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
         memory, encoder_sampling = self.encoder(
-            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten, return_sampling
+            src_flatten,
+            spatial_shapes,
+            level_start_index,
+            valid_ratios,
+            pos_flatten,
+            mask_flatten,
+            return_sampling,
+            level_shapes,
         )
         outputs: dict[str, torch.Tensor] = {}
         if self.two_stage:
-            query_pos, tgt, reference_points = self.two_stage_queries(memory, mask_flatten, spatial_shapes, outputs)
+            query_pos, tgt, reference_points = self.two_stage_queries(memory, mask_flatten, level_shapes, outputs)
         else:
             if query_embed is None:
                 raise ValueError("query_embed (Q, 2C) is required unless two_stage")
@@ -113,6 +123,7 @@ class DeformableTransformer(nn.Module):
             query_pos,
             mask_flatten,
             return_sampling,
+            level_shapes,
         )
         outputs.update(hidden_states=hidden_states, init_reference=reference_points, inter_references=inter_references)
         if return_sampling:
@@ -135,8 +146,12 @@ class DeformableTransformer(nn.Module):
                 f"srcs, masks and pos_embeds must each hold {self.level_embed.shape[0]} levels, "
                 f"got {len(srcs)}, {len(masks)} and {len(pos_embeds)}"
             )
-        shapes = [src.shape[-2:] for src in srcs]
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=srcs[0].device)
+        spatial_shapes = torch.stack(
+            [  # built from the (possibly symbolic) sizes: as_tensor would freeze them in an exported graph
+                torch.stack([torch.scalar_tensor(size, dtype=torch.long, device=src.device) for size in src.shape[-2:]])
+                for src in srcs
+            ]
+        )
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
         pos_flatten = torch.cat(
@@ -152,7 +167,7 @@ class DeformableTransformer(nn.Module):
         self,
         memory: torch.Tensor,
         mask_flatten: torch.Tensor,
-        spatial_shapes: torch.Tensor,
+        level_shapes: Sequence[tuple[int, int]],
         outputs: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Score one proposal per encoder pixel, keep the top k as the decoder's queries and reference boxes.
@@ -162,14 +177,16 @@ class DeformableTransformer(nn.Module):
         """
         if self.decoder.class_embed is None or self.decoder.bbox_embed is None:
             raise RuntimeError("two_stage needs the detector's heads in decoder.class_embed and decoder.bbox_embed")
-        output_memory, output_proposals = encoder_proposals(memory, mask_flatten, spatial_shapes)
+        output_memory, output_proposals = encoder_proposals(memory, mask_flatten, level_shapes)
         output_memory = self.enc_output_norm(self.enc_output(output_memory))
         enc_outputs_class = self.decoder.class_embed[self.decoder.num_layers](output_memory)
         enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
         outputs.update(enc_outputs_class=enc_outputs_class, enc_outputs_coord_unact=enc_outputs_coord_unact)
         # Padding never becomes a query (the original can pick it when its constant score is high enough).
         scores = enc_outputs_class[..., 0].masked_fill(mask_flatten, float("-inf"))
-        topk = min(self.two_stage_num_proposals, scores.shape[1])
+        # sym_min: no guard on S in a torch.export graph; the tracing exporter sees S as a tensor and needs min
+        pick_min = min if torch.jit.is_tracing() else torch.sym_min
+        topk = pick_min(self.two_stage_num_proposals, scores.shape[1])
         topk_indices = torch.topk(scores, topk, dim=1)[1]
         topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_indices[..., None].expand(-1, -1, 4))
         topk_coords_unact = topk_coords_unact.detach()
@@ -187,12 +204,12 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
 
 
 def encoder_proposals(
-    memory: torch.Tensor, mask_flatten: torch.Tensor, spatial_shapes: torch.Tensor
+    memory: torch.Tensor, mask_flatten: torch.Tensor, level_shapes: Sequence[tuple[int, int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One proposal per encoder pixel: its centre, and width and height 0.05 * 2 ** level of the unpadded image.
 
     Args:
-        memory: (N, S, C); mask_flatten (N, S) bool; spatial_shapes (L, 2).
+        memory: (N, S, C); mask_flatten (N, S) bool; level_shapes: L pairs (H, W) of ints.
 
     Returns:
         memory (N, S, C) with padding and proposals too close to the border (outside (0.01, 0.99)) zeroed,
@@ -201,13 +218,13 @@ def encoder_proposals(
     batch = memory.shape[0]
     proposals = []
     start = 0
-    for level, (height, width) in enumerate(spatial_shapes.tolist()):
+    for level, (height, width) in enumerate(level_shapes):
         mask = mask_flatten[:, start : start + height * width].view(batch, height, width)
         valid_height = (~mask[:, :, 0]).sum(1)
         valid_width = (~mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
-            torch.linspace(0, height - 1, height, dtype=torch.float32, device=memory.device),
-            torch.linspace(0, width - 1, width, dtype=torch.float32, device=memory.device),
+            torch.arange(height, dtype=torch.float32, device=memory.device),
+            torch.arange(width, dtype=torch.float32, device=memory.device),
             indexing="ij",
         )
         grid = torch.stack([grid_x, grid_y], -1)  # (H, W, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -123,6 +124,7 @@ def ms_deform_attn(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     backend: str = "auto",
+    level_shapes: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Multi-scale deformable attention (Zhu et al., ICLR 2021, eq. 3) without the projections.
 
@@ -139,6 +141,9 @@ def ms_deform_attn(
         backend: "auto" (the compiled kernel for the tensors' device, else pytorch with one warning),
             "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel) or "triton" (Triton kernels:
             CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
+        level_shapes: ``spatial_shapes`` as L pairs of Python (or symbolic) ints, for the pytorch backend; None
+            reads them from ``spatial_shapes``. Pass the feature maps' own sizes when exporting with dynamic image
+            sizes: values read from a tensor become constants (or unbacked symbols) in the exported graph.
 
     Returns:
         (N, Lq, M * D) in the inputs' dtype; differentiable in value, sampling_locations and attention_weights.
@@ -178,7 +183,8 @@ def ms_deform_attn(
         _resolve_backend_traced(backend, value.device) if _is_compiling() else resolve_backend(backend, value.device)
     )
     if chosen == "pytorch":
-        level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+        if level_shapes is None:
+            level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     namespace = torch.ops.deformable_detr
     kernel = namespace.ms_deform_attn_triton_forward if chosen == "triton" else namespace.ms_deform_attn_forward

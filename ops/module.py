@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -68,6 +69,7 @@ class MSDeformAttn(nn.Module):
         input_level_start_index: torch.Tensor,
         input_padding_mask: torch.Tensor | None = None,
         return_sampling: bool = False,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Attend from each query to its sampling points.
 
@@ -80,6 +82,7 @@ class MSDeformAttn(nn.Module):
             input_level_start_index: (L,) int64.
             input_padding_mask: (N, S) bool, True on padding (those values are zeroed), or None.
             return_sampling: also return where and how strongly each query looked.
+            level_shapes: ``input_spatial_shapes`` as Python ints, see :func:`ops.ms_deform_attn`.
 
         Returns:
             (N, Lq, C); with ``return_sampling`` also sampling_locations (N, Lq, M, L, P, 2) as (x, y) in
@@ -120,6 +123,7 @@ class MSDeformAttn(nn.Module):
             sampling_locations,
             attention_weights,
             backend=self.backend,
+            level_shapes=level_shapes,
         )
         output = self.output_proj(output)
         if return_sampling:

@@ -65,11 +65,11 @@ def test_valid_ratio_is_the_unpadded_share():
 
 
 def test_proposals_are_centred_on_pixels_and_sized_by_level():
-    spatial_shapes = torch.tensor([[4, 4], [2, 2]])
+    level_shapes = [(4, 4), (2, 2)]
     memory = torch.ones(1, 20, 8)
     mask = torch.zeros(1, 20, dtype=torch.bool)
     mask[0, [3, 7, 11, 15]] = True  # the last column of level 0 is padding: 3 columns of image
-    output_memory, proposals = encoder_proposals(memory, mask, spatial_shapes)
+    output_memory, proposals = encoder_proposals(memory, mask, level_shapes)
     boxes = proposals.sigmoid()
     torch.testing.assert_close(boxes[0, 0], torch.tensor([0.5 / 3, 0.125, 0.05, 0.05]))
     torch.testing.assert_close(boxes[0, 16], torch.tensor([0.25, 0.25, 0.1, 0.1]))

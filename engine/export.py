@@ -1,0 +1,156 @@
+"""ONNX export of the detector: ``python main.py export --config F --opts resume=CKPT --out model.onnx``.
+
+The exported graph takes ``images`` (B, 3, H, W) float32, normalised with ImageNet's mean and std as for
+``main.py predict``, any B and any H, W of at least :func:`min_image_side` pixels, all images of a batch unpadded,
+and returns ``logits`` (B, Q, num_classes) before sigmoid and ``boxes`` (B, Q, 4) as cx, cy, w, h in [0, 1] of
+the image: the two inputs of ``models.PostProcess``. Multi-scale deformable attention is exported through its
+``grid_sample`` formulation (the ``pytorch`` backend: ONNX GridSample, opset 16 and later).
+
+Two exporters of ``torch.onnx``:
+
+- ``dynamo`` (default; needs ``onnxscript``): ``torch.export`` with symbolic batch, height and width, the
+  exporter PyTorch maintains. Slow to export (the symbolic shape reasoning takes minutes on 2 CPU cores).
+- ``torchscript``: the tracing exporter, deprecated by PyTorch but several times faster; the sizes are traced
+  as dynamic too. Both are tested against PyTorch on two image sizes and batch 2 (tests/test_export_onnx.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models import DeformableDETR, build_model
+from models.describe import describe_state_dict
+from ops import MSDeformAttn
+from util.checkpoint import load_checkpoint, load_model_weights
+from util.config import Config
+from util.errors import UserError
+
+EXPORTERS = ("dynamo", "torchscript")
+OPSET = 18  # GridSample needs 16; 18 is the dynamo exporter's lowest
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["logits", "boxes"]
+
+
+class ExportableDetector(nn.Module):
+    """The detector with one tensor in and two out: ``images`` (B, 3, H, W) normalised ->
+    ``logits`` (B, Q, num_classes) before sigmoid, ``boxes`` (B, Q, 4) cx, cy, w, h in [0, 1]."""
+
+    def __init__(self, detector: DeformableDETR) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.detector(images)
+        return outputs["pred_logits"], outputs["pred_boxes"]
+
+
+def use_attention_backend(model: nn.Module, backend: str) -> int:
+    """Switch every ``MSDeformAttn`` in ``model`` to ``backend`` (see ``ops.ms_deform_attn``); returns how many."""
+    modules = [module for module in model.modules() if isinstance(module, MSDeformAttn)]
+    for module in modules:
+        module.backend = backend
+    return len(modules)
+
+
+def coarsest_stride(detector: DeformableDETR) -> int:
+    """Stride of the detector's last feature level: the backbone's last, doubled by every extra level."""
+    strides = detector.backbone.strides
+    return strides[-1] * 2 ** (detector.num_feature_levels - len(strides))
+
+
+def min_image_side(detector: DeformableDETR) -> int:
+    """The smallest height and width the exported graph accepts: the coarsest level must be at least 2 x 2 (the
+    exporter's symbolic shapes assume it), so one pixel more than the coarsest stride."""
+    return coarsest_stride(detector) + 1
+
+
+def export_onnx(
+    detector: DeformableDETR,
+    path: str | Path,
+    *,
+    exporter: str = "dynamo",
+    example_size: tuple[int, int] | None = None,
+) -> Path:
+    """Write ``detector`` (in eval mode, attention on the pytorch backend) as ONNX to ``path``.
+
+    Args:
+        detector: the model; it is put in eval mode and its deformable attention on the ``pytorch`` backend.
+        path: the ``.onnx`` file to write (its folder is created).
+        exporter: ``"dynamo"`` or ``"torchscript"`` (see the module docstring).
+        example_size: (H, W) of the example batch traced, default 4 x the coarsest stride (a multiple of every
+            level's stride, so that no size is rounded while tracing).
+
+    Returns:
+        ``path``. Inputs and outputs are named ``images``; ``logits``, ``boxes``; batch, height and width dynamic.
+    """
+    if exporter not in EXPORTERS:
+        raise UserError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    detector.eval()
+    use_attention_backend(detector, "pytorch")
+    wrapped = ExportableDetector(detector).eval()
+    side = 4 * coarsest_stride(detector)
+    height, width = example_size or (side, side)
+    # batch 2: an example of size 1 would be specialised by torch.export
+    example = torch.randn(2, 3, height, width, device=next(detector.parameters()).device)
+    with torch.no_grad():
+        if exporter == "dynamo":
+            smallest = min_image_side(detector)
+            dynamic = {
+                0: torch.export.Dim("batch", min=1, max=1024),
+                2: torch.export.Dim("height", min=smallest, max=8192),
+                3: torch.export.Dim("width", min=smallest, max=8192),
+            }
+            program = torch.onnx.export(
+                wrapped,
+                (example,),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                dynamic_shapes={"images": dynamic},
+                external_data=False,
+                # onnxscript 0.7's graph optimizer drops a node of the box refinement (its output is then read but
+                # never written: onnxruntime refuses the model); onnxruntime optimises the graph itself anyway
+                optimize=False,
+            )
+            program.save(str(path))
+        else:
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=INPUT_NAMES,
+                output_names=OUTPUT_NAMES,
+                dynamic_axes={
+                    "images": {0: "batch", 2: "height", 3: "width"},
+                    "logits": {0: "batch"},
+                    "boxes": {0: "batch"},
+                },
+            )
+    return path
+
+
+def export_checkpoint(cfg: Config, out: str | Path, exporter: str = "dynamo") -> Path:
+    """``main.py export``: build the model of ``cfg``, load ``cfg.resume`` and export it to ``out``."""
+    if not cfg.resume:
+        raise UserError(
+            "export needs a checkpoint: --opts resume=PATH (a file written by main.py train or "
+            "python -m models.convert)"
+        )
+    if not Path(cfg.resume).is_file():
+        raise UserError(f"resume={cfg.resume!r}: no such checkpoint file")
+    # every weight comes from the checkpoint: no ImageNet download
+    model, _, _ = build_model(dataclasses.replace(cfg, pretrained_backbone=False, attention_backend="pytorch"))
+    try:
+        load_model_weights(model, load_checkpoint(cfg.resume), cfg.resume, describe=describe_state_dict)
+    except ValueError as error:  # a checkpoint of another variant or size: the message names both
+        raise UserError(str(error)) from error
+    return export_onnx(model, out, exporter=exporter)

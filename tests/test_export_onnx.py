@@ -1,0 +1,91 @@
+"""engine.export: a tiny detector exported to ONNX, run in onnxruntime at two image sizes and batch 1 and 2,
+compared with PyTorch (max absolute difference at most 1e-4 on logits and boxes; about 5e-7 observed)."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+
+import main
+from engine.export import export_onnx, min_image_side
+from models import CONFIG_DIR, build_model
+from tests.tiny_model import TINY, VARIANTS, randomize_zero_initialised, tiny_config
+from util.checkpoint import save_checkpoint
+
+TOLERANCE = 1e-4
+SIZES = [(1, 96, 128), (2, 160, 96)]  # (batch, height, width): neither is the size traced (256 x 256)
+
+
+def tiny_detector(variant: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_config(*VARIANTS[variant]))
+    randomize_zero_initialised(model)
+    return model.eval()
+
+
+def assert_onnx_matches_pytorch(path, model: torch.nn.Module) -> None:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(1)
+    for batch, height, width in SIZES:
+        images = torch.randn(batch, 3, height, width, generator=generator)
+        with torch.no_grad():
+            expected = model(images)
+        logits, boxes = session.run(["logits", "boxes"], {"images": images.numpy()})
+        assert logits.shape == tuple(expected["pred_logits"].shape)
+        assert boxes.shape == tuple(expected["pred_boxes"].shape)
+        torch.testing.assert_close(torch.from_numpy(logits), expected["pred_logits"], atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(boxes), expected["pred_boxes"], atol=TOLERANCE, rtol=0)
+
+
+def op_types(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_main_export_writes_a_graph_that_onnxruntime_runs_like_pytorch(tmp_path):
+    model = tiny_detector("deformable_detr")
+    checkpoint = save_checkpoint({"model": model.state_dict()}, tmp_path / "checkpoint.pth")
+    out = tmp_path / "model.onnx"
+    status = main.main(
+        [
+            "export",
+            "--config",
+            str(CONFIG_DIR / "deformable_detr.yaml"),
+            "--opts",
+            *TINY,
+            f"resume={checkpoint}",
+            "--out",
+            str(out),
+            "--exporter",
+            "torchscript",
+        ]
+    )
+    assert status == 0
+    assert "GridSample" in op_types(out)  # the attention's grid_sample formulation, no custom op
+    assert_onnx_matches_pytorch(out, model)
+
+
+def test_two_stage_exports_with_dynamic_sizes(tmp_path):
+    model = tiny_detector("two_stage")
+    path = export_onnx(model, tmp_path / "two_stage.onnx", exporter="torchscript")
+    assert_onnx_matches_pytorch(path, model)
+
+
+@pytest.mark.slow
+def test_dynamo_exporter_gives_the_same_outputs(tmp_path):
+    model = tiny_detector("box_refine")
+    path = export_onnx(model, tmp_path / "box_refine.onnx", exporter="dynamo")
+    assert "GridSample" in op_types(path)
+    assert_onnx_matches_pytorch(path, model)
+
+
+def test_min_image_side_is_one_pixel_more_than_the_coarsest_stride():
+    assert min_image_side(tiny_detector("deformable_detr")) == 65  # stride 64: C3-C5 and one extra level
+    assert min_image_side(tiny_detector("single_scale")) == 33
+
+
+def test_export_without_a_checkpoint_is_refused(tmp_path, capsys):
+    status = main.main(["export", "--config", str(CONFIG_DIR / "deformable_detr.yaml"), "--opts", *TINY])
+    assert status == 2
+    assert "export needs a checkpoint: --opts resume=PATH" in capsys.readouterr().err
