@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from ops import backend_cache
 from ops.pytorch_backend import ms_deform_attn_pytorch
 from ops.validation import validate_inputs
 
@@ -80,13 +81,47 @@ def available_backends() -> list[str]:
     return usable
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu" or "cuda"."""
+def _preferred_backend(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """What "auto" should run if it can: ``DETR_MSDA_BACKEND``, else the choice ``python -m ops.check`` remembered."""
+    named = backend_cache.env_backend(BACKENDS)
+    if named is not None and named != "auto":
+        return named
+    return backend_cache.remembered_backend(device, dtype) if dtype is not None else None
+
+
+def _resolve_preferred(preferred: str, device: torch.device) -> str | None:
+    """``preferred`` if it runs on ``device`` and loads here, else None (with one warning if it cannot be built)."""
+    from ops.build import KernelBuildError
+
+    try:
+        return resolve_backend(preferred, device)
+    except ValueError:  # a backend of another device (DETR_MSDA_BACKEND=cuda, tensors on the CPU) or an unknown name
+        return None
+    except KernelBuildError as error:
+        if preferred not in _warned_fallback:
+            _warned_fallback.add(preferred)
+            warnings.warn(
+                f"{error}\nms_deform_attn's auto backend does not use {preferred}.", RuntimeWarning, stacklevel=4
+            )
+        return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu" or "cuda".
+
+    "auto" takes, in this order, the backend named by ``DETR_MSDA_BACKEND``, the one ``python -m ops.check`` found
+    fastest for this device model, torch and ``dtype``, and else the kernel of the device (pytorch if it cannot be
+    built); a preferred backend that does not run on ``device`` or cannot be built is passed over.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "pytorch":
         return backend
     if backend == "auto":
+        preferred = _preferred_backend(device, dtype)
+        chosen = _resolve_preferred(preferred, device) if preferred is not None else None
+        if chosen is not None:
+            return chosen
         kind = device.type
         if kind not in KERNELS:
             return "pytorch"
@@ -130,8 +165,9 @@ def ms_deform_attn(
         level_start_index: (L,) int64, the first row of each level in S.
         sampling_locations: (N, Lq, M, L, P, 2) as (x, y) normalised to [0, 1]; points outside sample zeros.
         attention_weights: (N, Lq, M, L, P).
-        backend: "auto" (the compiled kernel for the tensors' device, else pytorch with one warning),
-            "pytorch" (``grid_sample``), "cpu" (C++ kernel) or "cuda" (CUDA kernel).
+        backend: "auto" (``DETR_MSDA_BACKEND`` if set, else the fastest found by ``python -m ops.check`` on this
+            device, else the compiled kernel for the tensors' device, else pytorch with one warning; see
+            :func:`resolve_backend`), "pytorch" (``grid_sample``), "cpu" (C++ kernel) or "cuda" (CUDA kernel).
 
     Returns:
         (N, Lq, M * D) in the inputs' dtype; differentiable in value, sampling_locations and attention_weights.
@@ -159,7 +195,7 @@ def ms_deform_attn(
             sampling_locations.to(common),
             attention_weights.to(common),
         )
-    validate_inputs(
+    level_shapes = validate_inputs(
         value,
         spatial_shapes,
         level_start_index,
@@ -168,10 +204,13 @@ def ms_deform_attn(
         check_layout=not _is_compiling(),
     )
     chosen = (
-        _resolve_backend_traced(backend, value.device) if _is_compiling() else resolve_backend(backend, value.device)
+        _resolve_backend_traced(backend, value.device)
+        if _is_compiling()
+        else resolve_backend(backend, value.device, value.dtype)
     )
     if chosen == "pytorch":
-        level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+        if level_shapes is None:  # traced by torch.compile, or a CUDA graph capture of tensors not checked before
+            level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     return torch.ops.deformable_detr.ms_deform_attn_forward(
         value.contiguous(),
