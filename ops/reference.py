@@ -51,8 +51,10 @@ def reference_ms_deform_attn(
     weight_x = torch.where(dx == 1, x_frac, 1 - x_frac)
     weight_y = torch.where(dy == 1, y_frac, 1 - y_frac)
     inside = (corner_x >= 0) & (corner_x < width) & (corner_y >= 0) & (corner_y < height)
-    row = start + corner_y.clamp(min=0).long().minimum(height - 1) * width + corner_x.clamp(min=0).long().minimum(
-        width - 1
+    row = (
+        start
+        + corner_y.clamp(min=0).long().minimum(height - 1) * width
+        + corner_x.clamp(min=0).long().minimum(width - 1)
     )
     coefficient = weight_x * weight_y * inside * attention_weights[..., None]  # (N, Lq, M, L, P, 4)
     per_head_value = value.permute(0, 2, 1, 3)  # (N, M, S, D)
