@@ -9,8 +9,11 @@ float64 reference (:mod:`ops.reference`) on small random problems, then times th
 ``python -m ops.benchmark`` cases and prints time / floor (the forward's bytes at the measured copy bandwidth).
 The fastest correct backend per dtype (lowest summed forward+backward time) is remembered per (device name, torch
 version, dtype) in ``$XDG_CACHE_HOME/deformable_detr/msda_backends.json`` (``~/.cache`` by default), and
-``backend="auto"`` uses it from then on; ``DETR_MSDA_BACKEND=<backend>`` overrides it. Exit status 1 when a
-usable backend gives wrong results.
+``backend="auto"`` uses it from then on; ``DETR_MSDA_BACKEND=<backend>`` overrides it.
+
+Exit status 1 when a compiled backend gives wrong results or crashes, or no backend passes for a dtype. The pytorch
+backend's failures are reported but do not count: in float16/bfloat16 ``grid_sample`` computes the location
+gradient in that precision (errors of the order of the gradient itself), a known limit of that formulation.
 """
 
 from __future__ import annotations
@@ -94,20 +97,32 @@ def _output_and_gradients(function, inputs: dict[str, torch.Tensor], grad_seed: 
     return [tensor.detach().double().cpu() for tensor in (output, *gradients)]
 
 
-def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> float:
-    """The worst error of ``backend`` against the float64 reference over :data:`CHECK_PROBLEMS`, in units of the
-    dtype's tolerance (<= 1 passes). The reference runs on the same inputs (already rounded to ``dtype``)."""
-    worst = 0.0
+QUANTITIES = ("output", "grad value", "grad sampling_locations", "grad attention_weights")
+
+
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The worst error of ``backend`` against the float64 reference over :data:`CHECK_PROBLEMS`, per quantity
+    (output and each gradient), in units of the dtype's tolerance (<= 1 passes). The reference runs on the same
+    inputs (already rounded to ``dtype``)."""
+    worst = dict.fromkeys(QUANTITIES, 0.0)
     for seed, problem in enumerate(CHECK_PROBLEMS):
         inputs = make_check_inputs(problem, device, dtype, seed)
         got = _output_and_gradients(
             lambda *args: functional.ms_deform_attn(*args, backend=backend), inputs, grad_seed=seed
         )
         expected = _output_and_gradients(reference_ms_deform_attn, inputs, grad_seed=seed)
-        for actual, reference in zip(got, expected):
+        for quantity, actual, reference in zip(QUANTITIES, got, expected):
             scale = reference.abs().max().clamp_min(1e-12)
-            worst = max(worst, float((actual - reference).abs().max() / scale) / TOLERANCES[dtype])
+            error = float((actual - reference).abs().max() / scale) / TOLERANCES[dtype]
+            worst[quantity] = max(worst[quantity], error)
     return worst
+
+
+def _verdict(errors: dict[str, float]) -> str:
+    failing = [f"{quantity} {error:.3g}" for quantity, error in errors.items() if not error <= 1]
+    if failing:
+        return "WRONG (" + ", ".join(failing) + ")"
+    return f"ok ({max(errors.values()):.3g})"
 
 
 def usable_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
@@ -190,16 +205,16 @@ def run(
         correct = []
         for backend in usable:
             try:
-                error = check_backend(backend, device, dtype)
-                verdict = "ok" if error <= 1 else "WRONG"
-                print(f"{backend}: {verdict} ({error:.3g})")
+                verdict = _verdict(check_backend(backend, device, dtype))
             except Exception as failure:  # a backend that crashes on this dtype is reported, not fatal
-                verdict = "ERROR"
-                print(f"{backend}: ERROR {type(failure).__name__}: {failure}")
-            if verdict == "ok":
+                verdict = f"ERROR {type(failure).__name__}: {failure}"
+            print(f"{backend}: {verdict}")
+            if verdict.startswith("ok"):
                 correct.append(backend)
-            else:
+            elif backend != "pytorch":
                 status = 1
+        if not correct:
+            status = 1
         if not correct:
             continue
         print("\n| case | dtype | backend | forward ms | fwd+bwd ms | floor ms | fwd / floor |")

@@ -70,3 +70,30 @@ def test_a_wrong_backend_is_reported_and_never_remembered(xdg_cache, monkeypatch
     output = capsys.readouterr().out
     assert "cpu: WRONG" in output and "pytorch: ok" in output
     assert functional.resolve_backend("auto", CPU, torch.float32) == "pytorch"
+
+
+def test_a_wrong_pytorch_backend_is_reported_but_does_not_fail_the_check(xdg_cache, monkeypatch, capsys):
+    correct = functional.ms_deform_attn
+
+    def pytorch_off_by_a_little(*args, backend="auto"):
+        output = correct(*args, backend=backend)
+        return output * 1.001 if backend == "pytorch" else output
+
+    monkeypatch.setattr(functional, "ms_deform_attn", pytorch_off_by_a_little)
+    monkeypatch.setattr(check.benchmark, "time_backend", _fake_timings("pytorch"))
+    assert check.main(TINY_RUN) == 0
+    assert "pytorch: WRONG (output 10" in capsys.readouterr().out  # 1e-3 / 1e-4 tolerance: 10 (x tolerance)
+    assert functional.resolve_backend("auto", CPU, torch.float32) == "cpu"
+
+
+def test_a_crashing_kernel_fails_the_check(xdg_cache, monkeypatch, capsys):
+    correct = functional.ms_deform_attn
+
+    def cpu_crashes(*args, backend="auto"):
+        if backend == "cpu":
+            raise RuntimeError("illegal memory access")
+        return correct(*args, backend=backend)
+
+    monkeypatch.setattr(functional, "ms_deform_attn", cpu_crashes)
+    assert check.main([*TINY_RUN, "--no-save"]) == 1
+    assert "cpu: ERROR RuntimeError: illegal memory access" in capsys.readouterr().out
