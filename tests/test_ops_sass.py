@@ -107,3 +107,15 @@ def test_find_tool_names_what_is_missing(monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(Path("/nonexistent")))
     with pytest.raises(FileNotFoundError, match="no_such_tool not found"):
         sass.find_tool("no_such_tool")
+
+
+def test_registers_and_spills_are_read_per_function():
+    usage = " Function _Z1kv:\n  REG:40 STACK:0 SHARED:0 LOCAL:0\n Function _Z1gv:\n  REG:255 STACK:8 LOCAL:24\n"
+    report = (
+        "ptxas info    : Function properties for _Z1kv\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "ptxas info    : Function properties for _Z1gv\n"
+        "    8 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads\n"
+    )
+    assert sass.parse_registers(usage) == {"_Z1kv": 40, "_Z1gv": 255}
+    assert sass.parse_spills(report) == {"_Z1kv": (0, 0), "_Z1gv": (24, 16)}
