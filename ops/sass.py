@@ -9,21 +9,20 @@ No GPU is needed: each source is compiled with ``nvcc -cubin`` (torch's include 
 with their source lines (for inlined code, the line of the kernel that calls it).
 
 How the inner loop is measured: a loop is a backward branch (``BRA`` to a label at or before it); the sampling loop
-of a kernel is its innermost loop (one that contains no other) holding the most global loads (``LDG``). Its
-static instruction count (every instruction from the label to the branch, both paths of its ``if``s) is divided
-by the sample-channels one trip handles: the compiler's unroll factor (the greatest common divisor, over the
-source lines that issue global loads in the loop, of the number of loads each line issues: a line loads the same
-number of times per logical iteration, so a loop unrolled u times shows every count multiplied by u; the line
-table is approximate, so check it with ``--unroll NAME=N`` where the listing says otherwise) times the
-channels a thread handles per logical iteration (1 for one thread per channel; ``--channels NAME=N`` for kernels
-that handle several, e.g. 4 with 128-bit float loads). Static counts ignore how often each branch runs; with every
-corner inside the map, as in most samples, nearly all of them issue.
+of a kernel is the loop with the most global loads (``LDG``) among those that contain no other loop with global
+loads (a loop without loads nested in it, such as a shuffle reduction, counts once as part of it). Its static
+instruction count (every instruction from the label to the branch, both sides of its ``if``s) is divided by the
+sample-channels one trip handles: the compiler's unroll factor (``--unroll NAME=N``, default 1) times the channels
+a thread handles per sample (``--channels NAME=N``, default 1: one thread per channel; e.g. 4 with 128-bit float
+loads). The unroll factor is read from the listing: the table's evidence column gives the global loads per source
+line of the kernel (a loop unrolled u times issues u times the loads of each line) and the shuffles in the loop.
+Static counts ignore how often each branch runs; with every corner inside the map, as in most samples, nearly all
+of them issue.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import shutil
 import subprocess
@@ -64,10 +63,12 @@ class Loop:
     def loads(self) -> list[Instruction]:
         return [ins for ins in self.instructions if ins.opcode.startswith("LDG")]
 
-    def unroll_factor(self) -> int:
-        """gcd over source lines of the global loads each line issues in the loop (1 without line info)."""
-        per_line = Counter(ins.line for ins in self.loads if ins.line is not None)
-        return math.gcd(*per_line.values()) if per_line else 1
+    def evidence(self) -> str:
+        """What shows the unroll factor: global loads per source line of the kernel (``line:count``) and shuffles."""
+        per_line = Counter(ins.line[1] if ins.line else "?" for ins in self.loads)
+        shuffles = sum(ins.opcode.startswith("SHFL") for ins in self.instructions)
+        loads = " ".join(f"{line}:{count}" for line, count in sorted(per_line.items(), key=str))
+        return loads + (f", {shuffles} SHFL" if shuffles else "")
 
 
 def load_width(opcode: str) -> int:
@@ -137,17 +138,15 @@ def find_loops(instructions: list[Instruction], labels: dict[str, int]) -> list[
     return [loop for loop in loops if len(loop.instructions) >= 2]
 
 
-def innermost(loops: list[Loop]) -> list[Loop]:
-    return [
-        loop
-        for loop in loops
-        if not any(other is not loop and loop.start <= other.start and other.end <= loop.end for other in loops)
-    ]
+def _contains(outer: Loop, inner: Loop) -> bool:
+    return inner is not outer and outer.start <= inner.start and inner.end <= outer.end
 
 
 def sampling_loop(loops: list[Loop]) -> Loop | None:
-    """The innermost loop with the most global loads (ties: the longer one)."""
-    candidates = innermost(loops)
+    """The innermost loop that loads from global memory (no loop inside it does), with the most loads (ties: the
+    longer one); a loop without loads inside it (a shuffle reduction) is counted as part of it."""
+    loading = [loop for loop in loops if loop.loads]
+    candidates = [loop for loop in loading if not any(_contains(loop, other) for other in loading)]
     return max(candidates, key=lambda loop: (len(loop.loads), len(loop.instructions)), default=None)
 
 
@@ -160,6 +159,7 @@ class KernelStats:
     spill_bytes: tuple[int, int]  # stores, loads
     loop_instructions: int | None
     unroll: int
+    evidence: str
     channels: int
     loop_loads: Counter
     kernel_loads: Counter
@@ -289,7 +289,7 @@ def measure(
             continue
         loop = sampling_loop(find_loops(instructions, labels.get(mangled, {})))
         per_thread = next((count for key, count in channels.items() if key in kernel), 1)
-        unroll = next((count for key, count in unrolls.items() if key in kernel), None)
+        unroll = next((count for key, count in unrolls.items() if key in kernel), 1)
         stats.append(
             KernelStats(
                 source=label,
@@ -298,7 +298,8 @@ def measure(
                 registers=registers.get(mangled, -1),
                 spill_bytes=spills.get(mangled, (0, 0)),
                 loop_instructions=len(loop.instructions) if loop else None,
-                unroll=unroll or (loop.unroll_factor() if loop else 1),
+                unroll=unroll,
+                evidence=loop.evidence() if loop else "-",
                 channels=per_thread,
                 loop_loads=Counter(load_width(ins.opcode) for ins in loop.loads) if loop else Counter(),
                 kernel_loads=Counter(load_width(ins.opcode) for ins in instructions if ins.opcode.startswith("LDG")),
@@ -315,8 +316,9 @@ def stats_table(stats: list[KernelStats], baseline: dict[tuple[str, str], float]
     """Markdown rows; ``baseline`` {(arch, dtype): instructions per sample-channel} for the ratio column."""
     lines = [
         "| source | kernel | arch | registers | spill st/ld B | loop instr | unroll x channels "
-        "| instr / sample-channel | fwd vs baseline fwd | LDG in loop (count x bits) | LDG.128 / .64 in kernel |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+        "| instr / sample-channel | fwd vs baseline fwd | LDG in loop (count x bits) | LDG.128 / .64 in kernel "
+        "| loads per line, shuffles |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for item in stats:
         per = item.per_sample_channel
@@ -327,7 +329,7 @@ def stats_table(stats: list[KernelStats], baseline: dict[tuple[str, str], float]
             f"| {item.source} | `{item.kernel}` | {item.arch} | {item.registers} | {item.spill_bytes[0]}/"
             f"{item.spill_bytes[1]} | {item.loop_instructions if item.loop_instructions is not None else '-'} | "
             f"{item.unroll} x {item.channels} | {f'{per:.1f}' if per is not None else '-'} | {ratio} | "
-            f"{_loads(item.loop_loads)} | {wide} |"
+            f"{_loads(item.loop_loads)} | {wide} | {item.evidence} |"
         )
     return lines
 
@@ -387,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), help="template arguments to report")
     parser.add_argument("--channels", action="append", default=[], help="NAME=N: channels per thread of a kernel")
     parser.add_argument(
-        "--unroll", action="append", default=[], help="NAME=N: the unroll factor of a kernel's loop, if not detected"
+        "--unroll", action="append", default=[], help="NAME=N: the unroll factor of a kernel's sampling loop"
     )
+    parser.add_argument("--only", nargs="+", default=None, help="report only kernels whose name contains one of these")
     parser.add_argument("--baseline", default="ms_deformable_im2col_gpu_kernel", help="kernel for the ratio column")
     parser.add_argument("--floors", action="store_true", help="print the memory-floor table and stop")
     args = parser.parse_args(argv)
@@ -413,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         for item in stats
         if args.baseline in item.kernel and item.per_sample_channel
     }
+    if args.only:
+        stats = [item for item in stats if any(fragment in item.kernel for fragment in args.only)]
     print("\n".join(stats_table(stats, baseline)))
     return 0
 

@@ -50,8 +50,28 @@ def test_sampling_loop_is_the_innermost_loop_with_loads():
     assert [sass.load_width(ins.opcode) for ins in loop.loads] == [128, 128, 128, 128]
 
 
-def test_unroll_factor_counts_loads_per_calling_line_of_the_kernel():
-    assert sass.sampling_loop(_loops()).unroll_factor() == 2  # lines 10 and 11 of k.cu load twice each
+def test_evidence_counts_loads_per_calling_line_of_the_kernel():
+    assert sass.sampling_loop(_loops()).evidence() == "10:2 11:2"  # helper.h inlined at line 11 counts for 11
+
+
+REDUCTION = """
+.text._Z1rv:
+.L_x_0:
+        /*0000*/                   LDG.E.128 R8, [R6.64] ;
+        /*0010*/                   FFMA R3, R8, R2, R3 ;
+.L_x_1:
+        /*0020*/                   SHFL.BFLY PT, R4, R3, 0x1, 0x1f ;
+        /*0030*/                   FADD R3, R3, R4 ;
+        /*0040*/               @P1 BRA `(.L_x_1) ;
+        /*0050*/               @P0 BRA `(.L_x_0) ;
+"""
+
+
+def test_a_shuffle_reduction_nested_in_the_sampling_loop_counts_as_part_of_it():
+    functions, labels = sass.parse_functions(REDUCTION), sass.label_addresses(REDUCTION)
+    loop = sass.sampling_loop(sass.find_loops(functions["_Z1rv"], labels["_Z1rv"]))
+    assert (loop.start, len(loop.instructions)) == (0x0, 6)
+    assert loop.evidence() == "?:1, 1 SHFL"
 
 
 @pytest.mark.parametrize(
@@ -99,7 +119,8 @@ def test_a_compiled_vector_loop_is_measured(tmp_path):
     (stats,) = sass.measure("vector", source, "80", (), {"sum4": 4}, {}, tmp_path)
     assert stats.kernel == "sum4" and stats.registers > 0 and stats.spill_bytes == (0, 0)
     assert stats.loop_loads[128] >= 1 and stats.kernel_loads[128] >= 1
-    assert stats.channels == 4 and stats.per_sample_channel == stats.loop_instructions / (4 * stats.unroll)
+    assert stats.channels == 4 and stats.unroll == 1
+    assert stats.per_sample_channel == stats.loop_instructions / 4
 
 
 def test_find_tool_names_what_is_missing(monkeypatch):
