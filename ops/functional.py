@@ -91,13 +91,11 @@ def _preferred_backend(device: torch.device, dtype: torch.dtype | None) -> str |
 
 def _resolve_preferred(preferred: str, device: torch.device) -> str | None:
     """``preferred`` if it runs on ``device`` and loads here, else None (with one warning if it cannot be built)."""
-    from ops.build import KernelBuildError
-
     try:
         return resolve_backend(preferred, device)
     except ValueError:  # a backend of another device (DETR_MSDA_BACKEND=cuda, tensors on the CPU) or an unknown name
         return None
-    except KernelBuildError as error:
+    except RuntimeError as error:  # KernelBuildError, or a backend that cannot run here
         if preferred not in _warned_fallback:
             _warned_fallback.add(preferred)
             warnings.warn(

@@ -97,3 +97,18 @@ def test_a_crashing_kernel_fails_the_check(xdg_cache, monkeypatch, capsys):
     monkeypatch.setattr(functional, "ms_deform_attn", cpu_crashes)
     assert check.main([*TINY_RUN, "--no-save"]) == 1
     assert "cpu: ERROR RuntimeError: illegal memory access" in capsys.readouterr().out
+
+
+def test_a_backend_that_cannot_run_here_is_listed_and_skipped(xdg_cache, monkeypatch, capsys):
+    resolve = functional.resolve_backend
+
+    def cpu_cannot_run(backend, device, dtype=None):
+        if backend == "cpu":
+            raise RuntimeError("backend 'cpu' needs something this machine lacks")
+        return resolve(backend, device, dtype)
+
+    monkeypatch.setattr(functional, "resolve_backend", cpu_cannot_run)
+    assert check.main([*TINY_RUN, "--no-save"]) == 0
+    output = capsys.readouterr().out
+    assert "backend cpu: NOT USABLE: backend 'cpu' needs something this machine lacks" in output
+    assert "| tiny | float32 | pytorch |" in output and "| tiny | float32 | cpu |" not in output
