@@ -28,6 +28,7 @@ import torch
 
 from ops import backend_cache, benchmark, functional
 from ops.reference import reference_ms_deform_attn
+from util.errors import UserError
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # max |backend - reference| / max |reference|, for the output and each gradient (half precision rounds the output
@@ -164,22 +165,40 @@ def describe_environment(device: torch.device) -> list[str]:
 
 def time_backends(
     backends: list[str], device: torch.device, dtype: torch.dtype, cases: list[str], repeats: int, bandwidth: float
-) -> tuple[list[str], dict[str, dict[str, tuple[float, float]]]]:
-    """Table rows and {backend: {case: (forward ms, forward+backward ms)}}."""
-    rows, timings = [], {backend: {} for backend in backends}
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Print a table row per case and backend; returns {backend: {case: (forward ms, forward+backward ms)}}."""
+    print("\n| case | dtype | backend | forward ms | fwd+bwd ms | floor ms | fwd / floor |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    timings = {backend: {} for backend in backends}
     for case_name in cases:
         inputs = benchmark.make_inputs(TIMING_CASES[case_name], device, dtype)
         floor_ms = benchmark.floor_bytes(inputs) / bandwidth * 1e3
         for backend in backends:
             forward_ms, both_ms = benchmark.time_backend(backend, inputs, repeats, warmup=1)
             timings[backend][case_name] = (forward_ms, both_ms)
-            row = (
+            print(
                 f"| {case_name} | {_dtype_name(dtype)} | {backend} | {forward_ms:.3f} | {both_ms:.3f} | "
-                f"{floor_ms:.4f} | {forward_ms / floor_ms:.1f}x |"
+                f"{floor_ms:.4f} | {forward_ms / floor_ms:.1f}x |",
+                flush=True,
             )
-            rows.append(row)
-            print(row, flush=True)
-    return rows, timings
+    return timings
+
+
+def correct_backends(backends: list[str], device: torch.device, dtype: torch.dtype) -> tuple[list[str], bool]:
+    """Print each backend's verdict; returns (the correct ones, whether a compiled backend failed)."""
+    print(f"\n## {_dtype_name(dtype)}: correctness against the float64 reference (error / tolerance, <= 1 passes)")
+    correct, kernel_failed = [], False
+    for backend in backends:
+        try:
+            verdict = _verdict(check_backend(backend, device, dtype))
+        except Exception as failure:  # a backend that crashes on this dtype is reported, not fatal
+            verdict = f"ERROR {type(failure).__name__}: {failure}"
+        print(f"{backend}: {verdict}")
+        if verdict.startswith("ok"):
+            correct.append(backend)
+        elif backend != "pytorch":
+            kernel_failed = True
+    return correct, kernel_failed
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -200,25 +219,12 @@ def run(
     print(f"measured copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s; floor = forward bytes / bandwidth")
     status = 0
     for dtype in dtypes:
-        print(f"\n## {_dtype_name(dtype)}: correctness against the float64 reference (error / tolerance, <= 1 passes)")
-        correct = []
-        for backend in usable:
-            try:
-                verdict = _verdict(check_backend(backend, device, dtype))
-            except Exception as failure:  # a backend that crashes on this dtype is reported, not fatal
-                verdict = f"ERROR {type(failure).__name__}: {failure}"
-            print(f"{backend}: {verdict}")
-            if verdict.startswith("ok"):
-                correct.append(backend)
-            elif backend != "pytorch":
-                status = 1
-        if not correct:
+        correct, kernel_failed = correct_backends(usable, device, dtype)
+        if kernel_failed or not correct:
             status = 1
         if not correct:
             continue
-        print("\n| case | dtype | backend | forward ms | fwd+bwd ms | floor ms | fwd / floor |")
-        print("|---|---|---|---:|---:|---:|---:|")
-        _, timings = time_backends(correct, device, dtype, cases, repeats, bandwidth)
+        timings = time_backends(correct, device, dtype, cases, repeats, bandwidth)
         fastest = min(correct, key=lambda backend: sum(both for _, both in timings[backend].values()))
         print(f"fastest for {_dtype_name(dtype)} (summed forward+backward over {', '.join(cases)}): {fastest}")
         if save:
@@ -248,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda: no GPU is visible to torch here")
     default_dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
     dtypes = [DTYPES[name] for name in (args.dtypes or default_dtypes)]
-    return run(device, dtypes, args.cases, args.repeats, args.bandwidth_mib, save=not args.no_save)
+    try:
+        return run(device, dtypes, args.cases, args.repeats, args.bandwidth_mib, save=not args.no_save)
+    except UserError as error:  # e.g. a DETR_MSDA_BACKEND that names no backend
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -112,3 +112,9 @@ def test_a_backend_that_cannot_run_here_is_listed_and_skipped(xdg_cache, monkeyp
     output = capsys.readouterr().out
     assert "backend cpu: NOT USABLE: backend 'cpu' needs something this machine lacks" in output
     assert "| tiny | float32 | pytorch |" in output and "| tiny | float32 | cpu |" not in output
+
+
+def test_a_bad_environment_variable_is_an_error_naming_it(monkeypatch, capsys):
+    monkeypatch.setenv("DETR_MSDA_BACKEND", "fastest")
+    assert check.main([*TINY_RUN, "--no-save"]) == 2
+    assert "error: the environment variable DETR_MSDA_BACKEND='fastest'" in capsys.readouterr().err
