@@ -100,9 +100,9 @@ def floor_bytes(inputs: dict[str, torch.Tensor]) -> int:
     return (read + output_elements) * value.element_size()
 
 
-def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written)."""
-    source = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+def copy_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read plus bytes written), copying ``size_bytes``."""
+    source = torch.empty(size_bytes, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     milliseconds = _median_ms(lambda: target.copy_(source), device, repeats=20, warmup=3)
     return 2 * source.numel() / (milliseconds / 1e3)

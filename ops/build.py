@@ -12,7 +12,6 @@ without a GPU::
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import re
@@ -68,15 +67,32 @@ def _build(kind: str, sources: list[Path], verbose: bool) -> None:
         raise KernelBuildError(f"building the {kind} kernel of ms_deform_attn failed: {error}") from error
 
 
-@functools.cache
+# kind -> None once loaded, or the error of its failed build: each kernel is built at most once per process, so
+# that backend="auto" does not run the compiler again on every call after a failure.
+_outcomes: dict[str, KernelBuildError | None] = {}
+
+
+def _build_once(kind: str, sources: list[Path], verbose: bool) -> None:
+    if kind not in _outcomes:
+        try:
+            _build(kind, sources, verbose)
+            _outcomes[kind] = None
+        except KernelBuildError as error:
+            _outcomes[kind] = error
+    failure = _outcomes[kind]
+    if failure is not None:
+        raise KernelBuildError(f"{failure} (not retried in this process)") from failure.__cause__
+
+
 def load_cpu_kernel(verbose: bool = False) -> None:
-    """Compile (first time) and load the C++ CPU kernel; raises :class:`KernelBuildError`."""
-    _build("cpu", [CSRC / "ms_deform_attn_cpu.cpp"], verbose)
+    """Compile (first time) and load the C++ CPU kernel; raises :class:`KernelBuildError`, also on every call
+    after a failed build (which is attempted once per process)."""
+    _build_once("cpu", [CSRC / "ms_deform_attn_cpu.cpp"], verbose)
 
 
-@functools.cache
 def load_cuda_kernel(verbose: bool = False) -> None:
-    """Compile (first time) and load the CUDA kernel; raises :class:`KernelBuildError`.
+    """Compile (first time) and load the CUDA kernel; raises :class:`KernelBuildError` (the build is attempted
+    once per process, as for the CPU kernel).
 
     Without a visible GPU it still compiles (for ``TORCH_CUDA_ARCH_LIST``, default 8.0;9.0), which lets CI
     catch a CUDA compile error on a machine with nvcc but no GPU.
@@ -85,10 +101,9 @@ def load_cuda_kernel(verbose: bool = False) -> None:
         raise KernelBuildError(f"this torch ({torch.__version__}) is not a CUDA build")
     if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
-    _build("cuda", [CSRC / "ms_deform_attn_cuda.cu"], verbose)
+    _build_once("cuda", [CSRC / "ms_deform_attn_cuda.cu"], verbose)
 
 
-@functools.cache
 def load_emulated_kernel(verbose: bool = False) -> None:
     """Compile (first time) and load the CUDA kernels built for the CPU by the host compiler (tests only).
 
@@ -96,7 +111,7 @@ def load_emulated_kernel(verbose: bool = False) -> None:
     exact kernel code of ``ms_deform_attn_cuda_kernels.h`` run by the emulation in ``cuda_emulation.h``.
     Raises :class:`KernelBuildError`.
     """
-    _build("emulated", [CSRC / "ms_deform_attn_emulated.cpp"], verbose)
+    _build_once("emulated", [CSRC / "ms_deform_attn_emulated.cpp"], verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

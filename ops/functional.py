@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ops import triton_backend
+from ops import backend_cache, triton_backend
 from ops.pytorch_backend import ms_deform_attn_pytorch
 from ops.validation import validate_inputs
 
@@ -84,8 +84,36 @@ def available_backends() -> list[str]:
     return usable
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu", "cuda" or "triton"."""
+def _preferred_backend(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """What "auto" should run if it can: ``DETR_MSDA_BACKEND``, else the choice ``python -m ops.check`` remembered."""
+    named = backend_cache.env_backend(BACKENDS)
+    if named is not None and named != "auto":
+        return named
+    return backend_cache.remembered_backend(device, dtype) if dtype is not None else None
+
+
+def _resolve_preferred(preferred: str, device: torch.device) -> str | None:
+    """``preferred`` if it runs on ``device`` and loads here, else None (with one warning if it cannot be built)."""
+    try:
+        return resolve_backend(preferred, device)
+    except ValueError:  # a backend of another device (DETR_MSDA_BACKEND=cuda, tensors on the CPU) or an unknown name
+        return None
+    except RuntimeError as error:  # KernelBuildError, or a backend that cannot run here
+        if preferred not in _warned_fallback:
+            _warned_fallback.add(preferred)
+            warnings.warn(
+                f"{error}\nms_deform_attn's auto backend does not use {preferred}.", RuntimeWarning, stacklevel=4
+            )
+        return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu", "cuda" or "triton".
+
+    "auto" takes, in this order, the backend named by ``DETR_MSDA_BACKEND``, the one ``python -m ops.check`` found
+    fastest for this device model, torch and ``dtype``, and else the kernel of the device (pytorch if it cannot be
+    built); a preferred backend that does not run on ``device`` or cannot be built is passed over.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "pytorch":
@@ -94,6 +122,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         triton_backend.check_usable(device)
         return backend
     if backend == "auto":
+        preferred = _preferred_backend(device, dtype)
+        chosen = _resolve_preferred(preferred, device) if preferred is not None else None
+        if chosen is not None:
+            return chosen
         kind = device.type
         if kind not in KERNELS:
             return "pytorch"
@@ -138,9 +170,10 @@ def ms_deform_attn(
         level_start_index: (L,) int64, the first row of each level in S.
         sampling_locations: (N, Lq, M, L, P, 2) as (x, y) normalised to [0, 1]; points outside sample zeros.
         attention_weights: (N, Lq, M, L, P).
-        backend: "auto" (the compiled kernel for the tensors' device, else pytorch with one warning),
-            "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel) or "triton" (Triton kernels:
-            CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
+        backend: "auto" (``DETR_MSDA_BACKEND`` if set, else the fastest found by ``python -m ops.check`` on this
+            device, else the compiled kernel for the tensors' device, else pytorch with one warning; see
+            :func:`resolve_backend`), "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel) or
+            "triton" (Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
         level_shapes: ``spatial_shapes`` as L pairs of Python (or symbolic) ints, for the pytorch backend; None
             reads them from ``spatial_shapes``. Pass the feature maps' own sizes when exporting with dynamic image
             sizes: values read from a tensor become constants (or unbacked symbols) in the exported graph.
@@ -171,7 +204,7 @@ def ms_deform_attn(
             sampling_locations.to(common),
             attention_weights.to(common),
         )
-    validate_inputs(
+    checked_shapes = validate_inputs(
         value,
         spatial_shapes,
         level_start_index,
@@ -180,10 +213,13 @@ def ms_deform_attn(
         check_layout=not _is_compiling(),
     )
     chosen = (
-        _resolve_backend_traced(backend, value.device) if _is_compiling() else resolve_backend(backend, value.device)
+        _resolve_backend_traced(backend, value.device)
+        if _is_compiling()
+        else resolve_backend(backend, value.device, value.dtype)
     )
     if chosen == "pytorch":
-        if level_shapes is None:
+        level_shapes = level_shapes if level_shapes is not None else checked_shapes
+        if level_shapes is None:  # traced by torch.compile, or a CUDA graph capture of tensors not checked before
             level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     namespace = torch.ops.deformable_detr

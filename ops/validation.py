@@ -6,6 +6,8 @@ Every check names the argument at fault and what was expected, so that a wrong c
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -86,10 +88,14 @@ def _check_types(
             raise ValueError(f"{name} is on {tensor.device} but value is on {value.device}")
 
 
-def check_level_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_positions: int) -> None:
-    """Check that the levels tile the ``num_positions`` rows of value exactly (reads the two small tensors)."""
-    shapes = spatial_shapes.tolist()
-    starts = level_start_index.tolist()
+def _read_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple[list, list]:
+    """The two small tensors on the host, in one device-to-host copy (one host sync on a GPU)."""
+    flat = torch.cat((spatial_shapes.reshape(-1).long(), level_start_index.long())).tolist()
+    levels = level_start_index.shape[0]
+    return [flat[2 * level : 2 * level + 2] for level in range(levels)], flat[2 * levels :]
+
+
+def _check_layout_values(shapes: list, starts: list, num_positions: int) -> None:
     expected_start = 0
     for level, ((height, width), start) in enumerate(zip(shapes, starts)):
         if height <= 0 or width <= 0:
@@ -105,6 +111,74 @@ def check_level_layout(spatial_shapes: torch.Tensor, level_start_index: torch.Te
         )
 
 
+class _LayoutMemo:
+    """The layouts already checked, keyed by the tensor objects and their version counters.
+
+    A detector forward passes the same ``spatial_shapes``/``level_start_index`` to every encoder and decoder layer:
+    reading them once instead of in every call saves a host sync per layer on a GPU, and a CUDA graph can be
+    captured once they have been checked. An in-place change bumps a tensor's version and forces a new check.
+    """
+
+    _CAPACITY = 32
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, int], tuple] = {}
+
+    def lookup(self, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_positions: int):
+        entry = self._entries.get((id(spatial_shapes), id(level_start_index), num_positions))
+        if entry is None:
+            return None
+        shapes_ref, starts_ref, versions, level_shapes = entry
+        alive = shapes_ref() is spatial_shapes and starts_ref() is level_start_index
+        return level_shapes if alive and versions == _versions(spatial_shapes, level_start_index) else None
+
+    def store(self, spatial_shapes, level_start_index, num_positions: int, level_shapes: list) -> None:
+        if len(self._entries) >= self._CAPACITY:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[(id(spatial_shapes), id(level_start_index), num_positions)] = (
+            weakref.ref(spatial_shapes),
+            weakref.ref(level_start_index),
+            _versions(spatial_shapes, level_start_index),
+            level_shapes,
+        )
+
+
+def _versions(spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> tuple:
+    # Inference tensors (torch.inference_mode) have no version counter: for them only the storage is compared.
+    return tuple(
+        (None if tensor.is_inference() else tensor._version, tensor.data_ptr())
+        for tensor in (spatial_shapes, level_start_index)
+    )
+
+
+_checked_layouts = _LayoutMemo()
+
+
+def _capturing_cuda_graph(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def checked_level_shapes(
+    spatial_shapes: torch.Tensor, level_start_index: torch.Tensor, num_positions: int
+) -> list[tuple[int, int]] | None:
+    """Check the level layout once per pair of tensors (and version) and return the ``(H, W)`` of each level.
+
+    Returns None, unchecked, while a CUDA graph is being captured (reading a GPU tensor is not allowed there; the
+    kernels skip a level that lies outside value, so they stay in bounds). Check the tensors once before the
+    capture (a warm-up call) to keep the check.
+    """
+    level_shapes = _checked_layouts.lookup(spatial_shapes, level_start_index, num_positions)
+    if level_shapes is not None:
+        return level_shapes
+    if _capturing_cuda_graph(spatial_shapes.device):
+        return None
+    shapes, starts = _read_layout(spatial_shapes, level_start_index)
+    _check_layout_values(shapes, starts, num_positions)
+    level_shapes = [(int(height), int(width)) for height, width in shapes]
+    _checked_layouts.store(spatial_shapes, level_start_index, num_positions, level_shapes)
+    return level_shapes
+
+
 def validate_inputs(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -112,10 +186,12 @@ def validate_inputs(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     check_layout: bool = True,
-) -> None:
+) -> list[tuple[int, int]] | None:
     """Raise ``TypeError``/``ValueError`` naming the argument if the op's inputs are inconsistent.
 
-    ``check_layout`` also reads ``spatial_shapes``/``level_start_index`` (a tiny device-to-host copy on GPU).
+    ``check_layout`` also reads ``spatial_shapes``/``level_start_index`` (one tiny device-to-host copy on a GPU,
+    once per pair of tensors, see :func:`checked_level_shapes`) and returns the ``(H, W)`` of each level;
+    otherwise, or while a CUDA graph is captured, returns None.
     """
     _check_tensor("value", value, 4)
     _check_tensor("spatial_shapes", spatial_shapes, 2)
@@ -124,5 +200,6 @@ def validate_inputs(
     _check_tensor("attention_weights", attention_weights, 5)
     _check_types(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     _check_sizes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    if check_layout:
-        check_level_layout(spatial_shapes, level_start_index, value.shape[1])
+    if not check_layout:
+        return None
+    return checked_level_shapes(spatial_shapes, level_start_index, value.shape[1])

@@ -119,3 +119,17 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture
 def small_problem() -> dict:
     return make_problem([(5, 7), (3, 4), (1, 1)], batch=2, queries=6, heads=3, channels=5, points=4)
+
+
+@pytest.fixture(scope="session")
+def _empty_backend_cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("msda_backend_cache")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_backend_choice(monkeypatch, _empty_backend_cache_dir):
+    """Tests see neither the user's DETR_MSDA_BACKEND nor the backends that python -m ops.check remembered."""
+    from ops import backend_cache
+
+    monkeypatch.delenv("DETR_MSDA_BACKEND", raising=False)
+    monkeypatch.setattr(backend_cache, "cache_file", lambda: _empty_backend_cache_dir / "msda_backends.json")

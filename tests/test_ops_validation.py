@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from ops import ms_deform_attn
+from ops import ms_deform_attn, validation
 from tests.conftest import op_args
 
 
@@ -146,3 +146,53 @@ def test_nan_locations_sample_zero_in_the_kernel(small_problem):
     output = ms_deform_attn(value, shapes, starts, locations, weights, backend="cpu")
     assert torch.isfinite(output).all()
     assert (output[0, 0] == 0).all()
+
+
+def _count_host_reads(monkeypatch) -> list[tuple[str, tuple]]:
+    """Record every ``Tensor.tolist``/``item``/``cpu``: on a GPU each one waits for the device (a host sync)."""
+    reads = []
+    for method in ("tolist", "item", "cpu"):
+        original = getattr(torch.Tensor, method)
+
+        def counting(self, *args, _original=original, _method=method, **kwargs):
+            reads.append((_method, tuple(self.shape)))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counting)
+    return reads
+
+
+@pytest.mark.parametrize("backend", ["cpu", "pytorch"])
+def test_twelve_layers_sharing_one_level_layout_read_it_once(monkeypatch, backend, small_problem):
+    args = op_args(small_problem)
+    reads = _count_host_reads(monkeypatch)
+    for _ in range(12):  # a detector forward: 6 encoder and 6 decoder layers, the same layout tensors
+        ms_deform_attn(*args, backend=backend)
+    assert len(reads) == 1
+
+
+def test_layout_changed_in_place_is_checked_again(small_problem):
+    args = op_args(small_problem)
+    ms_deform_attn(*args, backend="cpu")
+    small_problem["level_start_index"][1] += 1  # the same tensor object, a new version
+    with pytest.raises(ValueError, match=re.escape("level_start_index[1] = 36 but the levels before it cover 35")):
+        ms_deform_attn(*args, backend="cpu")
+
+
+def test_new_layout_tensors_with_the_same_values_are_read_again(monkeypatch, small_problem):
+    args = op_args(small_problem)
+    ms_deform_attn(*args, backend="cpu")
+    reads = _count_host_reads(monkeypatch)
+    fresh = (args[0], args[1].clone(), args[2].clone(), *args[3:])  # as a detector builds them every forward
+    ms_deform_attn(*fresh, backend="cpu")
+    assert len(reads) == 1
+
+
+def test_no_host_read_while_a_cuda_graph_is_captured(monkeypatch, small_problem):
+    args = op_args(small_problem)
+    expected = ms_deform_attn(*(args[0], args[1].clone(), args[2].clone(), *args[3:]), backend="cpu")
+    monkeypatch.setattr(validation, "_capturing_cuda_graph", lambda device: True)  # no GPU here: pretend
+    reads = _count_host_reads(monkeypatch)
+    output = ms_deform_attn(*args, backend="cpu")  # layout tensors never checked before: the check is skipped
+    assert reads == []
+    torch.testing.assert_close(output, expected)

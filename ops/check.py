@@ -1,0 +1,265 @@
+"""Check and time every ``ms_deform_attn`` backend usable on this device, and remember the fastest for "auto".
+
+    python -m ops.check                      # the GPU if there is one, else the CPU
+    python -m ops.check --device cpu --dtypes float32 float64 --cases encoder --repeats 3
+
+On a machine with a GPU, run this first, and paste its output into bug reports. For each backend usable here
+(those that run on the device and build) it compares the forward and the three gradients with an independent
+float64 reference (:mod:`ops.reference`) on small random problems, then times the correct ones on the
+``python -m ops.benchmark`` cases and prints time / floor (the forward's bytes at the measured copy bandwidth).
+The fastest correct backend per dtype (lowest summed forward+backward time) is remembered per (device name, torch
+version, dtype) in ``$XDG_CACHE_HOME/deformable_detr/msda_backends.json`` (``~/.cache`` by default), and
+``backend="auto"`` uses it from then on; ``DETR_MSDA_BACKEND=<backend>`` overrides it.
+
+Exit status 1 when a compiled backend gives wrong results or crashes, or no backend passes for a dtype. The pytorch
+backend's failures are reported but do not count: in float16/bfloat16 ``grid_sample`` computes the location
+gradient in that precision (errors of the order of the gradient itself), a known limit of that formulation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ops import backend_cache, benchmark, functional
+from ops.reference import reference_ms_deform_attn
+from util.errors import UserError
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# max |backend - reference| / max |reference|, for the output and each gradient (half precision rounds the output
+# and the gradients to 8 or 11 bits; the kernels accumulate in float32)
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# a smoke-test size for the timing part (``--cases tiny``)
+TINY = benchmark.Case("tiny", 1, ((4, 6), (2, 3)), None)
+TIMING_CASES = {**benchmark.CASES, "tiny": TINY}
+
+
+@dataclass(frozen=True)
+class CheckProblem:
+    level_shapes: tuple[tuple[int, int], ...]
+    batch: int
+    queries: int
+    heads: int
+    channels: int
+    points: int
+
+
+# odd sizes, a 1x1 level, the model's M=8 and D=32, one level with P=1
+CHECK_PROBLEMS = (
+    CheckProblem(((5, 7), (3, 4), (1, 1)), batch=2, queries=9, heads=3, channels=5, points=4),
+    CheckProblem(((8, 8), (4, 4)), batch=1, queries=17, heads=8, channels=32, points=4),
+    CheckProblem(((6, 10),), batch=2, queries=5, heads=2, channels=64, points=1),
+)
+
+
+def make_check_inputs(
+    problem: CheckProblem, device: torch.device, dtype: torch.dtype, seed: int
+) -> dict[str, torch.Tensor]:
+    """Random inputs with locations over [-0.25, 1.25] (a share outside the map) and a tenth exactly on 0 or 1."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = torch.tensor(problem.level_shapes, dtype=torch.int64)
+    areas = shapes.prod(1)
+    levels = len(problem.level_shapes)
+    sizes = (problem.batch, problem.queries, problem.heads, levels, problem.points)
+    locations = torch.rand(*sizes, 2, generator=generator, dtype=torch.float64) * 1.5 - 0.25
+    on_border = torch.rand(locations.shape, generator=generator) < 0.1
+    locations = torch.where(on_border, torch.randint(0, 2, locations.shape, generator=generator).double(), locations)
+    floats = {
+        "value": torch.randn(problem.batch, int(areas.sum()), problem.heads, problem.channels, generator=generator),
+        "sampling_locations": locations,
+        "attention_weights": torch.rand(*sizes, generator=generator),
+    }
+    inputs = {name: tensor.to(device=device, dtype=dtype) for name, tensor in floats.items()}
+    inputs["spatial_shapes"] = shapes.to(device)
+    inputs["level_start_index"] = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).to(device)
+    return inputs
+
+
+_FLOATS = ("value", "sampling_locations", "attention_weights")
+
+
+def _output_and_gradients(function, inputs: dict[str, torch.Tensor], grad_seed: int) -> list[torch.Tensor]:
+    leaves = {name: inputs[name].detach().requires_grad_() for name in _FLOATS}
+    output = function(
+        leaves["value"],
+        inputs["spatial_shapes"],
+        inputs["level_start_index"],
+        leaves["sampling_locations"],
+        leaves["attention_weights"],
+    )
+    grad = torch.randn(output.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    gradients = torch.autograd.grad(output, [leaves[name] for name in _FLOATS], grad.to(output))
+    return [tensor.detach().double().cpu() for tensor in (output, *gradients)]
+
+
+QUANTITIES = ("output", "grad value", "grad sampling_locations", "grad attention_weights")
+
+
+def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The worst error of ``backend`` against the float64 reference over :data:`CHECK_PROBLEMS`, per quantity
+    (output and each gradient), in units of the dtype's tolerance (<= 1 passes). The reference runs on the same
+    inputs (already rounded to ``dtype``)."""
+    worst = dict.fromkeys(QUANTITIES, 0.0)
+    for seed, problem in enumerate(CHECK_PROBLEMS):
+        inputs = make_check_inputs(problem, device, dtype, seed)
+        got = _output_and_gradients(
+            lambda *args: functional.ms_deform_attn(*args, backend=backend), inputs, grad_seed=seed
+        )
+        expected = _output_and_gradients(reference_ms_deform_attn, inputs, grad_seed=seed)
+        for quantity, actual, reference in zip(QUANTITIES, got, expected):
+            scale = reference.abs().max().clamp_min(1e-12)
+            error = float((actual - reference).abs().max() / scale) / TOLERANCES[dtype]
+            worst[quantity] = max(worst[quantity], error)
+    return worst
+
+
+def _verdict(errors: dict[str, float]) -> str:
+    failing = [f"{quantity} {error:.3g}" for quantity, error in errors.items() if not error <= 1]
+    if failing:
+        return "WRONG (" + ", ".join(failing) + ")"
+    return f"ok ({max(errors.values()):.3g})"
+
+
+def usable_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
+    """(backends that run on ``device`` and load here, {backend that runs on it but fails to load: why})."""
+    usable, failed = [], {}
+    for backend in functional.BACKENDS:
+        if backend == "auto":
+            continue
+        try:
+            functional.resolve_backend(backend, device)
+        except ValueError:  # a backend of another device
+            continue
+        except RuntimeError as error:  # KernelBuildError, or a backend that needs what is missing here
+            failed[backend] = str(error).splitlines()[0]
+            continue
+        usable.append(backend)
+    return usable, failed
+
+
+def describe_environment(device: torch.device) -> list[str]:
+    lines = [
+        f"device: {device} ({backend_cache.device_name(device)})",
+        f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"{platform.system()} {platform.machine()}",
+    ]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        lines.append(f"compute capability {major}.{minor}")
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__}")
+    except ImportError:
+        lines.append("triton: not installed")
+    named = backend_cache.env_backend(functional.BACKENDS)
+    if named is not None:
+        lines.append(f"{backend_cache.ENV_VAR}={named} is set: it overrides the remembered choice for auto")
+    return lines
+
+
+def time_backends(
+    backends: list[str], device: torch.device, dtype: torch.dtype, cases: list[str], repeats: int, bandwidth: float
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """Print a table row per case and backend; returns {backend: {case: (forward ms, forward+backward ms)}}."""
+    print("\n| case | dtype | backend | forward ms | fwd+bwd ms | floor ms | fwd / floor |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    timings = {backend: {} for backend in backends}
+    for case_name in cases:
+        inputs = benchmark.make_inputs(TIMING_CASES[case_name], device, dtype)
+        floor_ms = benchmark.floor_bytes(inputs) / bandwidth * 1e3
+        for backend in backends:
+            forward_ms, both_ms = benchmark.time_backend(backend, inputs, repeats, warmup=1)
+            timings[backend][case_name] = (forward_ms, both_ms)
+            print(
+                f"| {case_name} | {_dtype_name(dtype)} | {backend} | {forward_ms:.3f} | {both_ms:.3f} | "
+                f"{floor_ms:.4f} | {forward_ms / floor_ms:.1f}x |",
+                flush=True,
+            )
+    return timings
+
+
+def correct_backends(backends: list[str], device: torch.device, dtype: torch.dtype) -> tuple[list[str], bool]:
+    """Print each backend's verdict; returns (the correct ones, whether a compiled backend failed)."""
+    print(f"\n## {_dtype_name(dtype)}: correctness against the float64 reference (error / tolerance, <= 1 passes)")
+    correct, kernel_failed = [], False
+    for backend in backends:
+        try:
+            verdict = _verdict(check_backend(backend, device, dtype))
+        except Exception as failure:  # a backend that crashes on this dtype is reported, not fatal
+            verdict = f"ERROR {type(failure).__name__}: {failure}"
+        print(f"{backend}: {verdict}")
+        if verdict.startswith("ok"):
+            correct.append(backend)
+        elif backend != "pytorch":
+            kernel_failed = True
+    return correct, kernel_failed
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def run(
+    device: torch.device, dtypes: list[torch.dtype], cases: list[str], repeats: int, bandwidth_mib: int, save: bool
+) -> int:
+    """Check, time and remember; prints everything (paste it into a bug report). Returns the exit status."""
+    for line in describe_environment(device):
+        print(line)
+    usable, failed = usable_backends(device)
+    print(f"backends usable on {device.type}: {', '.join(usable)}")
+    for backend, reason in failed.items():
+        print(f"backend {backend}: NOT USABLE: {reason}")
+    bandwidth = benchmark.copy_bandwidth(device, bandwidth_mib * 2**20)
+    print(f"measured copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s; floor = forward bytes / bandwidth")
+    status = 0
+    for dtype in dtypes:
+        correct, kernel_failed = correct_backends(usable, device, dtype)
+        if kernel_failed or not correct:
+            status = 1
+        if not correct:
+            continue
+        timings = time_backends(correct, device, dtype, cases, repeats, bandwidth)
+        fastest = min(correct, key=lambda backend: sum(both for _, both in timings[backend].values()))
+        print(f"fastest for {_dtype_name(dtype)} (summed forward+backward over {', '.join(cases)}): {fastest}")
+        if save:
+            details = {
+                "forward_ms": {case: round(forward, 4) for case, (forward, _) in timings[fastest].items()},
+                "forward_backward_ms": {case: round(both, 4) for case, (_, both) in timings[fastest].items()},
+                "checked": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            path = backend_cache.remember(device, dtype, fastest, details)
+            print(f'backend="auto" now uses {fastest} for "{backend_cache.cache_key(device, dtype)}" (saved in {path})')
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
+    parser.add_argument("--cases", nargs="+", choices=sorted(TIMING_CASES), default=list(benchmark.CASES))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bandwidth-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
+    parser.add_argument("--no-save", action="store_true", help="do not remember the fastest backend")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no GPU is visible to torch here")
+    default_dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+    dtypes = [DTYPES[name] for name in (args.dtypes or default_dtypes)]
+    try:
+        return run(device, dtypes, args.cases, args.repeats, args.bandwidth_mib, save=not args.no_save)
+    except UserError as error:  # e.g. a DETR_MSDA_BACKEND that names no backend
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
