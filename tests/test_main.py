@@ -196,9 +196,72 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_p
     assert load_checkpoint(output_dir / "checkpoint.pth")["epoch"] == 0
 
 
-def test_unknown_override_is_named(tmp_path):
-    with pytest.raises(KeyError, match="learning_rate"):
-        run("train", opts=["learning_rate=1"])
+def test_unknown_override_is_printed_with_a_close_key_and_exit_status_2(capsys):
+    assert run("train", opts=["lr_dorp=3"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: unknown config key 'lr_dorp' in --opts lr_dorp=3; did you mean 'lr_drop'?")
+    assert "Traceback" not in error
+
+
+def test_yaml_syntax_error_is_printed_with_the_file_and_exit_status_2(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [1e-4\n")
+    assert main.main(["train", "--config", str(broken)]) == 2
+    assert f"error: {broken} is not valid YAML: line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["lr=-1", "epochs=-1", "epochs=0", "batch_size=0"])
+def test_out_of_range_value_exits_2_before_anything_is_built(override, monkeypatch, capsys):
+    def must_not_run(cfg):
+        raise AssertionError("training started with an invalid config")
+
+    monkeypatch.setattr(main, "train", must_not_run)
+    assert run("train", opts=[override]) == 2
+    key = override.partition("=")[0]
+    assert f"error: config key '{key}' in --opts {override} must be >= " in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main.main(["eval", "--config", str(tmp_path / "nothing.yaml")]) == 2
+    assert "nothing.yaml does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        ["--points", "-100,-100", "5,7.5"],
+        ["--points=-100,-100", "--points=5,7.5"],
+        ["--points", "-100,-100", "--points", "5,7.5"],
+    ],
+)
+def test_visualize_takes_points_with_negative_coordinates(points, monkeypatch):
+    seen = {}
+
+    def record(cfg, images, out_dir, threshold, top_k, points, layer, *rest):
+        seen.update(images=images, points=points, layer=layer)
+
+    monkeypatch.setattr(main, "visualize", record)
+    assert main.main(["visualize", "--image", "a.png", *points, "--layer", "1"]) == 0
+    assert seen == {"images": ["a.png"], "points": [(-100.0, -100.0), (5.0, 7.5)], "layer": 1}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--image", "a.png"],
+        ["eval", "--threshold", "0.3"],
+        ["predict", "--image", "a.png", "--points", "1,2"],
+        ["predict", "--config", "c.yaml"],  # no --image
+        ["predict", "--image", "a.png", "--threshold", "1.5"],
+        ["visualize", "--image", "a.png", "--top-k", "0"],
+        ["visualize", "--image", "a.png", "--points", "1;2"],
+    ],
+)
+def test_each_command_takes_only_its_own_valid_flags(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main.main(argv)
+    assert stopped.value.code == 2
+    assert "error:" in capsys.readouterr().err
 
 
 def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):
