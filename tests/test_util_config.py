@@ -144,33 +144,6 @@ def test_base_of_a_base_is_refused(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
-@pytest.mark.parametrize(
-    "name, levels, dilation, refine, two_stage",
-    [
-        ("deformable_detr", 4, False, False, False),
-        ("deformable_detr_single_scale", 1, False, False, False),
-        ("deformable_detr_single_scale_dc5", 1, True, False, False),
-        ("deformable_detr_box_refine", 4, False, True, False),
-        ("deformable_detr_two_stage", 4, False, True, True),
-    ],
-)
-def test_variant_configs_hold_the_published_settings(name, levels, dilation, refine, two_stage):
-    cfg = load_config(CONFIGS / f"{name}.yaml")
-    assert (cfg.num_feature_levels, cfg.dilation, cfg.with_box_refine, cfg.two_stage) == (
-        levels,
-        dilation,
-        refine,
-        two_stage,
-    )
-    assert (cfg.backbone, cfg.hidden_dim, cfg.num_queries, cfg.lr, cfg.lr_backbone) == (
-        "resnet50",
-        256,
-        300,
-        2e-4,
-        2e-5,
-    )
-
-
 def test_to_dict_round_trips():
     cfg = load_config(overrides=["hidden_dim=64"])
     assert Config(**cfg.to_dict()) == cfg
