@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from datasets.shapes import CATEGORY_NAMES
 from tests.tiny_training import CONFIG, NUM_VAL, make_shapes, tiny_overrides
 
@@ -25,6 +27,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # 14-51 s: two launchers, each importing torch and training
 def test_two_launchers_train_and_evaluate_each_image_once(tmp_path):
     coco_path, output_dir = make_shapes(tmp_path / "shapes"), tmp_path / "out"
     launcher = [
