@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from engine.commands import evaluate_checkpoint, predict, train, visualize
 from engine.training import NonFiniteLossError
@@ -60,7 +60,9 @@ def parse_score(text: str) -> float:
     return score
 
 
-def _at_least(low: int):
+def whole_number_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``low``."""
+
     def parse(text: str) -> int:
         try:
             number = int(text)
@@ -137,7 +139,7 @@ def _image_flags(default_out: str) -> argparse.ArgumentParser:
 
 def _add_visualize_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--top-k", type=_at_least(1), default=4, help="decoder panels for the best K detections (default 4)"
+        "--top-k", type=whole_number_at_least(1), default=4, help="decoder panels for the best K detections (default 4)"
     )
     parser.add_argument(
         "--points",
@@ -156,7 +158,7 @@ def _add_visualize_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--by-head", action="store_true", help="also a panel per attention head")
     parser.add_argument(
         "--query-level",
-        type=_at_least(0),
+        type=whole_number_at_least(0),
         default=0,
         help="feature level whose cell at each point is the encoder query (default 0: the finest)",
     )

@@ -57,6 +57,12 @@ def test_unknown_key_without_a_close_one_points_to_the_key_list():
     assert "did you mean" not in str(error.value)
 
 
+def test_a_key_that_is_not_a_name_is_unknown(tmp_path):
+    (tmp_path / "numbers.yaml").write_text("1: 2\n")
+    with pytest.raises(UserError, match=r"unknown config key 1 in .*numbers\.yaml"):
+        load_config(tmp_path / "numbers.yaml")
+
+
 def test_wrong_type_is_named():
     with pytest.raises(UserError, match="hidden_dim"):
         load_config(overrides=["hidden_dim=abc"])

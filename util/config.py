@@ -140,8 +140,8 @@ def _parse_override(override: str) -> tuple[str, Any]:
         raise UserError(f"--opts {override}: the value is not valid YAML ({_yaml_problem(error)})") from None
 
 
-def _unknown_key_message(key: str, origin: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+def _unknown_key_message(key: Any, origin: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
     return f"unknown config key {key!r} in {origin}; {hint}every key, with its default, is in util/config.py (Config)"
 
@@ -215,8 +215,6 @@ def _names(types: tuple[type, ...]) -> str:
     return " or ".join(kind.__name__ for kind in types)
 
 
-# Valid values, checked when a config is loaded (before a model or data set is built).
-# key -> (test of a value, what the test accepts); keys not listed take any value of their type.
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
     return (lambda value: value >= low), f">= {low}"
 
@@ -235,6 +233,8 @@ def _sizes() -> tuple[Callable[[Any], bool], str]:
     return (lambda value: len(value) > 0 and all(size >= 1 for size in value)), "a non-empty list of sizes >= 1"
 
 
+# Valid values, checked when a config is loaded (before a model or data set is built).
+# key -> (test of a value, what the test accepts); keys not listed take any value of their type.
 VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "position_embedding_scale": (lambda value: value > 0, "> 0"),
     "num_feature_levels": _at_least(1),
