@@ -117,6 +117,7 @@ def test_missing_base_file_names_the_file_that_asks_for_it(tmp_path):
         ("attention_backend=gpu", "'attention_backend' .* must be one of auto, pytorch, cpu, cuda"),
         ("train_scales=[]", "'train_scales' .* must be a non-empty list of sizes >= 1"),
         ("crop_size=[600,400]", "'crop_size' .* must be \\[min, max\\] with 1 <= min <= max"),
+        ("device=gpu", "'device' .* must be cpu, cuda or cuda:N"),
         ("num_workers=-1", "'num_workers' .* must be >= 0"),
         ("print_every=0", "'print_every' .* must be >= 1"),
     ],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -262,6 +263,7 @@ VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "crop_scales": _sizes(),
     "crop_size": (lambda value: len(value) == 2 and 1 <= value[0] <= value[1], "[min, max] with 1 <= min <= max"),
     "val_size": _at_least(1),
+    "device": (lambda value: re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None, "cpu, cuda or cuda:N"),
     "num_workers": _at_least(0),
     "eval_every": _at_least(0),
     "save_every": _at_least(0),
