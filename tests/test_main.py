@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import main
 from engine.training import NonFiniteLossError
 from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
 from util.checkpoint import load_checkpoint
+from util.config import load_config
 
 TRAIN_FILES = {"config.yaml", "checkpoint.pth", "checkpoint0000.pth", "log.txt", "detections.json", "metrics.json"}
 
@@ -262,6 +266,26 @@ def test_each_command_takes_only_its_own_valid_flags(argv, capsys):
         main.main(argv)
     assert stopped.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every ``main.py`` command in README.md's bash blocks, without the optional ``[...]``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)
+    commands = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        if "main.py " in line:
+            arguments = line.split("main.py ", 1)[1].split("#")[0]
+            commands.append(shlex.split(re.sub(r"\[[^]]*\]", "", arguments)))
+    return commands
+
+
+def test_the_readme_commands_parse_and_their_configs_load():
+    commands = readme_commands()
+    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize"}
+    for arguments in commands:
+        args = main.build_parser().parse_args(main.glue_point_values(arguments))
+        load_config(Path(__file__).resolve().parents[1] / args.config, overrides=args.opts)
 
 
 def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):
