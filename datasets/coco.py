@@ -24,6 +24,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from datasets.transforms import Compose, Normalize, ToTensor, Transform
+from util.errors import UserError
+from util.image_io import read_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -312,16 +314,16 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.records)
 
     def load_image(self, index: int) -> Image.Image:
-        """The RGB image of item ``index``; errors name the file and the image id."""
+        """The RGB image of item ``index`` (read by :func:`util.image_io.read_rgb_image`); errors name the file and
+        the image id."""
         record = self.records[index]
         path = self.image_folder / record.file_name
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as error:  # Pillow's decoders raise all three
-            raise OSError(f"cannot read image {path} (image id {record.image_id}): {error}") from error
+            image = read_rgb_image(path)
+        except UserError as error:
+            raise UserError(f"{error} (image id {record.image_id} in {self.annotation_file})") from error
         if (image.height, image.width) != (record.height, record.width):
-            raise ValueError(
+            raise UserError(
                 f"image {path} (image id {record.image_id}) is {image.height}x{image.width} pixels "
                 f"but {self.annotation_file} says {record.height}x{record.width} (height x width)"
             )

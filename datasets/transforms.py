@@ -6,15 +6,25 @@ Every transform is a callable ``(image, target) -> (image, target)``. Until :cla
 normalised to [0, 1] of the image, the format the model and its loss read. ``target["size"]`` is ``(2,)``
 int64 ``(h, w)`` of the current image throughout. Random choices draw from torch's global generator, which
 ``DataLoader`` seeds differently in every worker.
+
+The pixel and box arithmetic is ``torchvision.transforms.v2.functional`` (Pillow underneath for PIL images,
+``tv_tensors.BoundingBoxes`` for the boxes); the random choices stay here, because v2's classes differ from the
+paper's code: ``RandomShortestSize`` truncates the longer side where :func:`resized_size` rounds, no v2 class scales
+``target["area"]``, and ``SanitizeBoundingBoxes`` drops boxes under one pixel that the paper keeps. DETR's
+:class:`RandomSizeCrop` stays custom. ``python -m datasets.benchmark`` times the pipelines.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
+from torchvision import tv_tensors
+from torchvision.ops import box_area
+from torchvision.transforms.v2 import functional as F
+
+from util.image_io import to_rgb
 
 Target = dict[str, torch.Tensor]
 Transform = Callable[[object, Target], tuple[object, Target]]
@@ -51,46 +61,48 @@ def resized_size(height: int, width: int, shorter: int, max_size: int | None = N
 
 def xyxy_to_normalised_cxcywh(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(n, 4) ``x0, y0, x1, y1`` in pixels -> (n, 4) ``cx, cy, w, h`` as fractions of the image's width/height."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1)
+    cxcywh = F.convert_bounding_box_format(boxes, old_format="XYXY", new_format="CXCYWH")
     return cxcywh / torch.tensor([width, height, width, height], dtype=boxes.dtype)
 
 
+def _bounding_boxes(target: Target, height: int, width: int) -> tv_tensors.BoundingBoxes:
+    """``target["boxes"]`` as torchvision boxes on an image of (height, width): clamped to it when cropped."""
+    return tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=(height, width))
+
+
+def _with_boxes(target: Target, boxes: tv_tensors.BoundingBoxes) -> Target:
+    return dict(target, boxes=boxes.as_subclass(torch.Tensor), size=torch.tensor(boxes.canvas_size))
+
+
 def resize(image: Image.Image, target: Target, height: int, width: int) -> tuple[Image.Image, Target]:
-    """Resize to exactly ``(height, width)`` (bilinear); boxes and areas scale with it."""
-    scale_x, scale_y = width / image.width, height / image.height
-    image = image.resize((width, height), Image.BILINEAR)
-    target = dict(target)
-    target["boxes"] = target["boxes"] * torch.tensor([scale_x, scale_y, scale_x, scale_y], dtype=torch.float32)
+    """Resize to exactly ``(height, width)`` (Pillow's bilinear, which antialiases); boxes and areas scale with it."""
+    boxes = F.resize(_bounding_boxes(target, image.height, image.width), [height, width])
+    target = _with_boxes(target, boxes)
     if "area" in target:
-        target["area"] = target["area"] * (scale_x * scale_y)
-    target["size"] = torch.tensor([height, width], dtype=torch.int64)
-    return image, target
+        target["area"] = target["area"] * (width / image.width * height / image.height)
+    return F.resize(image, [height, width], interpolation=F.InterpolationMode.BILINEAR), target
 
 
 def crop_region(
     image: Image.Image, target: Target, top: int, left: int, height: int, width: int
 ) -> tuple[Image.Image, Target]:
     """Cut the region ``[top, top + height) x [left, left + width)``; boxes are clipped to it, boxes left with no
-    area are removed (with their labels), areas become those of the clipped boxes."""
-    image = image.crop((left, top, left + width, top + height))
-    boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
-    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([width, height, width, height], dtype=torch.float32))
-    target = dict(target, boxes=boxes)
+    area are removed (with their labels), areas become those of the clipped boxes.
+
+    Boxes of any positive width and height are kept, as in the paper's code; ``v2.SanitizeBoundingBoxes`` would
+    also drop those under one pixel (its ``min_size`` cannot go below 1), so it is not used here."""
+    target = _with_boxes(target, F.crop(_bounding_boxes(target, image.height, image.width), top, left, height, width))
     if "area" in target:
-        target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    target["size"] = torch.tensor([height, width], dtype=torch.int64)
+        target["area"] = box_area(target["boxes"])
+    boxes = target["boxes"]
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return image, _keep_boxes(target, keep)
+    return F.crop(image, top, left, height, width), _keep_boxes(target, keep)
 
 
 def hflip(image: Image.Image, target: Target) -> tuple[Image.Image, Target]:
     """Mirror left-right: ``x`` becomes ``width - x``, so ``x0, x1`` become ``width - x1, width - x0``."""
-    width = image.width
-    image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    x0, y0, x1, y1 = target["boxes"].unbind(-1)
-    target = dict(target, boxes=torch.stack([width - x1, y0, width - x0, y1], -1))
-    return image, target
+    boxes = F.horizontal_flip(_bounding_boxes(target, image.height, image.width))
+    return F.horizontal_flip(image), _with_boxes(target, boxes)
 
 
 class Compose:
@@ -188,13 +200,14 @@ class RandomSelect:
 
 
 class ToTensor:
-    """``PIL.Image`` (RGB) -> float32 tensor (3, H, W) in [0, 1]; the target is unchanged."""
+    """``PIL.Image`` -> float32 tensor (3, H, W) in [0, 1] (images not in RGB go through
+    :func:`util.image_io.to_rgb` first); the target is unchanged."""
 
     def __call__(self, image: Image.Image, target: Target) -> tuple[torch.Tensor, Target]:
         if not isinstance(image, Image.Image):
             raise TypeError(f"ToTensor expects a PIL.Image, got {type(image).__name__}")
-        pixels = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3), a writable copy
-        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255.0), target
+        pixels = F.pil_to_tensor(to_rgb(image))  # (3, H, W) uint8
+        return F.to_dtype(pixels, torch.float32, scale=True), target
 
     def __repr__(self) -> str:
         return "ToTensor()"
@@ -212,11 +225,9 @@ class Normalize:
     def __call__(self, image: torch.Tensor, target: Target) -> tuple[torch.Tensor, Target]:
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"Normalize expects a tensor image (put ToTensor before it), got {type(image).__name__}")
-        mean = torch.tensor(self.mean, dtype=image.dtype).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=image.dtype).view(3, 1, 1)
         height, width = image.shape[-2:]
         target = dict(target, boxes=xyxy_to_normalised_cxcywh(target["boxes"], height, width))
-        return (image - mean) / std, target
+        return F.normalize(image, list(self.mean), list(self.std)), target
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean}, std={self.std})"

@@ -14,17 +14,15 @@ from datasets import Batch, collate_detection
 from datasets.transforms import Compose
 from engine.evaluation import detect
 from util.draw import class_name, draw_detections
+from util.image_io import read_rgb_image
 
 PREDICTIONS_FILE = "predictions.json"
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """The RGB image at ``path``; the error names the file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as error:
-        raise OSError(f"cannot read image {path}: {error}") from error
+    """The RGB image at ``path``, read by :func:`util.image_io.read_rgb_image` (its docstring says what each
+    Pillow mode becomes); a ``UserError`` names the file when it cannot be read."""
+    return read_rgb_image(path)
 
 
 def prepare(image: Image.Image, transforms: Compose) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -14,6 +14,7 @@ from PIL import Image
 from datasets.coco import build_dataset
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tests.coco_data import annotation_dict, write_coco
+from util.errors import UserError
 
 
 @pytest.fixture
@@ -188,8 +189,19 @@ def test_missing_image_names_file_and_id_at_construction(coco_root):
 def test_unreadable_image_names_file_and_id(coco_root):
     (coco_root / "train2017" / "b.png").write_bytes(b"this is not a PNG")
     dataset = build_dataset("train", coco_root, num_classes=4)
-    with pytest.raises(OSError, match=r"cannot read image .*b\.png \(image id 8\)"):
+    with pytest.raises(
+        UserError, match=r"cannot read image .*b\.png: .* \(image id 8 in .*instances_train2017\.json\)"
+    ):
         _item(dataset, 8)
+
+
+def test_sixteen_bit_grey_image_is_read_as_its_gradient_not_white(coco_root):
+    gradient = np.linspace(0, 65535, 24 * 16).round().astype(np.uint16).reshape(24, 16)
+    Image.fromarray(gradient).save(coco_root / "train2017" / "b.png")
+    image, _ = _item(build_dataset("train", coco_root, num_classes=4), 8)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    grey = torch.from_numpy(np.rint(gradient / 65535 * 255)).float() / 255  # (24, 16), independent of util.image_io
+    torch.testing.assert_close(image * std + mean, grey.expand(3, -1, -1))
 
 
 def test_image_size_differing_from_the_annotation_names_file_and_id(coco_root):

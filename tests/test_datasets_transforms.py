@@ -198,3 +198,42 @@ def test_bad_arguments_are_named():
         T.RandomSizeCrop(50, 40)
     with pytest.raises(TypeError, match="put ToTensor before it"):
         T.Normalize()(*_painted(4, 4, []))
+
+
+def _random_image(height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_resize_pixels_are_pillows_bilinear_resize():
+    image, target = _random_image(37, 53), _painted(37, 53, [])[1]
+    resized, _ = T.resize(image, target, 20, 91)
+    expected = np.asarray(image.resize((91, 20), Image.BILINEAR))
+    np.testing.assert_array_equal(np.asarray(resized), expected)
+
+
+def test_hflip_and_crop_pixels_are_mirrored_and_sliced_arrays():
+    image, target = _random_image(30, 40), _painted(30, 40, [])[1]
+    pixels = np.asarray(image)
+    np.testing.assert_array_equal(np.asarray(T.hflip(image, target)[0]), pixels[:, ::-1])
+    cropped, target = T.crop_region(image, target, top=5, left=7, height=20, width=25)
+    np.testing.assert_array_equal(np.asarray(cropped), pixels[5:25, 7:32])
+    assert target["size"].tolist() == [20, 25]
+
+
+def test_to_tensor_and_normalize_match_a_numpy_computation():
+    image = _random_image(12, 18)
+    boxes = np.array([[1.5, 2.0, 10.25, 11.0], [0.0, 0.0, 18.0, 12.0]], dtype=np.float32)
+    tensor, target = T.Normalize()(*T.ToTensor()(image, {"boxes": torch.from_numpy(boxes)}))
+    mean, std = np.array(T.IMAGENET_MEAN), np.array(T.IMAGENET_STD)
+    expected = ((np.asarray(image) / 255.0 - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_allclose(tensor.numpy(), expected, atol=1e-6, rtol=0)
+    x0, y0, x1, y1 = boxes.T.astype(np.float64)
+    expected_boxes = np.stack([(x0 + x1) / 2 / 18, (y0 + y1) / 2 / 12, (x1 - x0) / 18, (y1 - y0) / 12], 1)
+    np.testing.assert_allclose(target["boxes"].numpy(), expected_boxes, atol=1e-7, rtol=0)
+
+
+def test_to_tensor_scales_a_sixteen_bit_grey_image_instead_of_clipping_it():
+    gradient = np.linspace(0, 65535, 6 * 40).round().astype(np.uint16).reshape(6, 40)
+    tensor, _ = T.ToTensor()(Image.fromarray(gradient), {})
+    expected = torch.from_numpy(np.rint(gradient / 65535 * 255) / 255).float()
+    torch.testing.assert_close(tensor, expected.expand(3, -1, -1))

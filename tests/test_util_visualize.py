@@ -16,6 +16,7 @@ from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config
 from util.visualize import (
     decoder_figure,
     encoder_figure,
+    run_with_sampling,
     sample_attention,
     sampling_record,
     write_visualization,
@@ -204,3 +205,21 @@ def test_writes_figures_and_record_from_saved_weights(variant, tmp_path):
     box_reference = variant in ("box_refine", "two_stage", "two_stage_without_box_refine")
     assert all((query["reference_box"] is not None) == box_reference for query in record["decoder"]["queries"])
     assert len(record["encoder"]["queries"]) == 2  # the centres of the two shown detections
+
+
+def test_sixteen_bit_grey_image_is_seen_like_its_eight_bit_version():
+    height, width = ORIGINAL_SIZE
+    sixteen_bit = (np.arange(height * width).reshape(height, width) * 65535 // (height * width - 1)).astype(np.uint16)
+    eight_bit = np.rint(sixteen_bit / 65535 * 255).astype(np.uint8)  # the documented scaling, computed here
+    model = tiny_model()
+    outputs, _ = run_with_sampling(model, Image.fromarray(sixteen_bit), TRANSFORMS)
+    expected, _ = run_with_sampling(model, Image.fromarray(eight_bit).convert("RGB"), TRANSFORMS)
+    torch.testing.assert_close(outputs["pred_logits"], expected["pred_logits"])
+
+
+def test_view_keeps_the_rgb_version_of_a_sixteen_bit_image():
+    gradient = np.linspace(0, 65535, ORIGINAL_SIZE[1]).round().astype(np.uint16)[None].repeat(ORIGINAL_SIZE[0], 0)
+    view = sample_attention(tiny_model(), Image.fromarray(gradient), TRANSFORMS, top_k=1)
+    expected = np.rint(gradient / 65535 * 255).astype(np.uint8)
+    assert view.image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(view.image), np.repeat(expected[..., None], 3, -1))

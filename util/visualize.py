@@ -31,6 +31,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from util.draw import class_name, draw_detections
+from util.image_io import to_rgb
 from util.visualize_figures import Panel, sampling_figure
 from util.visualize_points import (
     QuerySampling,
@@ -90,7 +91,7 @@ def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transfor
     """``image`` through ``transforms`` (the validation resize and normalisation) and ``model`` in eval mode with
     ``return_sampling=True`` -> the outputs (batch of one) and the resized (height, width)."""
     no_boxes = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-    tensor, _ = transforms(image.convert("RGB"), no_boxes)
+    tensor, _ = transforms(to_rgb(image), no_boxes)
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
@@ -138,7 +139,8 @@ def sample_attention(
 
     Args:
         model: a ``DeformableDETR`` (any variant).
-        image: the original image; ``transforms`` resize and normalise it as in evaluation.
+        image: the original image in any mode (read as :func:`util.image_io.to_rgb` says; the view keeps the RGB
+            version); ``transforms`` resize and normalise it as in evaluation.
         threshold: detections scoring at least this are listed; the decoder panels show the best ``top_k`` of
             them, or the best ``top_k`` queries (marked below threshold) when none reaches it.
         points: encoder query pixels (x, y) in the original image; None: the centres of the decoder panels' boxes.
@@ -147,6 +149,7 @@ def sample_attention(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
+    image = to_rgb(image)
     outputs, resized_size = run_with_sampling(model, image, transforms)
     image_size = (image.height, image.width)
     ranked = ranked_queries(outputs, image_size)
