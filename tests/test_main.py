@@ -72,7 +72,6 @@ def final_weights(output_dir) -> dict[str, torch.Tensor]:
     return load_checkpoint(output_dir / "checkpoint.pth")["model"]
 
 
-@pytest.mark.slow  # three trainings per case
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_path, tmp_path, num_workers):
     # Three scales and a flip per image: enough random draws that other augmentations would change the weights.

@@ -36,11 +36,7 @@ def assert_same_predictions(actual: dict, expected: dict, tolerance: float = 0.0
         torch.testing.assert_close(actual[key], expected[key], atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize(
-    "variant",
-    # DC5 dilates a ResNet-50 (the others run a ResNet-18): 10-23 s
-    [pytest.param(name, marks=pytest.mark.slow) if name == "single_scale_dc5" else name for name in sorted(VARIANTS)],
-)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_outputs_losses_and_gradients(variant):
     model, criterion, _ = build_tiny(*VARIANTS[variant])
     images = torch.randn(2, 3, 64, 96)
@@ -152,7 +148,6 @@ def test_padding_mask_of_wrong_shape_is_named():
         model(torch.randn(1, 3, 64, 64), torch.zeros(1, 32, 32, dtype=torch.bool))
 
 
-@pytest.mark.slow  # 30 training steps
 def test_overfitting_one_batch_drives_the_loss_down():
     model, criterion, _ = build_tiny("lr_backbone=0")
     images = torch.randn(2, 3, 64, 64)
