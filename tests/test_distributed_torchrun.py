@@ -27,7 +27,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.slow  # 14-51 s: two launchers, each importing torch and training
+@pytest.mark.slow  # 14-68 s: two launchers, each importing torch and training
 def test_two_launchers_train_and_evaluate_each_image_once(tmp_path):
     coco_path, output_dir = make_shapes(tmp_path / "shapes"), tmp_path / "out"
     launcher = [
