@@ -72,6 +72,7 @@ def final_weights(output_dir) -> dict[str, torch.Tensor]:
     return load_checkpoint(output_dir / "checkpoint.pth")["model"]
 
 
+@pytest.mark.slow  # three trainings a case: 36-69 s at a load of 5 on 2 cores
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_path, tmp_path, num_workers):
     # Three scales and a flip per image: enough random draws that other augmentations would change the weights.
