@@ -46,7 +46,7 @@ $(SHAPES)/annotations/instances_val2017.json:
 	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128
 
 demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
-	$(PYTHON) main.py train --config configs/demo_shapes.yaml
+	$(PYTHON) main.py train --config configs/demo_shapes.yaml --opts overwrite=true
 	$(PYTHON) main.py eval --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth
 	$(PYTHON) main.py predict --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
 		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions --threshold 0.3

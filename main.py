@@ -31,10 +31,9 @@ import sys
 from collections.abc import Callable, Sequence
 
 from engine.commands import evaluate_checkpoint, predict, train, visualize
-from engine.training import NonFiniteLossError
 from util.config import Config, load_config
 from util.distributed import shutdown_distributed
-from util.errors import UserError
+from util.errors import RunError, UserError
 
 # A value of --points: "x,y", either coordinate possibly negative ("-100,-100"), which argparse would take for a flag.
 _POINT_VALUE = re.compile(r"^-?[\d.]")
@@ -200,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides=args.opts)
         args.run(cfg, args)
-    except NonFiniteLossError as error:
+    except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except UserError as error:

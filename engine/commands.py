@@ -5,11 +5,16 @@ Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 | file | content |
 |---|---|
 | ``config.yaml`` | the resolved config |
-| ``checkpoint.pth`` | the latest finished epoch: model, optimizer, lr_scheduler, scaler, epoch, config |
+| ``checkpoint.pth`` | the latest finished epoch: model, optimizer, lr_scheduler, scaler, epoch, config, |
+| | category_names, log_record (the epoch's ``log.txt`` record before its evaluation) |
 | ``checkpointNNNN.pth`` | the same, kept every ``save_every`` epochs and before the ``lr_drop`` |
 | ``detections.json`` / ``metrics.json`` | the latest evaluation: COCO results and the 12 COCO metrics |
 | ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s``; |
-| | emptied when a run starts from scratch, appended to when it resumes |
+| | appended to when the run resumes |
+
+A folder that holds another run is refused unless ``overwrite=true`` (``engine.run_dir``). Each epoch is
+checkpointed before it is evaluated, and its ``log.txt`` record written last: a run that stops in the evaluation
+keeps its training, and when it resumes the missing record is completed by evaluating that checkpoint again.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +44,8 @@ from engine.data import (
 )
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
-from engine.prediction import load_image, predict_files
+from engine.prediction import PREDICTIONS_FILE, load_image, predict_files
+from engine.run_dir import CONFIG_FILE, LATEST_CHECKPOINT, append_log, claim_output_dir, reconcile_log
 from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
 from models import build_model
 from models.describe import describe_state_dict
@@ -49,13 +56,17 @@ from util.checkpoint import (
     save_checkpoint,
 )
 from util.config import Config
-from util.distributed import DistributedInfo, barrier, init_distributed
+from util.distributed import (
+    DistributedInfo,
+    barrier,
+    broadcast_from_main,
+    explaining_timeouts,
+    init_distributed,
+)
+from util.errors import RunError, UserError
 from util.progress import format_duration
 from util.visualize import sample_attention, write_visualization
 
-LOG_FILE = "log.txt"
-CONFIG_FILE = "config.yaml"
-LATEST_CHECKPOINT = "checkpoint.pth"
 CLASS_HEADS = ("class_embed",)  # the detector's modules sized by num_classes (in the decoder too, two-stage)
 
 
@@ -63,6 +74,29 @@ def say(info: DistributedInfo, message: str) -> None:
     """Print ``message`` on rank 0."""
     if info.is_main:
         print(message, flush=True)
+
+
+def decided_on_main(info: DistributedInfo, decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on rank 0 alone (the rank that reads and writes ``output_dir``); its result, or the
+    :class:`UserError` it raised, on every rank."""
+    outcome = None
+    if info.is_main:
+        try:
+            outcome = (True, decide())
+        except UserError as error:
+            outcome = (False, str(error))
+    succeeded, value = broadcast_from_main(outcome)
+    if not succeeded:
+        raise UserError(value)
+    return value
+
+
+class PredictionError(RunError):
+    """Some images could not be predicted; the others were written. ``results``: those written."""
+
+    def __init__(self, message: str, results: list[dict]):
+        super().__init__(message)
+        self.results = results
 
 
 def seed_everything(seed: int) -> None:
@@ -146,8 +180,9 @@ def build_training(cfg: Config, info: DistributedInfo) -> TrainingRun:
     )
 
 
-def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> int:
-    """Load ``cfg.resume`` or ``cfg.finetune_from`` (when set) into ``run``; returns the first epoch to train."""
+def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> tuple[int, dict | None]:
+    """Load ``cfg.resume`` or ``cfg.finetune_from`` (when set) into ``run``; returns the first epoch to train and,
+    resuming, the ``log.txt`` record the checkpoint holds of its epoch (without evaluation; None if it has none)."""
     if cfg.resume and cfg.finetune_from:
         raise ValueError(
             f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
@@ -163,18 +198,19 @@ def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> int
         )
         fresh = f"; {len(kept)} class-head tensors (another num_classes) keep their initialisation" if kept else ""
         say(info, f"fine-tuning from the weights of {cfg.finetune_from}{fresh}")
-        return 0
+        return 0, None
     if not cfg.resume:
-        return 0
+        return 0, None
     checkpoint = load_checkpoint(cfg.resume)
     load_model_weights(run.model, checkpoint, cfg.resume, describe=describe_state_dict)
     start_epoch = restore_training_state(checkpoint, run.optimizer, run.lr_scheduler, run.scaler, cfg.resume)
     say(info, f"resumed from {cfg.resume}: continuing at epoch {start_epoch} of {cfg.epochs}")
-    return start_epoch
+    return start_epoch, checkpoint.get("log_record") if start_epoch > 0 else None
 
 
-def save_epoch(run: TrainingRun, epoch: int, cfg: Config, output_dir: Path) -> None:
-    """``checkpoint.pth`` (and ``checkpointNNNN.pth`` when due) after epoch ``epoch``; call on rank 0."""
+def save_epoch(run: TrainingRun, epoch: int, cfg: Config, output_dir: Path, record: dict) -> None:
+    """``checkpoint.pth`` (and ``checkpointNNNN.pth`` when due) after epoch ``epoch``, with ``record``, its
+    ``log.txt`` record so far; call on rank 0."""
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
@@ -183,10 +219,28 @@ def save_epoch(run: TrainingRun, epoch: int, cfg: Config, output_dir: Path) -> N
         "epoch": epoch,
         "config": cfg.to_dict(),
         "category_names": dict(run.train_set.category_names),
+        "log_record": record,
     }
     save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
     if checkpoint_due(epoch, cfg):
         save_checkpoint(state, output_dir / f"checkpoint{epoch:04d}.pth")
+
+
+def evaluate_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
+    """The ``val_<metric>`` entries of epoch ``epoch``'s record: its evaluation when due (rank 0), else none."""
+    if not evaluation_due(epoch, cfg):
+        return {}
+    metrics = evaluate(
+        run.model,
+        run.postprocess,
+        run.val_loader,
+        run.val_set,
+        info.device,
+        output_dir,
+        amp=cfg.amp,
+        print_every=cfg.print_every,
+    )
+    return {f"val_{name}": value for name, value in (metrics or {}).items()}
 
 
 def train_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
@@ -217,38 +271,68 @@ def train_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo
         **{f"train_{name}": value for name, value in losses.items()},
     }
     run.lr_scheduler.step()
+    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
     if info.is_main:
-        save_epoch(run, epoch, cfg, output_dir)
+        save_epoch(run, epoch, cfg, output_dir, record)
     barrier()
-    if evaluation_due(epoch, cfg):
-        metrics = evaluate(
-            run.model,
-            run.postprocess,
-            run.val_loader,
-            run.val_set,
-            info.device,
-            output_dir,
-            amp=cfg.amp,
-            print_every=cfg.print_every,
-        )
-        record.update({f"val_{name}": value for name, value in (metrics or {}).items()})
+    record.update(evaluate_epoch(run, epoch, cfg, info, output_dir))
     record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
     return record
+
+
+def complete_record(run: TrainingRun, record: dict, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
+    """Evaluate again the epoch of ``record`` (a checkpoint's record that ``log.txt`` lacks) and log it."""
+    epoch, start = record["epoch"], time.perf_counter()
+    say(info, f"log.txt has no record of epoch {epoch}, which its checkpoint finished: completing it")
+    record = {**record, **evaluate_epoch(run, epoch, cfg, info, output_dir)}
+    record["epoch_time_s"] = round(record.get("epoch_time_s", 0.0) + time.perf_counter() - start, 2)
+    if info.is_main:
+        append_log(output_dir, record)
+    return record
+
+
+def log_epoch(record: dict, info: DistributedInfo, output_dir: Path) -> None:
+    """Append ``record`` to ``log.txt`` and say how the epoch went (rank 0)."""
+    if not info.is_main:
+        return
+    append_log(output_dir, record)
+    shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
+    say(
+        info,
+        f"epoch {record['epoch']} done in {format_duration(record['epoch_time_s'])}: loss "
+        f"{record['train_loss']:.4f}{shown}",
+    )
+
+
+def validation_metrics(record: dict) -> dict[str, float]:
+    return {name[4:]: value for name, value in record.items() if name.startswith("val_")}
 
 
 def train(cfg: Config) -> dict[str, float] | None:
     """Train ``cfg.epochs`` epochs (from ``cfg.resume`` when given), evaluating and checkpointing as configured.
 
-    Returns the last evaluation's metrics on rank 0 (None on other ranks or when no epoch was left to train).
+    Returns the last evaluation's metrics on rank 0 (None on other ranks, or when no evaluation ran). Raises a
+    :class:`UserError` when ``cfg.output_dir`` holds another run (see ``engine.run_dir``).
     """
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     seed_everything(cfg.seed + info.rank)
-    output_dir = Path(cfg.output_dir)
+    with explaining_timeouts(cfg.dist_timeout_minutes):
+        return train_epochs(cfg, info, Path(cfg.output_dir))
+
+
+def train_epochs(cfg: Config, info: DistributedInfo, output_dir: Path) -> dict[str, float] | None:
+    for note in decided_on_main(
+        info, lambda: claim_output_dir(output_dir, cfg.resume, cfg.finetune_from, cfg.overwrite)
+    ):
+        say(info, note)
     if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run = build_training(cfg, info)
-    start_epoch = resume_training(run, cfg, info)
+    start_epoch, last_record = resume_training(run, cfg, info)
+    unlogged, notes = decided_on_main(info, lambda: reconcile_log(output_dir, cfg.resume, start_epoch, last_record))
+    for note in notes:
+        say(info, note)
+    metrics = validation_metrics(complete_record(run, unlogged, cfg, info, output_dir)) if unlogged else {}
     if start_epoch >= cfg.epochs:
         say(
             info,
@@ -256,64 +340,59 @@ def train(cfg: Config) -> dict[str, float] | None:
             f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
             "train further, or run `main.py eval` to evaluate it",
         )
-        return None
-    if info.is_main and start_epoch == 0:  # a fresh run: its log starts empty, as its checkpoints start anew
-        (output_dir / LOG_FILE).unlink(missing_ok=True)
+        return (metrics or None) if info.is_main else None
     num_parameters = sum(parameter.numel() for parameter in run.model.parameters() if parameter.requires_grad)
     say(
         info,
         f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
         f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {output_dir}",
     )
-    run_start, metrics = time.perf_counter(), None
+    run_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         record = train_epoch(run, epoch, cfg, info, output_dir)
-        if info.is_main:
-            with open(output_dir / LOG_FILE, "a", encoding="utf-8") as file:
-                file.write(json.dumps(record) + "\n")
-            metrics = {name[4:]: value for name, value in record.items() if name.startswith("val_")} or metrics
-            shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
-            say(
-                info,
-                f"epoch {epoch} done in {format_duration(record['epoch_time_s'])}: loss "
-                f"{record['train_loss']:.4f}{shown}",
-            )
+        log_epoch(record, info, output_dir)
+        metrics = validation_metrics(record) or metrics
     say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
-    return metrics
+    return (metrics or None) if info.is_main else None
 
 
 def evaluate_checkpoint(cfg: Config) -> dict[str, float] | None:
     """Evaluate ``cfg.resume`` on the val split; rank 0 writes ``detections.json`` and ``metrics.json`` under
     ``cfg.output_dir`` and returns the metrics."""
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     model, _, postprocessors = build_model_on(cfg, info)
     _load_for_inference(cfg, "eval", model)
     val_set = build_split("val", cfg)
     loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
     if info.is_main:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    metrics = evaluate(
-        model,
-        postprocessors["bbox"],
-        loader,
-        val_set,
-        info.device,
-        cfg.output_dir,
-        amp=cfg.amp,
-        print_every=cfg.print_every,
-    )
+    with explaining_timeouts(cfg.dist_timeout_minutes):
+        metrics = evaluate(
+            model,
+            postprocessors["bbox"],
+            loader,
+            val_set,
+            info.device,
+            cfg.output_dir,
+            amp=cfg.amp,
+            print_every=cfg.print_every,
+        )
     if metrics is not None:
         say(info, "metrics: " + json.dumps({name: round(value, 4) for name, value in metrics.items()}))
     return metrics
 
 
 def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5) -> list[dict]:
-    """Detect in ``images`` with ``cfg.resume`` and write ``out_dir/predictions.json`` and the drawn images."""
-    info = init_distributed(cfg.device)
+    """Detect in ``images`` with ``cfg.resume`` and write ``out_dir/predictions.json`` and the drawn images.
+
+    An image that cannot be read is skipped; the others are written, then a :class:`PredictionError` names the
+    skipped ones and why (``main.py`` prints it and exits with status 1).
+    """
+    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     model, _, postprocessors = build_model_on(cfg, info)
     checkpoint = _load_for_inference(cfg, "predict", model)
     names = checkpoint.get("category_names")
-    results = predict_files(
+    results, failures = predict_files(
         model,
         postprocessors["bbox"],
         images,
@@ -328,6 +407,13 @@ def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, thre
         found = ", ".join(f"{d['name']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
         say(info, f"{result['file']}: {found}")
     say(info, f"wrote {len(results)} drawn image(s) and predictions.json to {out_dir}")
+    if failures:
+        listed = "; ".join(f"{path}: {reason}" for path, reason in failures.items())
+        raise PredictionError(
+            f"{len(failures)} of {len(images)} image(s) could not be predicted ({listed}); the other "
+            f"{len(results)} are in {Path(out_dir) / PREDICTIONS_FILE}",
+            results,
+        )
     return results
 
 
@@ -354,7 +440,7 @@ def visualize(
             f"images share the file name stems {repeated}: their outputs would overwrite each other; "
             "visualize them into different --out folders"
         )
-    info = init_distributed(cfg.device)
+    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     model, _, _ = build_model_on(cfg, info)
     checkpoint = _load_for_inference(cfg, "visualize", model)
     names = checkpoint.get("category_names")

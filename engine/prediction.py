@@ -47,18 +47,24 @@ def predict_files(
     names: Mapping[int, str] | None = None,
     threshold: float = 0.5,
     amp: str = "none",
-) -> list[dict]:
+) -> tuple[list[dict], dict[str, str]]:
     """Detect in every image of ``paths`` (one at a time), keep detections scoring at least ``threshold``, and
-    write ``out_dir/predictions.json`` and ``out_dir/<name>.png`` per image with the boxes drawn.
+    write ``out_dir/predictions.json`` and ``out_dir/<index>_<name>.png`` per image with the boxes drawn.
 
-    Returns, per image, ``{"file", "detections": [{"label", "name", "score", "box": [x0, y0, x1, y1]}]}``.
+    An image that cannot be read is skipped and the others are still written. Returns, per image written,
+    ``{"file", "detections": [{"label", "name", "score", "box": [x0, y0, x1, y1]}]}``, and the skipped files with
+    the reason, ``{path: reason}``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    results = []
+    results, failures = [], {}
     for index, path in enumerate(paths):
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except OSError as error:
+            failures[str(path)] = str(error.__cause__ or error)
+            continue
         batch: Batch = collate_detection([prepare(image, transforms)]).to(device)
         found = detect(model, postprocess, batch, amp)[0]
         keep = found["scores"] >= threshold
@@ -77,4 +83,4 @@ def predict_files(
         drawn.save(out_dir / f"{index:03d}_{Path(path).stem}.png")
     with open(out_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
-    return results
+    return results, failures

@@ -11,13 +11,14 @@ from torch.utils.data import DataLoader
 
 from datasets import Batch
 from util.distributed import all_reduce_mean, is_main_process
+from util.errors import RunError
 from util.progress import Progress
 
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError):
     """The loss became NaN or infinite; training stops before the step that would spread it to the weights."""
 
 

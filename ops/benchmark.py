@@ -3,9 +3,10 @@
     python -m ops.benchmark [--cases encoder decoder coco_encoder] [--repeats 5] [--backends pytorch cpu]
 
 Prints a Markdown table: median milliseconds of forward and of forward+backward per backend, case and dtype
-(float32; also bfloat16 on a GPU), the speed-up over the pytorch backend and, on a GPU, the achieved
-bandwidth against the memory floor (value, sampling locations and attention weights read once, output written
-once, at the device-to-device copy bandwidth measured here). M=8 heads, D=32 channels, P=4 points.
+(float32; also bfloat16 on a GPU), the speed-up over the pytorch backend and, on a GPU, the achieved bandwidth
+against the memory floor (value, sampling locations and attention weights read once, output written once, at the
+device-to-device copy bandwidth measured here). M=8 heads, D=32 channels, P=4 points. The triton backend is
+timed on a GPU only (in Triton's CPU interpreter it is a correctness check, not a speed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ops import triton_backend
 from ops.functional import available_backends, ms_deform_attn
 
 HEADS, CHANNELS, POINTS = 8, 32, 4
@@ -140,10 +142,15 @@ def run(cases: list[str], backends: list[str] | None, repeats: int, warmup: int)
     usable = available_backends()
     chosen = [b for b in (backends or usable) if b in usable]
     lines = []
+    triton_on_gpu = triton_backend.device_type() == "cuda"  # not its CPU interpreter: no speed measure
     for device_type in ("cpu", "cuda"):
-        device_backends = [b for b in chosen if b == "pytorch" or b == device_type]
-        if device_type == "cuda" and "cuda" not in usable:
+        if device_type == "cuda" and not torch.cuda.is_available():
             continue
+        device_backends = [
+            b
+            for b in chosen
+            if b in ("pytorch", device_type) or (b == "triton" and device_type == "cuda" and triton_on_gpu)
+        ]
         device = torch.device(device_type)
         dtypes = [torch.float32] + ([torch.bfloat16] if device_type == "cuda" else [])
         bandwidth = copy_bandwidth(device) if device_type == "cuda" else None
@@ -180,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m ops.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
-    parser.add_argument("--backends", nargs="+", choices=["pytorch", "cpu", "cuda"], default=None)
+    parser.add_argument("--backends", nargs="+", choices=["pytorch", "cpu", "cuda", "triton"], default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args(argv)

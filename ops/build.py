@@ -88,6 +88,17 @@ def load_cuda_kernel(verbose: bool = False) -> None:
     _build("cuda", [CSRC / "ms_deform_attn_cuda.cu"], verbose)
 
 
+@functools.cache
+def load_emulated_kernel(verbose: bool = False) -> None:
+    """Compile (first time) and load the CUDA kernels built for the CPU by the host compiler (tests only).
+
+    Registers ``torch.ops.deformable_detr_emulated.ms_deform_attn_forward`` / ``ms_deform_attn_backward``: the
+    exact kernel code of ``ms_deform_attn_cuda_kernels.h`` run by the emulation in ``cuda_emulation.h``.
+    Raises :class:`KernelBuildError`.
+    """
+    _build("emulated", [CSRC / "ms_deform_attn_emulated.cpp"], verbose)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ops.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -18,31 +18,62 @@ _library.define(
 )
 _library.define(
     "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
-    "Tensor sampling_locations, Tensor attention_weights) -> (Tensor, Tensor, Tensor)"
+    "Tensor sampling_locations, Tensor attention_weights, bool[3] output_mask=[True, True, True]) "
+    "-> (Tensor, Tensor, Tensor)"
 )
+# output_mask says which of (grad_value, grad_sampling_locations, grad_attention_weights) to compute; the kernels
+# return a gradient not asked for as an empty tensor of shape (0,) and skip its work.
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ms_deform_attn_forward")
-def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     batch, _, heads, channels = value.shape
     return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ms_deform_attn_backward")
-def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+def backward_fake(
+    grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output_mask=None
+):
+    mask = (True, True, True) if output_mask is None else tuple(output_mask)
+    grads = (value, sampling_locations, attention_weights)
+    return tuple(torch.empty_like(g) if wanted else g.new_empty((0,)) for g, wanted in zip(grads, mask))
 
 
-def _setup_context(ctx, inputs, output) -> None:
+def save_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = torch.ops.deformable_detr.ms_deform_attn_backward(
-        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    )
-    return grad_value, None, None, grad_locations, grad_weights
+def backward_through(backward_op, takes_output_mask: bool = False):
+    """The autograd formula of a forward op (the five op inputs) whose gradients ``backward_op`` computes.
+
+    With ``takes_output_mask`` the op is told which of (value, sampling_locations, attention_weights) need a
+    gradient and skips the others' work; either way a gradient not needed is returned as None.
+    """
+
+    def backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        needs = ctx.needs_input_grad  # (value, spatial_shapes, level_start_index, sampling_locations, weights)
+        mask = [needs[0], needs[3], needs[4]]
+        inputs = (grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations)
+        grads = (
+            backward_op(*inputs, attention_weights, mask)
+            if takes_output_mask
+            else backward_op(*inputs, attention_weights)
+        )
+        grads = [grad if wanted else None for grad, wanted in zip(grads, mask)]
+        return grads[0], None, None, grads[1], grads[2]
+
+    return backward
 
 
-torch.library.register_autograd(f"{NAMESPACE}::ms_deform_attn_forward", _backward, setup_context=_setup_context)
+def _compiled_backward(*args):
+    # looked up at each call, not bound once, so that a test can spy on the op autograd calls
+    return torch.ops.deformable_detr.ms_deform_attn_backward(*args)
+
+
+torch.library.register_autograd(
+    f"{NAMESPACE}::ms_deform_attn_forward",
+    backward_through(_compiled_backward, takes_output_mask=True),
+    setup_context=save_inputs,
+)

@@ -1,4 +1,4 @@
-"""``ms_deform_attn``: one entry point over the CUDA, C++ CPU and pure-PyTorch implementations."""
+"""``ms_deform_attn``: one entry point over the CUDA, C++ CPU, Triton and pure-PyTorch implementations."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import warnings
 
 import torch
 
+from ops import triton_backend
 from ops.pytorch_backend import ms_deform_attn_pytorch
 from ops.validation import validate_inputs
 
-BACKENDS = ("auto", "pytorch", "cpu", "cuda")
+BACKENDS = ("auto", "pytorch", "cpu", "cuda", "triton")
 KERNELS = ("cpu", "cuda")
 _warned_fallback: set[str] = set()
 
@@ -58,7 +59,7 @@ def _resolve_backend_traced(backend: str, device: torch.device) -> str:
         return kind
     if backend == "auto":
         return "pytorch"
-    if backend == "pytorch":
+    if backend in ("pytorch", "triton"):
         return backend
     raise RuntimeError(
         f"the {backend} kernel must be loaded before torch.compile traces ms_deform_attn: call it "
@@ -70,21 +71,26 @@ def available_backends() -> list[str]:
     """The backends usable on this machine; builds the kernels on first call (may take a minute).
 
     ``"pytorch"`` always; ``"cpu"`` when the C++ kernel builds; ``"cuda"`` when a GPU is visible and the CUDA
-    kernel builds.
+    kernel builds; ``"triton"`` where triton imports and a GPU is visible or ``TRITON_INTERPRET=1`` was set.
     """
     usable = ["pytorch"]
     if _kernel_usable("cpu"):
         usable.append("cpu")
     if torch.cuda.is_available() and _kernel_usable("cuda"):
         usable.append("cuda")
+    if triton_backend.is_available():
+        usable.append("triton")
     return usable
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu" or "cuda"."""
+    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu", "cuda" or "triton"."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "pytorch":
+        return backend
+    if backend == "triton":
+        triton_backend.check_usable(device)
         return backend
     if backend == "auto":
         kind = device.type
@@ -131,7 +137,8 @@ def ms_deform_attn(
         sampling_locations: (N, Lq, M, L, P, 2) as (x, y) normalised to [0, 1]; points outside sample zeros.
         attention_weights: (N, Lq, M, L, P).
         backend: "auto" (the compiled kernel for the tensors' device, else pytorch with one warning),
-            "pytorch" (``grid_sample``), "cpu" (C++ kernel) or "cuda" (CUDA kernel).
+            "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel) or "triton" (Triton kernels:
+            CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
 
     Returns:
         (N, Lq, M * D) in the inputs' dtype; differentiable in value, sampling_locations and attention_weights.
@@ -173,7 +180,9 @@ def ms_deform_attn(
     if chosen == "pytorch":
         level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
-    return torch.ops.deformable_detr.ms_deform_attn_forward(
+    namespace = torch.ops.deformable_detr
+    kernel = namespace.ms_deform_attn_triton_forward if chosen == "triton" else namespace.ms_deform_attn_forward
+    return kernel(
         value.contiguous(),
         spatial_shapes.long().contiguous(),
         level_start_index.long().contiguous(),

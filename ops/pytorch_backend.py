@@ -11,6 +11,19 @@ import torch
 import torch.nn.functional as F
 
 
+def _skip_samples_outside(
+    attention_weights: torch.Tensor, sampling_locations: torch.Tensor, level_shapes: Sequence[tuple[int, int]]
+) -> torch.Tensor:
+    """attention_weights (N, Lq, M, L, P) with 0 for a sample wholly outside its map, as the compiled kernels skip
+    it: such a sample contributes exactly 0, not ``weight * 0`` (NaN for an infinite weight)."""
+    compute = torch.float64 if sampling_locations.dtype == torch.float64 else torch.float32
+    size = torch.tensor([[width, height] for height, width in level_shapes], dtype=compute)
+    size = size.to(sampling_locations.device)[:, None, :]  # (L, 1, 2) as (W, H)
+    pixel = sampling_locations.to(compute) * size - 0.5  # (N, Lq, M, L, P, 2)
+    touches = ((pixel > -1) & (pixel < size)).all(-1)  # False for NaN too
+    return torch.where(touches, attention_weights, torch.zeros_like(attention_weights))
+
+
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
     level_shapes: Sequence[tuple[int, int]],
@@ -43,6 +56,7 @@ def ms_deform_attn_pytorch(
             F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         )  # (N*M, D, Lq, P)
     # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    weights = _skip_samples_outside(attention_weights, sampling_locations, level_shapes)
+    weights = weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
     output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
     return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous()

@@ -12,6 +12,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU the Triton backend's tests run its kernels in Triton's CPU interpreter. @triton.jit reads
+# TRITON_INTERPRET when it decorates, i.e. when ops.triton_kernels is imported: set here, before any test imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # The original implementation's published checkpoints: state-dict keys, shapes, parameter counts per variant.
 REFERENCE_KEYS = Path(__file__).resolve().parent / "data" / "checkpoint_keys.json"
 
@@ -60,6 +64,55 @@ def op_args(problem: dict) -> tuple:
         problem[name]
         for name in ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights")
     )
+
+
+def run_with_grads(backend: str, problem: dict, grad_output: torch.Tensor | None = None) -> tuple:
+    """(output, gradients of value, sampling_locations and attention_weights, grad_output) of ``backend``."""
+    from ops import ms_deform_attn
+
+    value, shapes, starts, locations, weights = op_args(problem)
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    output = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend)
+    grad_output = torch.randn_like(output) if grad_output is None else grad_output.to(output)
+    grads = torch.autograd.grad(output, leaves, grad_output)
+    return output, grads, grad_output
+
+
+def reference_with_grads(problem: dict, grad_output: torch.Tensor) -> tuple:
+    """(output, gradients) of tests/msda_reference.py on the problem's inputs, in float64 on the CPU."""
+    from tests.msda_reference import reference_ms_deform_attn
+
+    leaves = [
+        problem[n].detach().double().cpu().requires_grad_()
+        for n in ("value", "sampling_locations", "attention_weights")
+    ]
+    output = reference_ms_deform_attn(leaves[0], problem["level_shapes"], leaves[1], leaves[2])
+    grads = torch.autograd.grad(output, leaves, grad_output.double().cpu())
+    return output, grads
+
+
+def assert_compiled_matches_eager(backend: str, problem: dict) -> None:
+    """torch.compile(fullgraph=True) of a loss through the op gives eager's value and gradients."""
+    from ops import ms_deform_attn
+
+    value, shapes, starts, locations, weights = op_args(problem)
+
+    def loss(v, loc, w):
+        return ms_deform_attn(v, shapes, starts, loc, w, backend=backend).square().sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    eager_inputs = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    compiled_inputs = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    expected = loss(*eager_inputs)
+    got = compiled(*compiled_inputs)
+    torch.testing.assert_close(got, expected)
+    for got_grad, want in zip(torch.autograd.grad(got, compiled_inputs), torch.autograd.grad(expected, eager_inputs)):
+        torch.testing.assert_close(got_grad, want)
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.detach()
+    return float((got.detach().double().cpu() - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""main.py end to end on a tiny shapes set: train one epoch, evaluate, resume, predict, stop on a bad loss."""
+"""main.py end to end on a tiny shapes set: train one epoch, evaluate, resume, predict, stop on a bad loss; a run
+is never overwritten by accident, its log survives a stop in the evaluation, and predict writes what it can."""
 
 from __future__ import annotations
 
@@ -151,27 +152,17 @@ def test_eval_without_a_checkpoint_is_refused(coco_path, tmp_path):
         run("eval", opts=tiny_overrides(coco_path, tmp_path))
 
 
+def predict_images(opts: list[str], images: list, out) -> int:
+    return main.main(
+        ["predict", "--config", str(CONFIG), "--opts", *opts, "--image", *map(str, images), "--out", str(out)]
+        + ["--threshold", "0"]
+    )
+
+
 def test_predict_writes_json_and_drawn_images(first_run, coco_path, tmp_path):
     images = sorted((coco_path / "val2017").iterdir())[:2]
     opts = tiny_overrides(coco_path, tmp_path, f"resume={first_run / 'checkpoint.pth'}")
-    assert (
-        main.main(
-            [
-                "predict",
-                "--config",
-                str(CONFIG),
-                "--opts",
-                *opts,
-                "--image",
-                *map(str, images),
-                "--out",
-                str(tmp_path / "pred"),
-                "--threshold",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert predict_images(opts, images, tmp_path / "pred") == 0
     predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert [entry["file"] for entry in predictions] == list(map(str, images))
     first = predictions[0]["detections"][0]
@@ -184,6 +175,60 @@ def test_predict_writes_json_and_drawn_images(first_run, coco_path, tmp_path):
         "class 0",
     }
     assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+
+
+def test_predict_writes_the_readable_images_and_names_the_others(first_run, coco_path, tmp_path, capsys):
+    good = sorted((coco_path / "val2017").iterdir())[0]
+    broken, missing = tmp_path / "broken.png", tmp_path / "missing.png"
+    broken.write_text("not an image")
+    opts = tiny_overrides(coco_path, tmp_path, f"resume={first_run / 'checkpoint.pth'}")
+    assert predict_images(opts, [broken, good, missing], tmp_path / "pred") == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: 2 of 3 image(s) could not be predicted (")
+    assert f"{broken}: cannot identify image file" in error and f"{missing}: [Errno 2] No such file" in error
+    predictions = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [entry["file"] for entry in predictions] == [str(good)]
+    assert [path.name for path in (tmp_path / "pred").glob("*.png")] == [f"001_{good.stem}.png"]
+
+
+def test_training_into_a_finished_run_is_refused_and_leaves_it_as_it_was(first_run, coco_path, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_run, output_dir)
+    before = {path.name: path.read_bytes() for path in output_dir.iterdir()}
+    assert run("train", opts=tiny_overrides(coco_path, output_dir)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: output_dir {output_dir} already holds a training run")
+    assert f"resume={output_dir / 'checkpoint.pth'}" in error and "overwrite=true" in error
+    assert {path.name: path.read_bytes() for path in output_dir.iterdir()} == before
+
+
+def test_overwrite_replaces_the_earlier_run(first_run, coco_path, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_run, output_dir)
+    shutil.copy(output_dir / "checkpoint.pth", output_dir / "checkpoint0004.pth")  # the earlier run was longer
+    assert run("train", opts=tiny_overrides(coco_path, output_dir, "overwrite=true")) == 0
+    assert [record["epoch"] for record in log_lines(output_dir)] == [0]
+    assert not (output_dir / "checkpoint0004.pth").exists()
+
+
+def test_a_run_stopped_in_its_evaluation_completes_its_log_when_resumed(first_run, coco_path, tmp_path, monkeypatch):
+    output_dir = tmp_path / "run"
+    shutil.copytree(first_run, output_dir)
+    checkpoint = output_dir / "checkpoint.pth"
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped during the evaluation")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(engine.commands, "evaluate", stop)
+        with pytest.raises(RuntimeError, match="stopped during the evaluation"):
+            run("train", opts=tiny_overrides(coco_path, output_dir, "epochs=2", f"resume={checkpoint}"))
+    assert load_checkpoint(checkpoint)["epoch"] == 1  # epoch 1's training is kept
+    assert [record["epoch"] for record in log_lines(output_dir)] == [0]
+    assert run("train", opts=tiny_overrides(coco_path, output_dir, "epochs=3", f"resume={checkpoint}")) == 0
+    records = log_lines(output_dir)
+    assert [record["epoch"] for record in records] == [0, 1, 2]
+    assert all({"train_loss", "lr", "val_AP", "epoch_time_s"} <= set(record) for record in records)
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_path, tmp_path, monkeypatch, capsys):

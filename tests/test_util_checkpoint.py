@@ -1,9 +1,12 @@
-"""util.checkpoint: atomic saving that survives a crash mid-write, and loading without arbitrary pickle."""
+"""util.checkpoint: atomic saving that survives a crash mid-write or a full disk, the temporaries of killed writes
+removed, and loading without arbitrary pickle, unreadable files named."""
 
 from __future__ import annotations
 
 import argparse
-import pickle
+import errno
+import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -13,11 +16,14 @@ import pytest
 import torch
 
 from util.checkpoint import (
+    CheckpointWriteError,
     load_checkpoint,
     load_model_weights,
+    remove_stale_temporaries,
     restore_training_state,
     save_checkpoint,
 )
+from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,19 +43,31 @@ def test_save_then_load_round_trips(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "checkpoint.pth"]  # no temporary file left
 
 
-def test_error_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_full_disk_while_saving_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pth"
     save_checkpoint(state(1.0), path)
 
     def write_half_then_fail(obj, file):
         file.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", write_half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError) as raised:
         save_checkpoint(state(2.0), path)
+    assert str(raised.value) == f"no space left on device writing {path}; free space or choose another output_dir"
+    assert isinstance(raised.value, OSError)  # callers that catch OSError still do
     assert load_checkpoint(path)["epoch"] == 1
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_other_write_errors_name_the_file_and_the_reason(tmp_path, monkeypatch):
+    def fail(obj, file):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint {tmp_path / 'c.pth'}: Input/output error"):
+        save_checkpoint(state(2.0), tmp_path / "c.pth")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_process_killed_while_saving_keeps_the_previous_checkpoint(tmp_path):
@@ -76,18 +94,66 @@ def test_original_checkpoints_with_argparse_namespace_load(tmp_path):
     assert load_checkpoint(path)["args"].lr_drop == 40
 
 
-def test_arbitrary_objects_are_refused(tmp_path):
+def test_arbitrary_objects_are_refused_naming_the_class_without_suggesting_unsafe_loading(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": NotAllowed()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(UserError) as raised:
         load_checkpoint(path)
+    message = str(raised.value)
+    assert str(path) in message and "NotAllowed" in message
+    assert "objects other than tensors and plain Python values" in message and "refused for safety" in message
+    assert "weights_only" not in message
+
+
+def unreadable_file(kind: str, path: Path) -> Path:
+    """A file named ``path`` that is no checkpoint: ``kind`` says how."""
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("epoch: 3\nthis is a text file\n")
+    elif kind == "random bytes":
+        path.write_bytes(random.Random(0).randbytes(4096))
+    else:  # a checkpoint cut short, as by an interrupted copy
+        torch.save(state(1.0), path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("empty", "it is empty"),
+        ("text", "it is not in PyTorch's format"),
+        ("random bytes", "its content is not a PyTorch checkpoint"),
+        ("truncated", "it is truncated or corrupted"),
+    ],
+)
+def test_unreadable_file_is_named_without_suggesting_unsafe_loading(tmp_path, kind, reason):
+    path = unreadable_file(kind, tmp_path / "checkpoint.pth")
+    with pytest.raises(UserError) as raised:
+        load_checkpoint(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path} is not a readable checkpoint: {reason}")
+    assert "weights_only" not in message
+
+
+def test_temporaries_of_killed_writes_are_removed_but_not_those_of_running_processes(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    stale = tmp_path / f".checkpoint.pth.{dead_pid}.tmp"
+    running = tmp_path / f".checkpoint.pth.{os.getpid()}.tmp"  # e.g. a second run writing into this folder
+    others = [tmp_path / f"notes.{dead_pid}.tmp", tmp_path / ".checkpoint.pth.tmp", tmp_path / "checkpoint.pth"]
+    for path in [stale, running, *others]:
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(tmp_path.iterdir()) == sorted([running, *others])
 
 
 def test_missing_file_and_missing_model_entry_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         load_checkpoint(tmp_path / "nothing.pth")
     torch.save({"weights": {}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="no 'model' entry"):
+    with pytest.raises(UserError, match="no 'model' entry"):
         load_checkpoint(tmp_path / "other.pth")
 
 

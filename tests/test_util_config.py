@@ -120,6 +120,7 @@ def test_missing_base_file_names_the_file_that_asks_for_it(tmp_path):
         ("device=gpu", "'device' .* must be cpu, cuda or cuda:N"),
         ("num_workers=-1", "'num_workers' .* must be >= 0"),
         ("print_every=0", "'print_every' .* must be >= 1"),
+        ("dist_timeout_minutes=0", "'dist_timeout_minutes' .* must be > 0"),
     ],
 )
 def test_value_out_of_range_is_refused_when_loaded(override, message):

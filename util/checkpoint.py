@@ -1,41 +1,102 @@
 """Checkpoints written atomically and read without arbitrary unpickling.
 
-A checkpoint is a dict ``{"model", "optimizer", "lr_scheduler", "scaler", "epoch", "config",
-"category_names"}`` of tensors and plain Python values, so that ``torch.load(..., weights_only=True)`` reads it.
-The original implementation's checkpoints also hold ``args``, an ``argparse.Namespace``: that one class is
-allowed while loading, nothing else.
+A checkpoint is a dict ``{"model", "optimizer", "lr_scheduler", "scaler", "epoch", "config", "category_names",
+"log_record"}`` of tensors and plain Python values, so that ``torch.load(..., weights_only=True)`` reads it. The
+original implementation's checkpoints also hold ``args``, an ``argparse.Namespace``: that one class is allowed
+while loading, nothing else. A file that is not a readable checkpoint, or that holds other objects, raises a
+:class:`UserError` that names it and never suggests unpickling it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import pickle
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from util.errors import RunError, UserError
+
+ALLOWED_GLOBALS = [argparse.Namespace]  # the original implementation's ``args``
+
+
+def temporary_path(path: Path, pid: int | None = None) -> Path:
+    """The file ``save_checkpoint`` writes before renaming it to ``path``: ``.NAME.PID.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp")
+
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` through a temporary file in the same folder, then rename it over ``path``.
 
     A crash before the rename leaves the previous file at ``path`` untouched (``os.replace`` is atomic on POSIX
-    and Windows when both names are on one file system).
+    and Windows when both names are on one file system). A failed write (a full disk, a read-only folder) raises
+    :class:`CheckpointWriteError` naming ``path`` and the reason, with the previous file intact and the temporary
+    removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path)
     try:
         with open(temporary, "wb") as file:
             torch.save(state, file)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write of its zip stream as RuntimeError
+        raise CheckpointWriteError(describe_write_error(error, path)) from error
     finally:
-        if temporary.exists():
-            temporary.unlink()
+        temporary.unlink(missing_ok=True)
     return path
+
+
+class CheckpointWriteError(RunError, OSError):
+    """A checkpoint could not be written; the message names the file and the reason (``main.py`` prints it)."""
+
+
+def describe_write_error(error: Exception, path: Path) -> str:
+    """What went wrong writing ``path``, and what to do."""
+    errno_code = getattr(error, "errno", None)
+    if errno_code == errno.ENOSPC or "No space left" in str(error):
+        return f"no space left on device writing {path}; free space or choose another output_dir"
+    if errno_code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {error.strerror}; choose an output_dir you can write to"
+    reason = getattr(error, "strerror", None) or str(error)
+    return f"cannot write checkpoint {path}: {reason}"
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporaries that ``save_checkpoint`` left in ``folder`` when its process was killed mid-write.
+
+    Only files named ``.NAME.PID.tmp`` whose process PID no longer runs on this machine are removed: a second
+    run writing into the same folder keeps its file. Returns the paths removed.
+    """
+    removed = []
+    for candidate in sorted(Path(folder).glob(".*.tmp")):
+        match = re.fullmatch(r"\.(.+)\.(\d+)\.tmp", candidate.name)
+        if match and candidate.is_file() and not process_is_running(int(match.group(2))):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def process_is_running(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (``os.kill(pid, 0)`` sends no signal)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:  # pid out of range
+        return False
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -44,19 +105,58 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
+            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        else:  # torch 2.4
+            torch.serialization.add_safe_globals(ALLOWED_GLOBALS)
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    else:  # torch 2.4
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = unsafe_globals(path, error)
+        if refused:
+            raise UserError(
+                f"checkpoint {path} holds objects other than tensors and plain Python values ({', '.join(refused)}) "
+                "and is refused for safety: building them could run code from the file. Use a checkpoint written by "
+                "main.py train or by the original Deformable DETR code"
+            ) from None
+        raise unreadable(path, "its content is not a PyTorch checkpoint") from None
+    except (EOFError, KeyError, RuntimeError, ValueError, AttributeError, IndexError, TypeError) as error:
+        reason = "it is empty" if path.stat().st_size == 0 else describe_read_error(error)
+        raise unreadable(path, reason) from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         keys = list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(
+        raise UserError(
             f"checkpoint {path} has no 'model' entry (found {keys}); expected a file written by "
             "main.py train or by the original Deformable DETR code"
         )
     return checkpoint
+
+
+def unreadable(path: Path, reason: str) -> UserError:
+    return UserError(
+        f"{path} is not a readable checkpoint: {reason}. Give a checkpoint written by main.py train (e.g. "
+        "OUTPUT_DIR/checkpoint.pth) or by the original Deformable DETR code; if a crash or an interrupted copy cut "
+        "it short, copy it again or use an earlier checkpointNNNN.pth"
+    )
+
+
+def describe_read_error(error: Exception) -> str:
+    """Why torch could not read a file, without torch's advice to unpickle it unsafely."""
+    if isinstance(error, RuntimeError) and "zip archive" in str(error):
+        return "it is truncated or corrupted (its zip archive is incomplete)"
+    return f"it is not in PyTorch's format ({type(error).__name__} while reading it)"
+
+
+def unsafe_globals(path: Path, error: pickle.UnpicklingError) -> list[str]:
+    """The classes and functions the checkpoint at ``path`` would need to build, other than the allowed ones
+    (from torch's scan of the file, else from the ``error`` that refused one)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (AttributeError, RuntimeError, ValueError):  # torch 2.4, or not a zip checkpoint
+        found = re.findall(r"Unsupported global: GLOBAL (\S+)", str(error))
+    allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in ALLOWED_GLOBALS}
+    return [name for name in found if name not in allowed]
 
 
 def load_model_weights(

@@ -87,6 +87,8 @@ class Config:
     # run
     coco_path: str = "data/coco"
     output_dir: str = "outputs"
+    # train: replace a run already in output_dir (its checkpoints, log and metrics are deleted); false: refuse it
+    overwrite: bool = False
     device: str = "cuda"
     seed: int = 42
     resume: str = ""  # a checkpoint to continue from (train) or to evaluate / predict with
@@ -97,6 +99,8 @@ class Config:
     eval_every: int = 1  # evaluate after every eval_every-th epoch and after the last
     save_every: int = 5  # also keep checkpointNNNN.pth every save_every epochs and before lr_drop; 0: never
     print_every: int = 10  # progress line every print_every iterations (when not a terminal)
+    # several processes: a rank waiting longer than this for another in a collective stops the job with a message
+    dist_timeout_minutes: float = 30.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -268,6 +272,7 @@ VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_every": _at_least(0),
     "save_every": _at_least(0),
     "print_every": _at_least(1),
+    "dist_timeout_minutes": (lambda value: value > 0, "> 0"),
 }
 
 

@@ -14,18 +14,19 @@ namespace deformable_detr {
 C10_HOST_DEVICE inline float floor_of(float v) { return floorf(v); }
 C10_HOST_DEVICE inline double floor_of(double v) { return floor(v); }
 
-template <typename acc_t>
+// index_t is int64_t on the CPU; the CUDA kernels use int32_t, after the host checked that every position fits.
+template <typename acc_t, typename index_t = int64_t>
 struct BilinearCorners {
-  int64_t position[4];  // row-major h * W + w inside the level, -1 for a neighbour outside the map
+  index_t position[4];  // row-major h * W + w inside the level, -1 for a neighbour outside the map
   acc_t weight[4];      // (1-dh)(1-dw), (1-dh)dw, dh(1-dw), dh dw for top-left, top-right, bottom-left, bottom-right
   acc_t frac_h;         // dh: fractional part of the row coordinate
   acc_t frac_w;         // dw: fractional part of the column coordinate
 };
 
 // Fills `corners` and returns true when the location touches the map at all; false means the sample is zero.
-template <typename acc_t>
-C10_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, int64_t height, int64_t width,
-                                             BilinearCorners<acc_t>& corners) {
+template <typename acc_t, typename index_t = int64_t>
+C10_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, index_t height, index_t width,
+                                             BilinearCorners<acc_t, index_t>& corners) {
   const acc_t h = y * static_cast<acc_t>(height) - acc_t(0.5);
   const acc_t w = x * static_cast<acc_t>(width) - acc_t(0.5);
   // Also false for NaN coordinates, so a NaN location never turns into an index.
@@ -34,8 +35,8 @@ C10_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, int64_t height, i
   }
   const acc_t h_floor = floor_of(h);
   const acc_t w_floor = floor_of(w);
-  const int64_t h_low = static_cast<int64_t>(h_floor);
-  const int64_t w_low = static_cast<int64_t>(w_floor);
+  const index_t h_low = static_cast<index_t>(h_floor);
+  const index_t w_low = static_cast<index_t>(w_floor);
   const acc_t dh = h - h_floor;
   const acc_t dw = w - w_floor;
   corners.frac_h = dh;

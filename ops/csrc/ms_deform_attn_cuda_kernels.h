@@ -1,0 +1,494 @@
+// The CUDA kernels of multi-scale deformable attention and their host-side launch code, written once for two
+// compilers: nvcc builds them for the GPU (ms_deform_attn_cuda.cu), g++ builds the same text for the CPU through
+// cuda_emulation.h (ms_deform_attn_emulated.cpp, used by the tests). The including file first provides the
+// CUDA built-ins: the CUDA headers, or the emulation.
+//
+// Layout of the work. A group of `lanes` consecutive lanes of a warp (a power of two, at most 32) computes one
+// (batch, query, head); each lane owns `V` consecutive channels, loaded as one vector (16 bytes when the channel
+// count and the pointers allow: 4 floats, 8 halves or bfloat16s, 2 doubles; else narrower). The samples of the
+// (batch, query, head) are shared out: lane k computes the corner geometry of every lanes-th sample once, and the
+// group receives it with shuffles, so every lane spends a few instructions per sample on geometry instead of all
+// of it. Offsets are int32 inside one batch item (value[b] has S * M * D elements, checked on the host) on an
+// int64 base pointer (a batch item rather than a (batch, level) slice: the bound is then S * M * D < 2^31, 8 GB of
+// float32 per image, and the offset needs no per-level base).
+//
+// Forward: out[b, q, m, channels of the lane] = sum over samples of attention * bilinear(value); one 16-byte
+// load per in-map corner per lane. Backward (one fused kernel): reads the output gradient once per lane and
+// every corner once per sample; the attention-weight and location gradients are linear in the four sums
+// grad_output . corner (one multiply-add per corner and channel), reduced across the group with xor shuffles and
+// written by the lane that owns the sample; the value gradient is scattered with atomics into a float32 (float64)
+// accumulator: float4/float2 vector atomics on sm_90, one atomic per element before. Native half2/bfloat162
+// atomics into half storage would round every partial sum to 8-11 bits, so the accumulator stays float32 and is
+// cast once at the end.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <array>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+#include "bilinear.h"
+#include "checks.h"
+
+#ifndef MSDA_CHECK_ACCESS
+#define MSDA_CHECK_ACCESS(pointer, bytes, write)
+#endif
+#ifndef MSDA_VECTOR_ATOMICS
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MSDA_VECTOR_ATOMICS 1
+#else
+#define MSDA_VECTOR_ATOMICS 0
+#endif
+#endif
+
+namespace deformable_detr {
+namespace cuda_kernels {
+
+constexpr int kThreads = 256;  // threads per block: 8 warps
+constexpr unsigned kFullWarp = 0xffffffffu;
+
+// V elements moved by one load or store instruction.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vector {
+  T element[V];
+};
+
+__device__ __forceinline__ int smaller(int a, int b) { return a < b ? a : b; }
+
+template <int V, typename T>
+__device__ __forceinline__ Vector<T, V> load_vector(const T* address) {
+  MSDA_CHECK_ACCESS(address, sizeof(Vector<T, V>), false);
+  return *reinterpret_cast<const Vector<T, V>*>(address);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_vector(T* address, const Vector<T, V>& vector) {
+  MSDA_CHECK_ACCESS(address, sizeof(Vector<T, V>), true);
+  *reinterpret_cast<Vector<T, V>*>(address) = vector;
+}
+
+template <typename T>
+__device__ __forceinline__ T load_scalar(const T* address) {
+  MSDA_CHECK_ACCESS(address, sizeof(T), false);
+  return *address;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_scalar(T* address, T value) {
+  MSDA_CHECK_ACCESS(address, sizeof(T), true);
+  *address = value;
+}
+
+// Adds V accumulator elements at `address` (aligned to V elements).
+template <int V, typename acc_t>
+__device__ __forceinline__ void atomic_add_vector(acc_t* address, const acc_t (&values)[V]) {
+#if MSDA_VECTOR_ATOMICS
+  if constexpr (std::is_same<acc_t, float>::value && V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      atomicAdd(reinterpret_cast<float4*>(address + i),
+                make_float4(values[i], values[i + 1], values[i + 2], values[i + 3]));
+    }
+    return;
+  } else if constexpr (std::is_same<acc_t, float>::value && V % 2 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 2) atomicAdd(reinterpret_cast<float2*>(address + i), make_float2(values[i], values[i + 1]));
+    return;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < V; ++i) atomicAdd(address + i, values[i]);
+}
+
+// What the kernels read; sizes as int32 where the host checked they fit.
+template <typename scalar_t>
+struct Problem {
+  const scalar_t* value;               // (N, S, M, D)
+  const int64_t* spatial_shapes;       // (L, 2)
+  const int64_t* level_start_index;    // (L,)
+  const scalar_t* sampling_locations;  // (N, Lq, M, L, P, 2)
+  const scalar_t* attention_weights;   // (N, Lq, M, L, P)
+  int64_t query_heads;                 // N * Lq * M
+  int positions, heads, channels, queries, levels, points;
+  int lanes, lanes_log2;  // lanes per (batch, query, head)
+};
+
+// True in every lane of a warp whose first group is past the last (batch, query, head), so the warp may return
+// as a whole before any shuffle (groups never straddle warps: lanes divides 32).
+template <typename scalar_t>
+__device__ __forceinline__ bool warp_is_idle(const Problem<scalar_t>& p) {
+  const int64_t warp_first_thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31u);
+  return (warp_first_thread >> p.lanes_log2) >= p.query_heads;
+}
+
+// The corners of one sample as the group shares them: offset of each corner's value row in the batch item,
+// -1 for a corner outside the map (never read); all four -1 for a skipped sample.
+template <typename acc_t>
+struct SampleCorners {
+  int offset[4];
+  acc_t weight[4];  // bilinear weights (forward: times the attention weight)
+  acc_t frac_h, frac_w, attention;
+  acc_t height, width;
+  bool inside;  // false: the sample lies wholly outside its map (or its level is malformed) and contributes 0
+};
+
+// The lane's own sample `sample` (0 <= sample < L * P) of the (batch, query, head) whose locations and weights
+// start at `locations` and `attention`; any other `sample` gives a skipped sample.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ SampleCorners<acc_t> sample_corners(const Problem<scalar_t>& p, bool valid, int sample,
+                                                               const scalar_t* locations,
+                                                               const scalar_t* attention) {
+  SampleCorners<acc_t> corners;
+  corners.inside = false;
+  corners.attention = acc_t(0);
+  corners.frac_h = corners.frac_w = corners.height = corners.width = acc_t(0);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    corners.offset[c] = -1;
+    corners.weight[c] = acc_t(0);
+  }
+  if (!valid || sample >= p.levels * p.points) return corners;
+  const int level = sample / p.points;
+  if (!level_in_bounds(p.spatial_shapes, p.level_start_index, level, p.positions)) return corners;
+  const int height = static_cast<int>(load_scalar(p.spatial_shapes + 2 * level));
+  const int width = static_cast<int>(load_scalar(p.spatial_shapes + 2 * level + 1));
+  const int start = static_cast<int>(load_scalar(p.level_start_index + level));
+  BilinearCorners<acc_t, int> bilinear;
+  if (!bilinear_corners<acc_t, int>(static_cast<acc_t>(load_scalar(locations + 2 * sample)),
+                                    static_cast<acc_t>(load_scalar(locations + 2 * sample + 1)), height, width,
+                                    bilinear)) {
+    return corners;
+  }
+  const int row_stride = p.heads * p.channels;
+  corners.inside = true;
+  corners.attention = static_cast<acc_t>(load_scalar(attention + sample));
+  corners.frac_h = bilinear.frac_h;
+  corners.frac_w = bilinear.frac_w;
+  corners.height = static_cast<acc_t>(height);
+  corners.width = static_cast<acc_t>(width);
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    corners.offset[c] = bilinear.position[c] >= 0 ? (start + bilinear.position[c]) * row_stride : -1;
+    corners.weight[c] = bilinear.weight[c];
+  }
+  return corners;
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads) forward_kernel(Problem<scalar_t> p, scalar_t* __restrict__ output) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (warp_is_idle(p)) return;  // a whole warp past the end leaves at once: no lane of it shuffles
+  const int lane = threadIdx.x & (p.lanes - 1);
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> p.lanes_log2;
+  const bool active = group < p.query_heads;  // idle groups of the last busy warp still take part in the shuffles
+  const int64_t query_head = active ? group : 0;
+  const int64_t batch = query_head / (static_cast<int64_t>(p.queries) * p.heads);
+  const int head = static_cast<int>(query_head % p.heads);
+  const int samples = p.levels * p.points;
+  const scalar_t* value = p.value + (batch * p.positions * p.heads + head) * p.channels;
+  const scalar_t* locations = p.sampling_locations + query_head * samples * 2;
+  const scalar_t* attention = p.attention_weights + query_head * samples;
+  const int chunks = p.channels / V;
+  for (int chunk_base = 0; chunk_base < chunks; chunk_base += p.lanes) {  // one round unless D > 32 * V
+    const int channel = (chunk_base + lane) * V;
+    const bool owns = active && chunk_base + lane < chunks;
+    acc_t sum[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) sum[i] = acc_t(0);
+    for (int first = 0; first < samples; first += p.lanes) {
+      SampleCorners<acc_t> mine = sample_corners<scalar_t, acc_t>(p, active, first + lane, locations, attention);
+      const int count = smaller(p.lanes, samples - first);
+      for (int k = 0; k < count; ++k) {
+        int offset[4];
+        acc_t weight[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          offset[c] = __shfl_sync(kFullWarp, mine.offset[c], k, p.lanes);
+          weight[c] = __shfl_sync(kFullWarp, mine.attention * mine.weight[c], k, p.lanes);
+        }
+        if (!owns) continue;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (offset[c] < 0) continue;
+          const Vector<scalar_t, V> corner = load_vector<V>(value + offset[c] + channel);
+#pragma unroll
+          for (int i = 0; i < V; ++i) sum[i] += weight[c] * static_cast<acc_t>(corner.element[i]);
+        }
+      }
+    }
+    if (owns) {
+      Vector<scalar_t, V> result;
+#pragma unroll
+      for (int i = 0; i < V; ++i) result.element[i] = static_cast<scalar_t>(sum[i]);
+      store_vector<V>(output + query_head * p.channels + channel, result);
+    }
+  }
+}
+
+template <typename scalar_t>
+struct Gradients {
+  const scalar_t* grad_output;                 // (N, Lq, M * D)
+  at::opmath_type<scalar_t>* grad_value;       // (N, S, M, D) accumulator, zeroed; nullptr: not wanted
+  scalar_t* grad_sampling_locations;           // (N, Lq, M, L, P, 2); nullptr (with the next): not wanted
+  scalar_t* grad_attention_weights;            // (N, Lq, M, L, P)
+};
+
+// kSingleRound: every lane owns at most one channel vector (D <= 32 * V), held in registers for all samples.
+template <typename scalar_t, int V, bool kSingleRound>
+__global__ void __launch_bounds__(kThreads) backward_kernel(Problem<scalar_t> p, Gradients<scalar_t> g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (warp_is_idle(p)) return;
+  const int lane = threadIdx.x & (p.lanes - 1);
+  const int64_t group = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> p.lanes_log2;
+  const bool active = group < p.query_heads;
+  const int64_t query_head = active ? group : 0;
+  const int64_t batch = query_head / (static_cast<int64_t>(p.queries) * p.heads);
+  const int head = static_cast<int>(query_head % p.heads);
+  const int samples = p.levels * p.points;
+  const int64_t value_base = (batch * p.positions * p.heads + head) * p.channels;
+  const scalar_t* value = p.value + value_base;
+  acc_t* grad_value = g.grad_value == nullptr ? nullptr : g.grad_value + value_base;
+  const scalar_t* grad_output = g.grad_output + query_head * p.channels;
+  const scalar_t* locations = p.sampling_locations + query_head * samples * 2;
+  const scalar_t* attention = p.attention_weights + query_head * samples;
+  const bool want_sampling = g.grad_attention_weights != nullptr;
+  const int chunks = p.channels / V;
+  const int rounds = kSingleRound ? 1 : (chunks + p.lanes - 1) / p.lanes;
+  Vector<scalar_t, V> held_grad;  // kSingleRound: this lane's output gradient, read once
+  if (kSingleRound && active && lane < chunks) held_grad = load_vector<V>(grad_output + lane * V);
+  for (int first = 0; first < samples; first += p.lanes) {
+    const SampleCorners<acc_t> mine = sample_corners<scalar_t, acc_t>(p, active, first + lane, locations, attention);
+    const int count = smaller(p.lanes, samples - first);
+    for (int k = 0; k < count; ++k) {
+      int offset[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) offset[c] = __shfl_sync(kFullWarp, mine.offset[c], k, p.lanes);
+      const acc_t dh = __shfl_sync(kFullWarp, mine.frac_h, k, p.lanes);
+      const acc_t dw = __shfl_sync(kFullWarp, mine.frac_w, k, p.lanes);
+      const acc_t sample_attention = __shfl_sync(kFullWarp, mine.attention, k, p.lanes);
+      const acc_t weight[4] = {(acc_t(1) - dh) * (acc_t(1) - dw), (acc_t(1) - dh) * dw, dh * (acc_t(1) - dw),
+                               dh * dw};
+      acc_t scale[4];  // d(output) / d(corner value) = attention * bilinear weight
+#pragma unroll
+      for (int c = 0; c < 4; ++c) scale[c] = sample_attention * weight[c];
+      // dot[c] = sum over the lane's channels of grad_output * corner c: the three sample gradients are linear
+      // in these four sums, so the per-channel work is one multiply-add per corner
+      acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+      for (int round = 0; round < rounds; ++round) {
+        const int chunk = round * p.lanes + lane;
+        if (!active || chunk >= chunks) continue;
+        const int channel = chunk * V;
+        const Vector<scalar_t, V> out_grad = kSingleRound ? held_grad : load_vector<V>(grad_output + channel);
+        acc_t go[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) go[i] = static_cast<acc_t>(out_grad.element[i]);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          if (offset[c] < 0) continue;
+          if (want_sampling) {
+            const Vector<scalar_t, V> corner = load_vector<V>(value + offset[c] + channel);
+#pragma unroll
+            for (int i = 0; i < V; ++i) dot[c] += go[i] * static_cast<acc_t>(corner.element[i]);
+          }
+          if (grad_value != nullptr) {
+            acc_t scattered[V];
+#pragma unroll
+            for (int i = 0; i < V; ++i) scattered[i] = scale[c] * go[i];
+            atomic_add_vector<V>(grad_value + offset[c] + channel, scattered);
+          }
+        }
+      }
+      acc_t grad_attention = weight[0] * dot[0] + weight[1] * dot[1] + weight[2] * dot[2] + weight[3] * dot[3];
+      acc_t grad_w = (acc_t(1) - dh) * (dot[1] - dot[0]) + dh * (dot[3] - dot[2]);
+      acc_t grad_h = (acc_t(1) - dw) * (dot[2] - dot[0]) + dw * (dot[3] - dot[1]);
+      if (!want_sampling) continue;
+      for (int step = p.lanes >> 1; step > 0; step >>= 1) {
+        grad_attention += __shfl_xor_sync(kFullWarp, grad_attention, step, p.lanes);
+        grad_w += __shfl_xor_sync(kFullWarp, grad_w, step, p.lanes);
+        grad_h += __shfl_xor_sync(kFullWarp, grad_h, step, p.lanes);
+      }
+      if (lane == k && active) {  // the lane that computed the sample's geometry writes its gradients
+        const int64_t sample = query_head * samples + first + k;
+        // d(w)/d(x) = W and d(h)/d(y) = H for w = x * W - 0.5, h = y * H - 0.5; a skipped sample gets exact zeros
+        const acc_t location_x = mine.inside ? mine.attention * grad_w * mine.width : acc_t(0);
+        const acc_t location_y = mine.inside ? mine.attention * grad_h * mine.height : acc_t(0);
+        store_scalar(g.grad_attention_weights + sample, static_cast<scalar_t>(mine.inside ? grad_attention : acc_t(0)));
+        store_scalar(g.grad_sampling_locations + 2 * sample, static_cast<scalar_t>(location_x));
+        store_scalar(g.grad_sampling_locations + 2 * sample + 1, static_cast<scalar_t>(location_y));
+      }
+    }
+  }
+}
+
+// ---- host side: checks, launch plan, dispatch. `Launcher` runs a kernel: on the GPU, or in the emulation.
+
+struct LaunchPlan {
+  int vector_width;  // V
+  int lanes;         // lanes per (batch, query, head)
+  int lanes_log2;
+  int64_t blocks;
+};
+
+// The widest V (16 bytes at most) that divides D and keeps every pointer aligned, and the group size.
+inline LaunchPlan plan_launch(const Sizes& s, size_t element_size, std::initializer_list<const void*> pointers) {
+  const int64_t slice = s.positions * s.heads * s.channels;
+  TORCH_CHECK_VALUE(slice <= std::numeric_limits<int32_t>::max(),
+                    "the CUDA kernel of ms_deform_attn indexes one batch item of value (S * M * D = ", slice,
+                    " elements) with int32, at most 2^31 - 1 elements: use smaller feature maps or backend=\"pytorch\"");
+  int width = static_cast<int>(16 / element_size);
+  auto fits = [&](int v) {
+    if (s.channels % v != 0) return false;
+    for (const void* pointer : pointers) {
+      if (pointer != nullptr && reinterpret_cast<uintptr_t>(pointer) % (v * element_size) != 0) return false;
+    }
+    return true;
+  };
+  while (width > 1 && !fits(width)) width /= 2;
+  const int64_t chunks = s.channels / width;
+  int lanes = 1, lanes_log2 = 0;
+  while (lanes < chunks && lanes < 32) {
+    lanes *= 2;
+    ++lanes_log2;
+  }
+  const int64_t query_heads = s.batch * s.queries * s.heads;
+  const int64_t groups_per_block = kThreads / lanes;
+  const int64_t blocks = (query_heads + groups_per_block - 1) / groups_per_block;
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "ms_deform_attn: too many queries for one launch");
+  return {width, lanes, lanes_log2, blocks};
+}
+
+template <typename scalar_t>
+Problem<scalar_t> make_problem(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                               const at::Tensor& attention_weights, const Sizes& s, const LaunchPlan& plan) {
+  return {value.data_ptr<scalar_t>(),
+          spatial_shapes.data_ptr<int64_t>(),
+          level_start_index.data_ptr<int64_t>(),
+          sampling_locations.data_ptr<scalar_t>(),
+          attention_weights.data_ptr<scalar_t>(),
+          s.batch * s.queries * s.heads,
+          static_cast<int>(s.positions),
+          static_cast<int>(s.heads),
+          static_cast<int>(s.channels),
+          static_cast<int>(s.queries),
+          static_cast<int>(s.levels),
+          static_cast<int>(s.points),
+          plan.lanes,
+          plan.lanes_log2};
+}
+
+// Calls f(std::integral_constant<int, V>) for the runtime vector width, instantiating only widths of <= 16 bytes.
+template <typename scalar_t, typename F>
+void dispatch_vector_width(int width, F&& f) {
+  constexpr int kWidest = static_cast<int>(16 / sizeof(scalar_t));
+  if constexpr (kWidest >= 8) {
+    if (width == 8) return f(std::integral_constant<int, 8>{});
+  }
+  if constexpr (kWidest >= 4) {
+    if (width == 4) return f(std::integral_constant<int, 4>{});
+  }
+  if (width == 2) return f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
+}
+
+inline void check_levels_and_points_fit(const Sizes& s) {
+  TORCH_CHECK_VALUE(s.levels * s.points <= std::numeric_limits<int32_t>::max() / 2 &&
+                        s.heads * s.channels <= std::numeric_limits<int32_t>::max(),
+                    "ms_deform_attn: levels * points or heads * channels too large for the CUDA kernel");
+}
+
+template <typename Launcher>
+at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_levels_and_points_fit(s);
+  at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  if (output.numel() == 0) return output;
+  Launcher::bind({value, spatial_shapes, level_start_index, sampling_locations, attention_weights}, {output});
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
+    const LaunchPlan plan = plan_launch(s, sizeof(scalar_t), {value.data_ptr(), output.data_ptr()});
+    const Problem<scalar_t> problem =
+        make_problem<scalar_t>(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, s, plan);
+    dispatch_vector_width<scalar_t>(plan.vector_width, [&](auto width) {
+      Launcher::launch(forward_kernel<scalar_t, decltype(width)::value>, plan.blocks, kThreads, problem,
+                       output.data_ptr<scalar_t>());
+    });
+  });
+  return output;
+}
+
+// output_mask: which of (grad_value, grad_sampling_locations, grad_attention_weights) to compute; a gradient
+// not asked for is returned as an empty tensor of shape (0,) and costs nothing. The location and weight
+// gradients come from the same reductions, so asking for either computes both.
+template <typename Launcher>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& value,
+                                                        const at::Tensor& spatial_shapes,
+                                                        const at::Tensor& level_start_index,
+                                                        const at::Tensor& sampling_locations,
+                                                        const at::Tensor& attention_weights,
+                                                        std::array<bool, 3> output_mask) {
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_levels_and_points_fit(s);
+  const at::Tensor grad = grad_output.contiguous();
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({s.batch, s.queries, s.heads * s.channels}),
+                    "grad_output must be (N, Lq, M * D), got ", grad.sizes());
+  TORCH_CHECK_TYPE(grad.scalar_type() == value.scalar_type(), "grad_output must have value's dtype");
+  TORCH_CHECK_VALUE(grad.device() == value.device(), "grad_output must be on value's device");
+  const bool want_value = output_mask[0];
+  const bool want_sampling = output_mask[1] || output_mask[2];
+  const at::Tensor nothing = at::empty({0}, value.options());
+  at::Tensor grad_value = want_value
+                              ? at::zeros(value.sizes(), value.options().dtype(at::toOpMathType(value.scalar_type())))
+                              : at::Tensor();
+  at::Tensor grad_sampling_locations = want_sampling ? at::empty_like(sampling_locations) : at::Tensor();
+  at::Tensor grad_attention_weights = want_sampling ? at::empty_like(attention_weights) : at::Tensor();
+  const int64_t samples = attention_weights.numel();
+  if (samples > 0 && (want_value || want_sampling)) {
+    if (want_value) {  // atomics make the value gradient's rounding depend on the order threads run in
+      at::globalContext().alertNotDeterministic("ms_deform_attn_backward (CUDA kernel, value gradient)");
+    }
+    std::vector<at::Tensor> written;
+    for (const at::Tensor& t : {grad_value, grad_sampling_locations, grad_attention_weights}) {
+      if (t.defined()) written.push_back(t);
+    }
+    Launcher::bind({grad, value, spatial_shapes, level_start_index, sampling_locations, attention_weights}, written);
+    if (want_sampling) {
+      Launcher::poison(grad_sampling_locations);
+      Launcher::poison(grad_attention_weights);
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const LaunchPlan plan = plan_launch(s, sizeof(scalar_t), {value.data_ptr(), grad.data_ptr()});
+      const Problem<scalar_t> problem = make_problem<scalar_t>(value, spatial_shapes, level_start_index,
+                                                               sampling_locations, attention_weights, s, plan);
+      const Gradients<scalar_t> gradients{
+          grad.data_ptr<scalar_t>(), want_value ? grad_value.data_ptr<acc_t>() : nullptr,
+          want_sampling ? grad_sampling_locations.data_ptr<scalar_t>() : nullptr,
+          want_sampling ? grad_attention_weights.data_ptr<scalar_t>() : nullptr};
+      const bool single_round = s.channels <= 32 * plan.vector_width;
+      dispatch_vector_width<scalar_t>(plan.vector_width, [&](auto width) {
+        constexpr int V = decltype(width)::value;
+        if (single_round) {
+          Launcher::launch(backward_kernel<scalar_t, V, true>, plan.blocks, kThreads, problem, gradients);
+        } else {
+          Launcher::launch(backward_kernel<scalar_t, V, false>, plan.blocks, kThreads, problem, gradients);
+        }
+      });
+    });
+  } else {
+    if (want_sampling) {
+      grad_sampling_locations.zero_();
+      grad_attention_weights.zero_();
+    }
+  }
+  return {want_value ? grad_value.to(value.scalar_type()) : nothing,
+          output_mask[1] ? grad_sampling_locations : nothing, output_mask[2] ? grad_attention_weights : nothing};
+}
+
+}  // namespace cuda_kernels
+}  // namespace deformable_detr

@@ -1,0 +1,293 @@
+"""The CUDA kernels run on the CPU: ``ops/csrc/ms_deform_attn_cuda_kernels.h`` compiled by g++ and launched through
+the emulation of ``ops/csrc/cuda_emulation.h`` (every block and thread, warps in lockstep at their shuffles,
+atomics as adds, every global access bounds- and alignment-checked, outputs poisoned with NaN before the launch).
+
+No GPU needed: this is the kernel code nvcc compiles, checked against the independent float64 reference on the
+cases the other backends run. ``pytest -k emulated`` selects these tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ops import build, ms_deform_attn
+from tests.conftest import make_problem, op_args
+from tests.msda_reference import reference_ms_deform_attn
+from tests.test_ops_functional import CASES, NONDET_TOL
+
+EMULATED_CASES = {
+    **CASES,
+    # D = 264: more channel vectors than lanes in every dtype, the kernels' multi-round path
+    "wide_channels": ([(3, 4), (2, 2)], 1, 3, 2, 264, 3),
+    # a level with no points sampled inside it besides the border
+    "many_points_tiny_maps": ([(1, 2), (2, 1), (1, 1)], 2, 3, 1, 8, 9),
+}
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# relative error bounds of the output; gradients get 3x (one more rounding of the output gradient)
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    build.load_emulated_kernel()
+    return torch.ops.deformable_detr_emulated
+
+
+def _grads_of(op, problem, grad_output, mask=(True, True, True)):
+    value, shapes, starts, locations, weights = op_args(problem)
+    return op.ms_deform_attn_backward(grad_output, value, shapes, starts, locations, weights, list(mask))
+
+
+def _reference(problem, grad_output):
+    leaves = [
+        problem[n].detach().double().requires_grad_() for n in ("value", "sampling_locations", "attention_weights")
+    ]
+    output = reference_ms_deform_attn(leaves[0], problem["level_shapes"], leaves[1], leaves[2])
+    return output.detach(), torch.autograd.grad(output, leaves, grad_output.double())
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got.double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def _misaligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The same values, contiguous, one element past a 16-byte boundary."""
+    storage = torch.empty(tensor.numel() + 1, dtype=tensor.dtype)
+    shifted = storage[1:].view(tensor.shape)
+    shifted.copy_(tensor)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    return shifted
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", sorted(EMULATED_CASES))
+def test_emulated_cuda_kernels_match_reference(emulated, case, dtype):
+    problem = make_problem(*EMULATED_CASES[case], dtype=dtype, seed=len(case))
+    output = emulated.ms_deform_attn_forward(*op_args(problem))
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grad_output = grad_output.to(dtype)
+    expected, expected_grads = _reference(problem, grad_output)
+    assert output.dtype == dtype
+    assert _relative_error(output, expected) < TOLERANCE[dtype]  # NaN (a poisoned, unwritten element) fails
+    grads = _grads_of(emulated, problem, grad_output)
+    for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        assert _relative_error(got, want) < 3 * TOLERANCE[dtype], f"gradient of {name}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_emulated_kernels_on_misaligned_tensors_fall_back_to_narrower_loads(emulated, dtype):
+    """A value or output gradient off a 16-byte boundary must not be read with 16-byte loads (the emulation
+    rejects misaligned accesses): the kernels choose a narrower vector and give the same result."""
+    problem = make_problem(*CASES["model_like"], dtype=dtype, seed=3)
+    grad_output = torch.randn(2, 10, 8 * 32, dtype=dtype)
+    expected = emulated.ms_deform_attn_forward(*op_args(problem))
+    expected_grads = _grads_of(emulated, problem, grad_output)
+    shifted = dict(problem, value=_misaligned(problem["value"]))
+    torch.testing.assert_close(emulated.ms_deform_attn_forward(*op_args(shifted)), expected)
+    for got, want in zip(_grads_of(emulated, shifted, _misaligned(grad_output)), expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def _emulated_autograd(value, shapes, starts, locations, weights):
+    return _EmulatedFunction.apply(value, shapes, starts, locations, weights)
+
+
+class _EmulatedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, shapes, starts, locations, weights):
+        ctx.save_for_backward(value, shapes, starts, locations, weights)
+        return torch.ops.deformable_detr_emulated.ms_deform_attn_forward(value, shapes, starts, locations, weights)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[3], needs[4]]
+        grads = torch.ops.deformable_detr_emulated.ms_deform_attn_backward(
+            grad_output.contiguous(), *ctx.saved_tensors, mask
+        )
+        grads = [grad if wanted else None for grad, wanted in zip(grads, mask)]
+        return grads[0], None, None, grads[1], grads[2]
+
+
+def test_emulated_gradcheck_float64(emulated):
+    # smaller than small_problem: every input element costs two emulated launches
+    problem = make_problem([(3, 4), (2, 1), (1, 1)], 1, 3, 2, 3, 2, seed=9)
+    value, shapes, starts, locations, weights = op_args(problem)
+    inputs = tuple(t.detach().requires_grad_() for t in (value, locations, weights))
+    assert torch.autograd.gradcheck(
+        lambda v, loc, w: _emulated_autograd(v, shapes, starts, loc, w), inputs, nondet_tol=NONDET_TOL
+    )
+
+
+def _problem_with_skipped_samples(dtype):
+    """Samples wholly outside their map (x = 1.7 or y = -0.6) carry an infinite attention weight."""
+    problem = make_problem([(4, 5), (2, 3), (1, 1)], 2, 5, 2, 8, 3, dtype=dtype, seed=11)
+    generator = torch.Generator().manual_seed(5)
+    skipped = torch.rand(problem["attention_weights"].shape, generator=generator) < 0.3
+    locations = problem["sampling_locations"].clone()
+    locations[..., 0][skipped] = 1.7
+    locations[..., 1][skipped & (torch.rand(skipped.shape, generator=generator) < 0.5)] = -0.6
+    finite = problem["attention_weights"].masked_fill(skipped, 0.0)
+    infinite = problem["attention_weights"].masked_fill(skipped, float("inf"))
+    return (
+        problem,
+        skipped,
+        dict(problem, sampling_locations=locations, attention_weights=finite),
+        dict(problem, sampling_locations=locations, attention_weights=infinite),
+    )
+
+
+def _forward_and_grads(backend, problem, grad_output):
+    value, shapes, starts, locations, weights = op_args(problem)
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    if backend == "emulated":
+        output = _emulated_autograd(leaves[0], shapes, starts, leaves[1], leaves[2])
+    else:
+        output = ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2], backend=backend)
+    return output, torch.autograd.grad(output, leaves, grad_output)
+
+
+@pytest.mark.parametrize("backend", ["emulated", "cpu", "pytorch"])
+def test_skipped_sample_contributes_exactly_zero_even_with_an_infinite_weight(emulated, backend):
+    _, skipped, finite, infinite = _problem_with_skipped_samples(torch.float64)
+    grad_output = torch.randn(2, 5, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected, expected_grads = _forward_and_grads(backend, finite, grad_output)
+    output, grads = _forward_and_grads(backend, infinite, grad_output)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-14)
+    grad_value, grad_locations, grad_weights = grads
+    torch.testing.assert_close(grad_value, expected_grads[0], rtol=0, atol=1e-14)
+    assert torch.all(grad_locations[skipped] == 0) and torch.all(grad_weights[skipped] == 0)
+    torch.testing.assert_close(grad_locations, expected_grads[1], rtol=0, atol=1e-14)
+    torch.testing.assert_close(grad_weights, expected_grads[2], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kernel", ["emulated", "cpu"])
+@pytest.mark.parametrize("mask", [(False, True, True), (True, False, False), (False, False, True)], ids=str)
+def test_emulated_and_cpu_backward_skip_gradients_not_asked_for(emulated, kernel, mask):
+    if kernel == "cpu":
+        build.load_cpu_kernel()
+    op = emulated if kernel == "emulated" else torch.ops.deformable_detr
+    problem = make_problem(*CASES["odd_sizes_batch3"], dtype=torch.float32, seed=4)
+    grad_output = torch.randn(3, 9, 3 * 13, generator=torch.Generator().manual_seed(1))
+    full, full_work = _grads_and_work(emulated, op, problem, grad_output, (True, True, True))
+    partial, partial_work = _grads_and_work(emulated, op, problem, grad_output, mask)
+    for got, want, wanted in zip(partial, full, mask):
+        if wanted:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:
+            assert got.shape == (0,)  # neither computed nor allocated
+    if kernel == "emulated":
+        (full_shuffles, full_atomics), (shuffles, atomics) = full_work, partial_work
+        assert atomics == (full_atomics if mask[0] else 0)  # no value gradient: no atomics at all
+        # no location or weight gradient: no reductions, only the geometry broadcasts
+        assert (shuffles < full_shuffles) == (not (mask[1] or mask[2]))
+
+
+def _grads_and_work(emulated, op, problem, grad_output, mask):
+    """The gradients, and the (warp-synchronous operations, atomic adds) the emulated kernels spent on them."""
+    before = emulated.counters()
+    grads = _grads_of(op, problem, grad_output, mask)
+    return grads, [a - b for a, b in zip(emulated.counters(), before)]
+
+
+def test_autograd_asks_the_kernel_for_no_value_gradient_when_value_needs_none(monkeypatch, small_problem):
+    build.load_cpu_kernel()
+    value, shapes, starts, locations, weights = op_args(small_problem)
+    masks = []
+    backward_op = torch.ops.deformable_detr.ms_deform_attn_backward
+
+    def spy(*args):
+        masks.append(list(args[-1]))
+        return backward_op(*args)
+
+    monkeypatch.setattr(torch.ops.deformable_detr, "ms_deform_attn_backward", spy)
+    locations = locations.detach().requires_grad_()
+    output = ms_deform_attn(value, shapes, starts, locations, weights, backend="cpu")
+    (grad_locations,) = torch.autograd.grad(output.sum(), [locations])
+    assert masks == [[False, True, False]]
+    monkeypatch.undo()
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    full = torch.autograd.grad(ms_deform_attn(leaves[0], shapes, starts, leaves[1], leaves[2]).sum(), leaves)
+    torch.testing.assert_close(grad_locations, full[1], rtol=0, atol=0)
+
+
+def test_emulated_backward_alerts_under_deterministic_algorithms(emulated, small_problem):
+    """The atomic value gradient calls alertNotDeterministic (the same host code as the CUDA build); without a
+    value gradient there are no atomics and no alert."""
+    grad_output = torch.randn(2, 6, 15, dtype=torch.float64)
+    with DeterministicAlgorithms():
+        with pytest.raises(RuntimeError, match="ms_deform_attn_backward"):
+            _grads_of(emulated, small_problem, grad_output)
+        _grads_of(emulated, small_problem, grad_output, (False, True, True))
+
+
+def test_cpu_backward_is_deterministic_across_thread_counts(small_problem):
+    """The CPU kernel splits work by value rows and adds into a row in a fixed order: it raises no alert under
+    torch.use_deterministic_algorithms(True) and gives bitwise equal results with 1 and 2 threads."""
+    build.load_cpu_kernel()
+    grad_output = torch.randn(2, 6, 15, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with DeterministicAlgorithms():
+            single = _grads_of(torch.ops.deformable_detr, small_problem, grad_output)
+        torch.set_num_threads(2)
+        double = _grads_of(torch.ops.deformable_detr, small_problem, grad_output)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, double):
+        assert torch.equal(a, b)
+
+
+class DeterministicAlgorithms:
+    """torch.use_deterministic_algorithms(True) inside the block, the previous setting after."""
+
+    def __enter__(self):
+        self.previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.previous)
+
+
+@pytest.mark.parametrize(
+    "defect,message",
+    [
+        (1, "differs from the live lanes"),  # a shuffle naming a lane that has exited
+        (2, "different warp-synchronous operations"),  # a shuffle only half the warp reaches
+        (3, "outside every tensor of the launch"),
+        (4, "misaligned"),
+    ],
+)
+def test_emulation_catches_what_a_gpu_would_punish(emulated, defect, message):
+    values = torch.arange(64, dtype=torch.float32)
+    reversed_in_warps = values.view(2, 32).flip(1).flatten()
+    torch.testing.assert_close(emulated.run_defect_kernel(values, 0), reversed_in_warps)  # the defect-free kernel
+    with pytest.raises(RuntimeError, match=message):
+        emulated.run_defect_kernel(values, defect)
+
+
+@pytest.mark.parametrize(
+    "channels,element_size,alignment,expected",
+    [
+        (32, 4, 256, (4, 8)),  # float32: 16-byte loads, 8 lanes of 4 channels
+        (32, 2, 256, (8, 4)),  # float16: 8 halves per load
+        (32, 8, 256, (2, 16)),  # float64: 2 doubles per load
+        (13, 4, 256, (1, 16)),  # odd D: scalar loads
+        (6, 4, 256, (2, 4)),  # D = 6: 8-byte loads (3 vectors, rounded up to 4 lanes)
+        (32, 4, 260, (1, 32)),  # an address off by one float: scalar loads
+        (264, 2, 256, (8, 32)),  # more vectors than lanes: 33 vectors over 32 lanes
+    ],
+)
+def test_emulated_launch_plan_picks_the_widest_aligned_vector(emulated, channels, element_size, alignment, expected):
+    vector_width, lanes, blocks = emulated.launch_plan([2, 100, 8, channels, 50, 4, 4], element_size, alignment)
+    assert (vector_width, lanes) == expected
+    assert blocks == -(-2 * 50 * 8 * lanes // 256)  # one group of lanes per (batch, query, head)
+
+
+def test_emulated_launch_plan_refuses_a_batch_item_past_int32(emulated):
+    with pytest.raises(ValueError, match="indexes one batch item of value"):
+        emulated.launch_plan([1, 2**24, 8, 16, 1, 1, 1], 4, 256)  # S * M * D = 2^31
+    assert emulated.launch_plan([1, 2**24 - 1, 8, 16, 1, 1, 1], 4, 256)[0] == 4

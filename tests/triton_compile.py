@@ -1,0 +1,79 @@
+"""Compile the Triton kernels for a CUDA GPU architecture on a machine without a GPU (nothing is launched).
+
+    python tests/triton_compile.py 80      # sm_80; TRITON_INTERPRET must be unset
+
+Prints one line per kernel and dtype with the PTX instructions that matter here (global loads, stores, atomic
+adds) and ptxas's register and spill counts, for the tile ops.triton_backend launches with D=32 channels; exits
+non-zero with the compiler's error if a kernel does not compile for the GPU.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from ops import triton_backend, triton_kernels
+
+DTYPES = {"float32": ("fp32", "float32"), "bfloat16": ("bf16", "float32"), "float64": ("fp64", "float64")}
+INTEGER_POINTERS = ("shapes_ptr", "starts_ptr")
+
+
+def compile_kernel(kernel, dtype: str, arch: int, channels: int = 32, queries: int = 300):
+    """The compiled kernel (``.asm`` holds its PTX) for value in ``dtype`` on sm_``arch``."""
+    data, accumulate = DTYPES[dtype]
+    signature = {}
+    for name in kernel.arg_names:
+        if name in INTEGER_POINTERS:
+            signature[name] = "*i64"
+        elif name == "grad_value_ptr":
+            signature[name] = f"*fp{accumulate[-2:]}"
+        elif name.endswith("_ptr"):
+            signature[name] = f"*{data}"
+        else:
+            signature[name] = "constexpr" if name.isupper() else "i32"
+    block_queries, block_channels = triton_backend.block_sizes(queries, channels)
+    constants = {
+        "CHANNELS": channels,
+        "ACC": getattr(triton.language, accumulate),
+        "BLOCK_Q": block_queries,
+        "BLOCK_D": block_channels,
+    }
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32))
+
+
+def ptxas_usage(ptx: str, arch: int) -> str:
+    """ptxas -v's "Used N registers" and spill figures for the PTX."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as file:
+        file.write(ptx)
+        file.flush()
+        command = [triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}", file.name, "-o", "/dev/null"]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return f"{registers.group(1) if registers else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
+
+
+def main(arch: int) -> None:
+    if triton_kernels.INTERPRETED:
+        sys.exit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
+    for kernel in (triton_kernels.ms_deform_attn_forward_kernel, triton_kernels.ms_deform_attn_backward_kernel):
+        for dtype in DTYPES:
+            ptx = compile_kernel(kernel, dtype, arch).asm["ptx"]
+            counts = Counter(re.findall(r"(?:ld|st|atom)\.global[.\w]*", ptx))
+            print(
+                kernel.__name__, dtype, f"sm_{arch}", ptxas_usage(ptx, arch), dict(sorted(counts.items())), flush=True
+            )
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 80)
