@@ -13,6 +13,7 @@ SLOW = {
     "tests/test_ops_build.py::test_cuda_kernel_compiles_with_nvcc",
     "tests/test_ops_build.py::test_compile_error_is_raised_as_kernel_build_error",
     "tests/test_distributed_torchrun.py::test_two_launchers_train_and_evaluate_each_image_once",
+    "tests/test_distributed_torchrun.py::test_a_rank_that_stops_answering_ends_the_job_at_the_timeout_naming_it",
     "tests/test_main.py::test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped",
 }
 
