@@ -1,12 +1,15 @@
-"""Deformable DETR command line: train, evaluate, predict, visualize.
+"""Deformable DETR command line: train, evaluate, predict, visualize, export.
 
     python main.py train   --config configs/demo_shapes.yaml [--opts key=value ...]
     python main.py eval    --config configs/demo_shapes.yaml --opts resume=outputs/demo_shapes/checkpoint.pth
     python main.py predict --config configs/demo_shapes.yaml --opts resume=CKPT --image A.png B.png --out DIR
     python main.py visualize --config configs/demo_shapes.yaml --opts resume=CKPT --image A.png --out DIR \
-        [--points X,Y ...] [--layer N] [--by-level] [--by-head]
+        [--points X,Y ...] [--layer N] [--by-level] [--by-head] [--query-level L]
     python main.py export  --config configs/deformable_detr.yaml --opts resume=CKPT --out model.onnx \
         [--exporter dynamo|torchscript]
+
+Each command takes only its own flags (``python main.py COMMAND --help``). A point with a negative coordinate
+may be written as it is (``--points -100,-100``) or glued to the flag (``--points=-100,-100``).
 
 ``--opts`` overrides config keys (``util.config``; values read as YAML: ``lr=1e-4``, ``amp=bfloat16``,
 ``train_scales=[96,128]``). Several processes, on one machine or many, through torchrun (env:// rendezvous;
@@ -25,15 +28,18 @@ continues a run at the next epoch.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+from collections.abc import Callable, Sequence
 
 from engine.commands import evaluate_checkpoint, predict, train, visualize
 from engine.export import EXPORTERS, export_checkpoint
-from util.config import load_config
+from util.config import Config, load_config
 from util.distributed import shutdown_distributed
 from util.errors import RunError, UserError
 
-COMMANDS = ("train", "eval", "predict", "visualize", "export")
+# A value of --points: "x,y", either coordinate possibly negative ("-100,-100"), which argparse would take for a flag.
+_POINT_VALUE = re.compile(r"^-?[\d.]")
 
 
 def parse_point(text: str) -> tuple[float, float]:
@@ -45,79 +51,173 @@ def parse_point(text: str) -> tuple[float, float]:
     return x, y
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def parse_score(text: str) -> float:
+    """A score threshold in [0, 1]."""
+    try:
+        score = float(text)
+    except ValueError:
+        score = float("nan")
+    if not 0 <= score <= 1:
+        raise argparse.ArgumentTypeError(f"a score threshold is a number in [0, 1] (e.g. 0.5), got {text!r}")
+    return score
+
+
+def whole_number_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number of at least ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            number = int(text)
+        except ValueError:
+            number = low - 1
+        if number < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return number
+
+    return parse
+
+
+def glue_point_values(argv: Sequence[str]) -> list[str]:
+    """``--points -100,-100 5,7`` -> ``--points=-100,-100 --points=5,7``, so that argparse does not take a
+    negative coordinate for a flag; every other argument is kept as it is."""
+    glued: list[str] = []
+    in_points = False
+    for argument in argv:
+        if in_points and (not argument.startswith("-") or _POINT_VALUE.match(argument)):
+            if glued[-1] == "--points":
+                glued.pop()
+            glued.append(f"--points={argument}")
+            continue
+        in_points = argument == "--points"
+        glued.append(argument)  # --points itself stays until a value replaces it; argparse reports one without
+    return glued
+
+
+def _run_train(cfg: Config, args: argparse.Namespace) -> None:
+    train(cfg)
+
+
+def _run_eval(cfg: Config, args: argparse.Namespace) -> None:
+    evaluate_checkpoint(cfg)
+
+
+def _run_predict(cfg: Config, args: argparse.Namespace) -> None:
+    predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
+
+
+def _run_visualize(cfg: Config, args: argparse.Namespace) -> None:
+    visualize(
+        cfg,
+        args.image,
+        args.out or f"{cfg.output_dir}/visualize",
+        args.threshold,
+        args.top_k,
+        args.points,
+        args.layer,
+        args.by_level,
+        args.by_head,
+        args.query_level,
     )
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--config", help="YAML config file (default: the built-in defaults)")
-    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    parser.add_argument("--image", nargs="+", default=[], help="predict, visualize: image files")
+
+
+def _run_export(cfg: Config, args: argparse.Namespace) -> None:
+    path = export_checkpoint(cfg, args.out or f"{cfg.output_dir}/model.onnx", args.exporter)
+    print(f"wrote {path}")
+
+
+def _config_flags() -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--config", help="YAML config file (default: the built-in defaults of util/config.py)")
+    flags.add_argument(
+        "--opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, values read as YAML"
+    )
+    return flags
+
+
+def _image_flags(default_out: str) -> argparse.ArgumentParser:
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--image", nargs="+", required=True, metavar="IMAGE", help="image files")
+    flags.add_argument("--out", default=None, help=f"output folder (default: OUTPUT_DIR/{default_out})")
+    flags.add_argument(
+        "--threshold", type=parse_score, default=0.5, help="lowest score drawn and written, in [0, 1] (default 0.5)"
+    )
+    return flags
+
+
+def _add_visualize_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out",
-        default=None,
-        help="predict, visualize: output folder (default OUTPUT_DIR/predictions or OUTPUT_DIR/visualize); "
-        "export: the .onnx file (default OUTPUT_DIR/model.onnx)",
+        "--top-k", type=whole_number_at_least(1), default=4, help="decoder panels for the best K detections (default 4)"
     )
     parser.add_argument(
-        "--threshold", type=float, default=0.5, help="predict, visualize: lowest score drawn and written"
-    )
-    parser.add_argument(
-        "--exporter", choices=EXPORTERS, default="dynamo", help="export: torch.onnx's exporter (engine/export.py)"
-    )
-    visualizing = parser.add_argument_group("visualize: where the deformable attention samples")
-    visualizing.add_argument("--top-k", type=int, default=4, help="decoder panels for the best K detections")
-    visualizing.add_argument(
         "--points",
         nargs="+",
+        action="extend",
         type=parse_point,
         default=None,
         metavar="X,Y",
-        help="encoder query pixels of the original image (default: the detections' centres)",
+        help="encoder query pixels of the original image (default: the detections' centres); "
+        "negative values as -100,-100 or --points=-100,-100",
     )
-    visualizing.add_argument(
+    parser.add_argument(
         "--layer", type=int, default=-1, help="encoder and decoder layer to show (default -1: the last)"
     )
-    visualizing.add_argument("--by-level", action="store_true", help="also a panel per feature level")
-    visualizing.add_argument("--by-head", action="store_true", help="also a panel per attention head")
-    visualizing.add_argument(
+    parser.add_argument("--by-level", action="store_true", help="also a panel per feature level")
+    parser.add_argument("--by-head", action="store_true", help="also a panel per attention head")
+    parser.add_argument(
         "--query-level",
-        type=int,
+        type=whole_number_at_least(0),
         default=0,
-        help="feature level whose cell at each point is the encoder query (default 0: finest)",
+        help="feature level whose cell at each point is the encoder query (default 0: the finest)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python main.py {train,eval,predict,visualize,export} ...``; each command with only its own flags."""
+    parser = argparse.ArgumentParser(
+        prog="python main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,visualize,export}")
+    config = _config_flags()
+    commands.add_parser(
+        "train", parents=[config], allow_abbrev=False, help="train (or resume, or fine-tune) on a COCO-layout set"
+    ).set_defaults(run=_run_train)
+    commands.add_parser(
+        "eval", parents=[config], allow_abbrev=False, help="COCO evaluation of the checkpoint --opts resume=PATH"
+    ).set_defaults(run=_run_eval)
+    commands.add_parser(
+        "predict",
+        parents=[config, _image_flags("predictions")],
+        allow_abbrev=False,
+        help="detections of --opts resume=PATH on images: drawn PNGs and predictions.json",
+    ).set_defaults(run=_run_predict)
+    visualizing = commands.add_parser(
+        "visualize",
+        parents=[config, _image_flags("visualize")],
+        allow_abbrev=False,
+        help="where the deformable attention samples: figures and a JSON per image",
+    )
+    _add_visualize_flags(visualizing)
+    visualizing.set_defaults(run=_run_visualize)
+    exporting = commands.add_parser(
+        "export",
+        parents=[config],
+        allow_abbrev=False,
+        help="the detector of --opts resume=PATH as ONNX (logits and boxes; dynamic batch and image size)",
+    )
+    exporting.add_argument("--out", default=None, help="the .onnx file (default: OUTPUT_DIR/model.onnx)")
+    exporting.add_argument(
+        "--exporter", choices=EXPORTERS, default="dynamo", help="torch.onnx's exporter (engine/export.py)"
+    )
+    exporting.set_defaults(run=_run_export)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command in ("predict", "visualize") and not args.image:
-        parser.error(f"{args.command} needs --image IMG [IMG ...]")
-    cfg = load_config(args.config, overrides=args.opts)
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 done, 1 training diverged, 2 a user mistake)."""
+    args = build_parser().parse_args(glue_point_values(sys.argv[1:] if argv is None else argv))
     try:
-        if args.command == "train":
-            train(cfg)
-        elif args.command == "eval":
-            evaluate_checkpoint(cfg)
-        elif args.command == "export":
-            path = export_checkpoint(cfg, args.out or f"{cfg.output_dir}/model.onnx", args.exporter)
-            print(f"wrote {path}")
-        elif args.command == "predict":
-            predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
-        else:
-            visualize(
-                cfg,
-                args.image,
-                args.out or f"{cfg.output_dir}/visualize",
-                args.threshold,
-                args.top_k,
-                args.points,
-                args.layer,
-                args.by_level,
-                args.by_head,
-                args.query_level,
-            )
+        cfg = load_config(args.config, overrides=args.opts)
+        args.run(cfg, args)
     except RunError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
 from models.backbone import build_backbone
@@ -11,17 +9,8 @@ from models.criterion import SetCriterion, build_criterion
 from models.deformable_detr import DeformableDETR
 from models.deformable_transformer import build_deformable_transformer
 from models.postprocess import PostProcess
+from models.variants import CONFIG_DIR, PUBLISHED_VARIANTS, Variant, published_variant
 from util.config import Config
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-# The published variants (the names of the original checkpoints' reference) and their configs in CONFIG_DIR.
-PUBLISHED_CONFIGS = {
-    "deformable_detr": "deformable_detr.yaml",
-    "single_scale": "deformable_detr_single_scale.yaml",
-    "single_scale_dc5": "deformable_detr_single_scale_dc5.yaml",
-    "box_refine": "deformable_detr_box_refine.yaml",
-    "two_stage": "deformable_detr_two_stage.yaml",
-}
 
 
 def build_model(cfg: Config) -> tuple[DeformableDETR, SetCriterion, dict[str, nn.Module]]:
@@ -38,4 +27,13 @@ def build_model(cfg: Config) -> tuple[DeformableDETR, SetCriterion, dict[str, nn
     return model, build_criterion(cfg), {"bbox": PostProcess()}
 
 
-__all__ = ["CONFIG_DIR", "PUBLISHED_CONFIGS", "DeformableDETR", "PostProcess", "SetCriterion", "build_model"]
+__all__ = [
+    "CONFIG_DIR",
+    "PUBLISHED_VARIANTS",
+    "DeformableDETR",
+    "PostProcess",
+    "SetCriterion",
+    "Variant",
+    "build_model",
+    "published_variant",
+]

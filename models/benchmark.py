@@ -16,7 +16,7 @@ import resource
 
 import torch
 
-from models import CONFIG_DIR, PUBLISHED_CONFIGS, build_model
+from models import PUBLISHED_VARIANTS, build_model, published_variant
 from ops.benchmark import _median_ms, describe_machine
 from util.config import load_config
 
@@ -28,7 +28,7 @@ def measure(
 ) -> tuple[float, float]:
     """-> (median forward ms, peak memory MiB) of one variant, batch and dtype."""
     torch.manual_seed(0)
-    cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
+    cfg = load_config(published_variant(variant).config_path, overrides=["pretrained_backbone=false"])
     device = torch.device(device_type)
     model = build_model(cfg)[0].to(device).eval()
     images = torch.randn(batch, 3, HEIGHT, WIDTH, device=device)
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m models.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--variants", nargs="+", choices=list(PUBLISHED_CONFIGS), default=list(PUBLISHED_CONFIGS))
+    names = [variant.name for variant in PUBLISHED_VARIANTS]
+    parser.add_argument("--variants", nargs="+", choices=names, default=names)
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)

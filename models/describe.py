@@ -7,13 +7,8 @@ from collections.abc import Mapping
 
 import torch
 
-# (two-stage, box refinement, one feature level) -> the config of that published variant
-_CONFIGS = {
-    (False, False, False): "configs/deformable_detr.yaml",
-    (False, False, True): "configs/deformable_detr_single_scale.yaml or configs/deformable_detr_single_scale_dc5.yaml",
-    (False, True, False): "configs/deformable_detr_box_refine.yaml",
-    (True, True, False): "configs/deformable_detr_two_stage.yaml",
-}
+from models.variants import PUBLISHED_VARIANTS
+
 _RESNET_DEPTHS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}  # (layer3 blocks, bottleneck)
 
 
@@ -53,5 +48,12 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         and class_bias is not None
         and int(class_bias.shape[0]) == 91
     )
-    config = _CONFIGS.get((two_stage, refine, levels == 1)) if published_sizes else None
-    return f"{description}: the published variant of {config}" if config else description
+    if not published_sizes:
+        return description
+    # The dilation of DC5 leaves no trace in the weights: both single-scale configs match a single-scale state dict.
+    configs = [
+        f"configs/{variant.config}"
+        for variant in PUBLISHED_VARIANTS
+        if (variant.two_stage, variant.with_box_refine, variant.num_feature_levels) == (two_stage, refine, levels)
+    ]
+    return f"{description}: the published variant of {' or '.join(configs)}" if configs else description

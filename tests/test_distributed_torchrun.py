@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from datasets.shapes import CATEGORY_NAMES
 from tests.tiny_training import CONFIG, NUM_VAL, make_shapes, tiny_overrides
 
@@ -28,6 +30,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow  # 14-68 s: two launchers, each importing torch and training
 def test_two_launchers_train_and_evaluate_each_image_once(tmp_path):
     coco_path, output_dir = make_shapes(tmp_path / "shapes"), tmp_path / "out"
     launcher = [
@@ -66,6 +69,7 @@ def test_two_launchers_train_and_evaluate_each_image_once(tmp_path):
     assert (output_dir / "metrics.json").is_file() and (output_dir / "checkpoint.pth").is_file()
 
 
+@pytest.mark.slow  # 25 s at a load of 2-3: two launchers and a 15 s timeout
 def test_a_rank_that_stops_answering_ends_the_job_at_the_timeout_naming_it(tmp_path):
     coco_path, output_dir = make_shapes(tmp_path / "shapes"), tmp_path / "out"
     script = tmp_path / "rank_1_hangs.py"

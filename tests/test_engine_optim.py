@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -109,7 +110,8 @@ def test_step_schedule_drops_every_group_tenfold_at_lr_drop(model_and_config):
 
 def test_zero_lr_drop_is_refused(model_and_config):
     model, _ = model_and_config
-    cfg = load_config(CONFIG, overrides=[*TINY_MODEL, "lr_drop=0"])
+    # load_config refuses lr_drop=0 itself (tests/test_util_config.py); the scheduler guards a Config made in code
+    cfg = dataclasses.replace(load_config(CONFIG, overrides=TINY_MODEL), lr_drop=0)
     with pytest.raises(ValueError, match="lr_drop"):
         build_lr_scheduler(build_optimizer(model, cfg), cfg)
 

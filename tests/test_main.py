@@ -4,7 +4,10 @@ is never overwritten by accident, its log survives a stop in the evaluation, and
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import main
 from engine.training import NonFiniteLossError
 from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
 from util.checkpoint import load_checkpoint
+from util.config import load_config
 
 TRAIN_FILES = {"config.yaml", "checkpoint.pth", "checkpoint0000.pth", "log.txt", "detections.json", "metrics.json"}
 
@@ -69,6 +73,7 @@ def final_weights(output_dir) -> dict[str, torch.Tensor]:
     return load_checkpoint(output_dir / "checkpoint.pth")["model"]
 
 
+@pytest.mark.slow  # three trainings a case: 36-69 s at a load of 5 on 2 cores
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_path, tmp_path, num_workers):
     # Three scales and a flip per image: enough random draws that other augmentations would change the weights.
@@ -241,9 +246,92 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_p
     assert load_checkpoint(output_dir / "checkpoint.pth")["epoch"] == 0
 
 
-def test_unknown_override_is_named(tmp_path):
-    with pytest.raises(KeyError, match="learning_rate"):
-        run("train", opts=["learning_rate=1"])
+def test_unknown_override_is_printed_with_a_close_key_and_exit_status_2(capsys):
+    assert run("train", opts=["lr_dorp=3"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: unknown config key 'lr_dorp' in --opts lr_dorp=3; did you mean 'lr_drop'?")
+    assert "Traceback" not in error
+
+
+def test_yaml_syntax_error_is_printed_with_the_file_and_exit_status_2(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: [1e-4\n")
+    assert main.main(["train", "--config", str(broken)]) == 2
+    assert f"error: {broken} is not valid YAML: line" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["lr=-1", "epochs=-1", "epochs=0", "batch_size=0"])
+def test_out_of_range_value_exits_2_before_anything_is_built(override, monkeypatch, capsys):
+    def must_not_run(cfg):
+        raise AssertionError("training started with an invalid config")
+
+    monkeypatch.setattr(main, "train", must_not_run)
+    assert run("train", opts=[override]) == 2
+    key = override.partition("=")[0]
+    assert f"error: config key '{key}' in --opts {override} must be >= " in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main.main(["eval", "--config", str(tmp_path / "nothing.yaml")]) == 2
+    assert "nothing.yaml does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "points",
+    [
+        ["--points", "-100,-100", "5,7.5"],
+        ["--points=-100,-100", "--points=5,7.5"],
+        ["--points", "-100,-100", "--points", "5,7.5"],
+    ],
+)
+def test_visualize_takes_points_with_negative_coordinates(points, monkeypatch):
+    seen = {}
+
+    def record(cfg, images, out_dir, threshold, top_k, points, layer, *rest):
+        seen.update(images=images, points=points, layer=layer)
+
+    monkeypatch.setattr(main, "visualize", record)
+    assert main.main(["visualize", "--image", "a.png", *points, "--layer", "1"]) == 0
+    assert seen == {"images": ["a.png"], "points": [(-100.0, -100.0), (5.0, 7.5)], "layer": 1}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--image", "a.png"],
+        ["eval", "--threshold", "0.3"],
+        ["predict", "--image", "a.png", "--points", "1,2"],
+        ["predict", "--config", "c.yaml"],  # no --image
+        ["predict", "--image", "a.png", "--threshold", "1.5"],
+        ["visualize", "--image", "a.png", "--top-k", "0"],
+        ["visualize", "--image", "a.png", "--points", "1;2"],
+    ],
+)
+def test_each_command_takes_only_its_own_valid_flags(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main.main(argv)
+    assert stopped.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every ``main.py`` command in README.md's bash blocks, without the optional ``[...]``."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.DOTALL)
+    commands = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        if "main.py " in line:
+            arguments = line.split("main.py ", 1)[1].split("#")[0]
+            commands.append(shlex.split(re.sub(r"\[[^]]*\]", "", arguments)))
+    return commands
+
+
+def test_the_readme_commands_parse_and_their_configs_load():
+    commands = readme_commands()
+    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize"}
+    for arguments in commands:
+        args = main.build_parser().parse_args(main.glue_point_values(arguments))
+        load_config(Path(__file__).resolve().parents[1] / args.config, overrides=args.opts)
 
 
 def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):

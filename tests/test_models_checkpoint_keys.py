@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import CONFIG_DIR, PUBLISHED_CONFIGS, build_model
+from models import CONFIG_DIR, build_model, published_variant
+from models.variants import PUBLISHED_VARIANTS
 from util.config import load_config
 
 
-@pytest.mark.parametrize("variant", sorted(PUBLISHED_CONFIGS))
+@pytest.mark.parametrize("variant", [variant.name for variant in PUBLISHED_VARIANTS])
 def test_state_dict_matches_reference(reference, variant):
-    cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
+    cfg = load_config(published_variant(variant).config_path, overrides=["pretrained_backbone=false"])
     model, _, _ = build_model(cfg)
     keys = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     expected = reference[variant]
@@ -25,7 +26,7 @@ def test_state_dict_matches_reference(reference, variant):
 @pytest.mark.parametrize("variant", ["deformable_detr", "two_stage"])
 def test_checkpoint_of_reference_shapes_loads_strictly(reference, variant):
     """A checkpoint as the original code saves it ({"model": state_dict}) loads with strict=True."""
-    cfg = load_config(CONFIG_DIR / PUBLISHED_CONFIGS[variant], overrides=["pretrained_backbone=false"])
+    cfg = load_config(published_variant(variant).config_path, overrides=["pretrained_backbone=false"])
     model, _, _ = build_model(cfg)
     generator = torch.Generator().manual_seed(0)
     checkpoint = {

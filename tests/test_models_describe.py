@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import PUBLISHED_CONFIGS, build_model
+from models import build_model
 from models.describe import describe_state_dict
+from models.variants import PUBLISHED_VARIANTS
 from tests.tiny_training import CONFIG, TINY
 from util.config import load_config
 
@@ -15,10 +16,11 @@ def shapes_only(keys: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     return {name: torch.empty(shape, device="meta") for name, shape in keys.items()}
 
 
-@pytest.mark.parametrize("variant", sorted(PUBLISHED_CONFIGS))
-def test_each_published_checkpoint_is_described_with_its_config(reference, variant):
+@pytest.mark.parametrize("row", PUBLISHED_VARIANTS, ids=lambda row: row.name)
+def test_each_published_checkpoint_is_described_with_its_config(reference, row):
+    variant = row.name
     description = describe_state_dict(shapes_only(reference[variant]["keys"]))
-    assert f"configs/{PUBLISHED_CONFIGS[variant]}" in description
+    assert f"configs/{row.config}" in description
     assert "ResNet-50" in description and "hidden 256" in description and "91 classes" in description
     assert ("two-stage" if variant == "two_stage" else "one-stage") in description
     assert ("no box refinement" not in description) == (variant in ("box_refine", "two_stage"))

@@ -17,11 +17,13 @@ CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 HAS_NVCC = Path(CUDA_HOME, "bin", "nvcc").exists() or shutil.which("nvcc") is not None
 
 
+@pytest.mark.slow  # about 100 s: nvcc compiles the CUDA kernel unless cached
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not installed")
 def test_cuda_kernel_compiles_with_nvcc():
     build.load_cuda_kernel()  # raises KernelBuildError with the compiler's message if it does not compile
 
 
+@pytest.mark.slow  # 10-24 s: a compile against torch's headers
 def test_compile_error_is_raised_as_kernel_build_error(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cpp"
     broken.write_text("#include <torch/library.h>\nint this_does_not_compile( {\n")

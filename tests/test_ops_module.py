@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -132,11 +130,8 @@ def test_bad_reference_points_are_rejected():
         _module()(**inputs)
 
 
-def test_parameter_names_and_shapes_match_the_original_checkpoints():
-    reference = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint_keys.json"
-    if not reference.exists():
-        pytest.skip(f"{reference} not found")
-    keys = json.loads(reference.read_text())["variants"]["deformable_detr"]["keys"]
+def test_parameter_names_and_shapes_match_the_original_checkpoints(reference):
+    keys = reference["deformable_detr"]["keys"]
     prefix = "transformer.encoder.layers.0.self_attn."
     expected = {name[len(prefix) :]: shape for name, shape in keys.items() if name.startswith(prefix)}
     got = {name: list(tensor.shape) for name, tensor in MSDeformAttn().state_dict().items()}

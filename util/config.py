@@ -10,12 +10,17 @@ a key that is not there, in a file or an override, is an error that names it::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import re
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from util.errors import UserError
 
 BASE_KEY = "_base_"
 
@@ -106,23 +111,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Args:
         path: a YAML file of flat ``key: value`` pairs, or None for the defaults alone.
-        overrides: ``"key=value"`` strings, the value read as YAML (``lr=1e-4``, ``two_stage=true``).
+        overrides: ``"key=value"`` strings (``--opts`` of main.py), the value read as YAML (``lr=1e-4``,
+            ``two_stage=true``).
 
     Raises:
-        KeyError: a key that :class:`Config` does not have, naming it and where it came from.
-        ValueError: a value of the wrong type, or an override without ``=``.
+        UserError: a missing file or a YAML syntax error (naming the file and line); a key that :class:`Config`
+            does not have (naming it, where it came from, and the keys it resembles); a value of the wrong type or
+            out of its range (see ``VALID_VALUES``); an override without ``=``.
     """
-    values: dict[str, Any] = {}
+    values: dict[str, tuple[Any, str]] = {}
     if path is not None:
         values.update(_read_with_base(Path(path)))
     for override in overrides:
-        key, separator, text = override.partition("=")
-        if not separator or not key.strip():
-            raise ValueError(f"override {override!r} must look like key=value")
-        values[key.strip()] = (yaml.safe_load(text) if text.strip() else "", f"override {override!r}")
+        key, value = _parse_override(override)
+        values[key] = (value, f"--opts {override}")
     hints = typing.get_type_hints(Config)
-    checked = {key: _check_type(key, value, hints[key], origin) for key, (value, origin) in values.items()}
-    return Config(**checked)
+    for key, (_, origin) in values.items():
+        if key not in hints:
+            raise UserError(_unknown_key_message(key, origin, list(hints)))
+    cfg = Config(**{key: _check_type(key, value, hints[key], origin) for key, (value, origin) in values.items()})
+    validate_config(cfg, {key: origin for key, (_, origin) in values.items()})
+    return cfg
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    """``"key=value"`` -> (key, the value read as YAML; an empty value is the empty string)."""
+    key, separator, text = override.partition("=")
+    if not separator or not key.strip():
+        raise UserError(f"--opts {override!r} must look like key=value (e.g. lr=1e-4)")
+    try:
+        return key.strip(), yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise UserError(f"--opts {override}: the value is not valid YAML ({_yaml_problem(error)})") from None
+
+
+def _unknown_key_message(key: Any, origin: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    return f"unknown config key {key!r} in {origin}; {hint}every key, with its default, is in util/config.py (Config)"
 
 
 def _read_with_base(path: Path) -> dict[str, tuple[Any, str]]:
@@ -131,9 +157,11 @@ def _read_with_base(path: Path) -> dict[str, tuple[Any, str]]:
     values: dict[str, tuple[Any, str]] = {}
     if BASE_KEY in own:
         base_path = path.parent / str(own.pop(BASE_KEY))
+        if not base_path.is_file():
+            raise UserError(f"{path}: its {BASE_KEY} file {base_path} does not exist (the path is relative to {path})")
         base = _read_yaml(base_path)
         if BASE_KEY in base:
-            raise ValueError(f"{base_path}: a _base_ file cannot have a _base_ of its own (one level only)")
+            raise UserError(f"{base_path}: a _base_ file cannot have a _base_ of its own (one level only)")
         values.update({key: (value, str(base_path)) for key, value in base.items()})
     values.update({key: (value, str(path)) for key, value in own.items()})
     return values
@@ -141,23 +169,30 @@ def _read_with_base(path: Path) -> dict[str, tuple[Any, str]]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    content = yaml.safe_load(path.read_text()) or {}
+        raise UserError(f"config file {path} does not exist (see configs/ for the published ones)")
+    try:
+        content = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(content, dict):
-        raise ValueError(f"{path}: a config is a mapping of key: value, got {type(content).__name__}")
+        raise UserError(f"{path}: a config is a mapping of key: value, got {type(content).__name__}")
     return content
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """The parser's complaint with its line and column (1-based), without PyYAML's "<unicode string>"."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _check_type(key: str, value: Any, expected: Any, origin: str) -> Any:
     """``value`` as the type ``expected`` of ``key``: ints pass as floats, nothing else is converted."""
-    fields = {field.name for field in dataclasses.fields(Config)}
-    if key not in fields:
-        raise KeyError(f"unknown config key {key!r} in {origin}; known keys: {', '.join(sorted(fields))}")
     if typing.get_origin(expected) is list:
         return _check_list(key, value, typing.get_args(expected)[0], origin)
     allowed = typing.get_args(expected) or (expected,)
     if isinstance(value, bool) and bool not in allowed:  # bool is an int: do not let true pass as 1
-        raise ValueError(f"config key {key!r} in {origin} must be {_names(allowed)}, got {value!r}")
+        raise UserError(f"config key {key!r} in {origin} must be {_names(allowed)}, got {value!r}")
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if float in allowed and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
@@ -166,7 +201,7 @@ def _check_type(key: str, value: Any, expected: Any, origin: str) -> Any:
         except ValueError:
             pass
     if not isinstance(value, allowed):
-        raise ValueError(f"config key {key!r} in {origin} must be {_names(allowed)}, got {value!r}")
+        raise UserError(f"config key {key!r} in {origin} must be {_names(allowed)}, got {value!r}")
     return value
 
 
@@ -177,9 +212,84 @@ def _check_list(key: str, value: Any, item_type: type, origin: str) -> list:
         isinstance(item, bool) or not isinstance(item, (item_type, int) if item_type is float else item_type)
         for item in items
     ):
-        raise ValueError(f"config key {key!r} in {origin} must be a list of {item_type.__name__}, got {value!r}")
+        raise UserError(f"config key {key!r} in {origin} must be a list of {item_type.__name__}, got {value!r}")
     return [item_type(item) for item in items]
 
 
 def _names(types: tuple[type, ...]) -> str:
     return " or ".join(kind.__name__ for kind in types)
+
+
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value >= low), f">= {low}"
+
+
+def _in_range(low: float, high: float, high_included: bool) -> tuple[Callable[[Any], bool], str]:
+    if high_included:
+        return (lambda value: low <= value <= high), f"in [{low}, {high}]"
+    return (lambda value: low <= value < high), f"in [{low}, {high})"
+
+
+def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: value in choices), f"one of {', '.join(choices)}"
+
+
+def _sizes() -> tuple[Callable[[Any], bool], str]:
+    return (lambda value: len(value) > 0 and all(size >= 1 for size in value)), "a non-empty list of sizes >= 1"
+
+
+# Valid values, checked when a config is loaded (before a model or data set is built).
+# key -> (test of a value, what the test accepts); keys not listed take any value of their type.
+VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "position_embedding_scale": (lambda value: value > 0, "> 0"),
+    "num_feature_levels": _at_least(1),
+    "hidden_dim": _at_least(1),
+    "dim_feedforward": _at_least(1),
+    "nheads": _at_least(1),
+    "enc_layers": _at_least(1),
+    "dec_layers": _at_least(1),
+    "dropout": _in_range(0, 1, high_included=False),
+    "enc_n_points": _at_least(1),
+    "dec_n_points": _at_least(1),
+    "num_queries": _at_least(1),
+    "attention_backend": _one_of("auto", "pytorch", "cpu", "cuda"),
+    "num_classes": _at_least(1),
+    **{key: _at_least(0) for key in ("set_cost_class", "set_cost_bbox", "set_cost_giou")},
+    **{key: _at_least(0) for key in ("cls_loss_coef", "bbox_loss_coef", "giou_loss_coef")},
+    "focal_alpha": _in_range(0, 1, high_included=True),
+    **{key: _at_least(0) for key in ("lr", "lr_backbone", "lr_linear_proj_mult", "weight_decay", "clip_max_norm")},
+    "batch_size": _at_least(1),
+    "epochs": _at_least(1),
+    "lr_drop": _at_least(1),
+    "amp": _one_of("none", "bfloat16", "float16"),
+    "train_scales": _sizes(),
+    "max_size": _at_least(1),
+    "crop_scales": _sizes(),
+    "crop_size": (lambda value: len(value) == 2 and 1 <= value[0] <= value[1], "[min, max] with 1 <= min <= max"),
+    "val_size": _at_least(1),
+    "device": (lambda value: re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None, "cpu, cuda or cuda:N"),
+    "num_workers": _at_least(0),
+    "eval_every": _at_least(0),
+    "save_every": _at_least(0),
+    "print_every": _at_least(1),
+    "dist_timeout_minutes": (lambda value: value > 0, "> 0"),
+}
+
+
+def validate_config(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`UserError` for the first value of ``cfg`` outside its range (``VALID_VALUES``) or keys that
+    disagree, naming the key and where its value came from (``origins``: key -> file or ``--opts ...``)."""
+    origins = origins or {}
+
+    def where(key: str) -> str:
+        return origins.get(key, "the defaults")
+
+    for key, (is_valid, accepted) in VALID_VALUES.items():
+        value = getattr(cfg, key)
+        if not is_valid(value):
+            raise UserError(f"config key {key!r} in {where(key)} must be {accepted}, got {value!r}")
+    if cfg.hidden_dim % cfg.nheads:
+        raise UserError(
+            f"hidden_dim ({cfg.hidden_dim}, from {where('hidden_dim')}) must be a multiple of nheads "
+            f"({cfg.nheads}, from {where('nheads')})"
+        )
