@@ -14,6 +14,7 @@ from datasets import Batch, collate_detection
 from datasets.transforms import Compose
 from engine.evaluation import detect
 from util.draw import class_name, draw_detections
+from util.errors import UserError
 from util.image_io import read_rgb_image
 
 PREDICTIONS_FILE = "predictions.json"
@@ -62,7 +63,7 @@ def predict_files(
     for index, path in enumerate(paths):
         try:
             image = load_image(path)
-        except OSError as error:
+        except (OSError, UserError) as error:  # a missing, unreadable or unsupported image
             failures[str(path)] = str(error.__cause__ or error)
             continue
         batch: Batch = collate_detection([prepare(image, transforms)]).to(device)

@@ -328,7 +328,7 @@ def readme_commands() -> list[list[str]]:
 
 def test_the_readme_commands_parse_and_their_configs_load():
     commands = readme_commands()
-    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize"}
+    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize", "export"}
     for arguments in commands:
         args = main.build_parser().parse_args(main.glue_point_values(arguments))
         load_config(Path(__file__).resolve().parents[1] / args.config, overrides=args.opts)
