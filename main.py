@@ -212,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_message(error: UserError) -> str:
+    """The message of ``error``; one raised in a data-loader worker arrives with the worker's traceback, of which
+    only the last line (``util.errors.UserError: ...``) is the user's business."""
+    message = str(error)
+    if message.startswith("Caught ") and "Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (0 done, 1 training diverged, 2 a user mistake)."""
     args = build_parser().parse_args(glue_point_values(sys.argv[1:] if argv is None else argv))
@@ -222,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
     finally:
         shutdown_distributed()

@@ -18,6 +18,7 @@ from engine.training import NonFiniteLossError
 from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
 from util.checkpoint import load_checkpoint
 from util.config import load_config
+from util.errors import UserError
 
 TRAIN_FILES = {"config.yaml", "checkpoint.pth", "checkpoint0000.pth", "log.txt", "detections.json", "metrics.json"}
 
@@ -339,3 +340,19 @@ def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):
         pytest.skip("CUDA is available here")
     with pytest.raises(RuntimeError, match="device=cpu"):
         run("train", opts=tiny_overrides(coco_path, tmp_path, "device=cuda"))
+
+
+def test_a_user_error_from_a_data_loader_worker_is_shown_without_the_workers_traceback():
+    from torch.utils.data import DataLoader, Dataset
+
+    class Unreadable(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            raise UserError("cannot read image a.png: the file does not exist")
+
+    with pytest.raises(UserError) as caught:
+        next(iter(DataLoader(Unreadable(), num_workers=1)))
+    assert "Traceback" in str(caught.value)
+    assert main.user_message(caught.value) == "cannot read image a.png: the file does not exist"
