@@ -122,7 +122,7 @@ def build_model_on(cfg: Config, info: DistributedInfo) -> tuple[nn.Module, nn.Mo
 
 def _load_for_inference(cfg: Config, command: str, model: nn.Module) -> dict:
     if not cfg.resume:
-        raise ValueError(f"{command} needs a checkpoint: --opts resume=PATH")
+        raise UserError(f"{command} needs a checkpoint: --opts resume=PATH")
     checkpoint = load_checkpoint(cfg.resume)
     load_model_weights(model, checkpoint, cfg.resume, describe=describe_state_dict)
     return checkpoint
@@ -184,7 +184,7 @@ def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> tup
     """Load ``cfg.resume`` or ``cfg.finetune_from`` (when set) into ``run``; returns the first epoch to train and,
     resuming, the ``log.txt`` record the checkpoint holds of its epoch (without evaluation; None if it has none)."""
     if cfg.resume and cfg.finetune_from:
-        raise ValueError(
+        raise UserError(
             f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
             f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
         )
@@ -436,7 +436,7 @@ def visualize(
     stems = [Path(path).stem for path in images]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
-        raise ValueError(
+        raise UserError(
             f"images share the file name stems {repeated}: their outputs would overwrite each other; "
             "visualize them into different --out folders"
         )

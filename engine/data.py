@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from datasets import CocoDetection, build_dataset, build_transforms, collate_detection
 from datasets.transforms import Compose
 from util.config import Config
+from util.errors import UserError
 
 
 def build_config_transforms(image_set: str, cfg: Config) -> Compose:
@@ -43,7 +44,7 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
     ``engine.commands.epoch_seed``): each rank and each epoch gets its own augmentations, the same after a resume.
     """
     if len(dataset) < cfg.batch_size * world_size:
-        raise ValueError(
+        raise UserError(
             f"the training split has {len(dataset)} images, fewer than one batch of "
             f"batch_size={cfg.batch_size} on each of {world_size} processes"
         )

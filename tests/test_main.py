@@ -103,16 +103,17 @@ def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(fi
     assert all(int(state["step"]) == steps_per_epoch for state in checkpoint["optimizer"]["state"].values())
 
 
-def test_resume_and_finetune_from_together_are_refused(first_run, coco_path, tmp_path):
+def test_resume_and_finetune_from_together_are_refused(first_run, coco_path, tmp_path, capsys):
     path = first_run / "checkpoint.pth"
-    with pytest.raises(ValueError, match="not both"):
-        run("train", opts=tiny_overrides(coco_path, tmp_path, f"resume={path}", f"finetune_from={path}"))
+    assert run("train", opts=tiny_overrides(coco_path, tmp_path, f"resume={path}", f"finetune_from={path}")) == 2
+    assert "not both" in capsys.readouterr().err
 
 
-def test_eval_of_a_checkpoint_of_another_variant_names_both(first_run, coco_path, tmp_path):
+def test_eval_of_a_checkpoint_of_another_variant_names_both(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "with_box_refine=true", f"resume={first_run / 'checkpoint.pth'}")
-    with pytest.raises(ValueError, match="The checkpoint: one-stage, no box refinement.*This model: one-stage, box"):
-        run("eval", opts=opts)
+    assert run("eval", opts=opts) == 2
+    error = capsys.readouterr().err
+    assert re.search("The checkpoint: one-stage, no box refinement.*This model: one-stage, box", error)
 
 
 @pytest.mark.parametrize("command", ["eval", "finetune", "resume"])
@@ -148,9 +149,10 @@ def test_eval_of_a_checkpoint_reproduces_the_training_evaluation(first_run, coco
     assert len(json.loads((tmp_path / "detections.json").read_text())) > 0
 
 
-def test_eval_without_a_checkpoint_is_refused(coco_path, tmp_path):
-    with pytest.raises(ValueError, match="resume=PATH"):
-        run("eval", opts=tiny_overrides(coco_path, tmp_path))
+def test_eval_without_a_checkpoint_is_refused_without_a_traceback(coco_path, tmp_path, capsys):
+    assert run("eval", opts=tiny_overrides(coco_path, tmp_path)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: eval needs a checkpoint: --opts resume=PATH") and "Traceback" not in error
 
 
 def predict_images(opts: list[str], images: list, out) -> int:
@@ -356,3 +358,10 @@ def test_a_user_error_from_a_data_loader_worker_is_shown_without_the_workers_tra
         next(iter(DataLoader(Unreadable(), num_workers=1)))
     assert "Traceback" in str(caught.value)
     assert main.user_message(caught.value) == "cannot read image a.png: the file does not exist"
+
+
+def test_eval_of_a_missing_checkpoint_is_an_error_without_a_traceback(tmp_path, capsys):
+    missing = tmp_path / "nothing.pth"
+    assert main.main(["eval", "--config", "configs/demo_shapes.yaml", "--opts", f"resume={missing}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: checkpoint {missing} does not exist") and "Traceback" not in error

@@ -30,6 +30,10 @@ def temporary_path(path: Path, pid: int | None = None) -> Path:
     return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp")
 
 
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """The checkpoint file named by the user does not exist."""
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` through a temporary file in the same folder, then rename it over ``path``.
 
@@ -104,7 +108,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     original implementation's ``args``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist: check resume= / finetune_from=")
     try:
         if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
             with torch.serialization.safe_globals(ALLOWED_GLOBALS):
@@ -195,7 +199,7 @@ def load_model_weights(
         message = f"{source} does not fit this model (check the config it was trained with): " + ", ".join(problems)
         if describe is not None:
             message += f". The checkpoint: {describe(weights)}. This model: {describe(own)}"
-        raise ValueError(message)
+        raise UserError(message)
     model.load_state_dict({key: value for key, value in weights.items() if key not in kept}, strict=False)
     return kept
 
@@ -217,7 +221,7 @@ def restore_training_state(
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as error:
-        raise ValueError(
+        raise UserError(
             f"{source}: its optimizer state does not fit this model's parameter groups ({error}); "
             "the model or lr_backbone / lr_linear_proj_names differ from the run that wrote it"
         ) from error
