@@ -11,7 +11,10 @@ for offset group ``g``; offset group ``g`` deforms input channels ``[g * C / G, 
 ``(B, G * kh * kw, H_out, W_out)``, channel ``g * kh * kw + i * kw + j``.
 
 Two backends: ``"torchvision"`` (``torchvision.ops.deform_conv2d``: compiled CPU and CUDA kernels) and
-``"pytorch"`` (a ``grid_sample`` im2col followed by one matrix product; runs and exports anywhere).
+``"pytorch"`` (a ``grid_sample`` im2col followed by one matrix product; runs and exports anywhere). ``"auto"``
+(default) takes ``"pytorch"`` on the CPU when gradients are needed (torchvision's CPU backward is 3x slower than
+the ``grid_sample`` formulation's at a ResNet conv4 shape and the slowest op of a DCN backbone's training step;
+benchmarks/RESULTS.md) and ``"torchvision"`` otherwise (its forward is the faster one).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torchvision
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-BACKENDS = ("torchvision", "pytorch")
+BACKENDS = ("auto", "torchvision", "pytorch")
 
 
 def output_size(
@@ -80,7 +83,7 @@ def deform_conv2d(
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
     mask: torch.Tensor | None = None,
-    backend: str = "torchvision",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Deformable convolution; v2 (modulated) when ``mask`` is given.
 
@@ -90,7 +93,8 @@ def deform_conv2d(
         weight: (O, C / groups, kh, kw); ``groups`` is ``C // weight.shape[1]``.
         bias: (O,) or None.
         mask: (B, G * kh * kw, H_out, W_out) or None (v1).
-        backend: ``"torchvision"`` (compiled kernels) or ``"pytorch"`` (``grid_sample``).
+        backend: ``"torchvision"`` (compiled kernels), ``"pytorch"`` (``grid_sample``) or ``"auto"``
+            (:func:`resolve_backend`).
 
     Returns:
         (B, O, H_out, W_out).
@@ -98,11 +102,21 @@ def deform_conv2d(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     out_size = output_size(tuple(input.shape[-2:]), tuple(weight.shape[-2:]), stride, padding, dilation)
     _check_inputs(input, offset, weight, mask, out_size)
+    if backend == "auto":
+        backend = resolve_backend(input, offset, weight, bias, mask)
     if backend == "torchvision":
         return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     if backend == "pytorch":
         return _deform_conv2d_grid_sample(input, offset, weight, bias, stride, padding, dilation, mask)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(*tensors: torch.Tensor | None) -> str:
+    """``"auto"``: ``"pytorch"`` on the CPU when autograd will need gradients of any of ``tensors``, else
+    ``"torchvision"``."""
+    present = [tensor for tensor in tensors if tensor is not None]
+    needs_grad = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in present)
+    return "pytorch" if needs_grad and present[0].device.type == "cpu" else "torchvision"
 
 
 def _deform_conv2d_grid_sample(
@@ -125,7 +139,7 @@ def _deform_conv2d_grid_sample(
     cols = torch.arange(out_w, device=input.device, dtype=input.dtype) * stride[1] - padding[1]
     tap_rows = torch.arange(kh, device=input.device, dtype=input.dtype).repeat_interleave(kw) * dilation[0]
     tap_cols = torch.arange(kw, device=input.device, dtype=input.dtype).repeat(kh) * dilation[1]
-    offset = offset.view(batch * groups, taps, 2, out_h, out_w)
+    offset = offset.reshape(batch * groups, taps, 2, out_h, out_w)
     y = tap_rows[:, None, None] + rows[None, :, None] + offset[:, :, 0]  # (B * G, taps, H_out, W_out)
     x = tap_cols[:, None, None] + cols[None, None, :] + offset[:, :, 1]
     # grid_sample(align_corners=False) reads pixel p at normalised (2 p + 1) / size - 1; zeros outside
@@ -168,7 +182,7 @@ class DeformConv2d(nn.Module):
         offset_groups: int = 1,
         bias: bool = True,
         modulated: bool = False,
-        backend: str = "torchvision",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         for name, value, divides in (("groups", groups, out_channels), ("offset_groups", offset_groups, None)):

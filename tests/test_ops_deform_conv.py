@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ops.deform_conv import DeformConv2d, deform_conv2d
+from ops.deform_conv import DeformConv2d, deform_conv2d, resolve_backend
 
 F64 = torch.float64
 
@@ -76,7 +76,7 @@ def make_problem(case, modulated: bool, seed: int = 0, size=(7, 6)):
     return input, offset, weight, bias, mask, {"stride": stride, "padding": padding, "dilation": dilation}
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "pytorch"])
+@pytest.mark.parametrize("backend", ["torchvision", "pytorch", "auto"])
 @pytest.mark.parametrize("modulated", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_deform_conv2d_matches_float64_reference(case, modulated, backend):
@@ -84,6 +84,15 @@ def test_deform_conv2d_matches_float64_reference(case, modulated, backend):
     expected = reference_deform_conv(input, offset, weight, bias, mask=mask, **geometry)
     actual = deform_conv2d(input, offset, weight, bias, mask=mask, backend=backend, **geometry)
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_backend_takes_grid_sample_for_cpu_training_and_torchvision_otherwise():
+    input, weight = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    assert resolve_backend(input, None, weight) == "torchvision"
+    weight.requires_grad_()
+    assert resolve_backend(input, None, weight) == "pytorch"
+    with torch.no_grad():
+        assert resolve_backend(input, None, weight) == "torchvision"
 
 
 def test_offsets_outside_the_map_read_zero():
