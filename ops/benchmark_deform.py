@@ -68,7 +68,8 @@ def conv_cases(generator: torch.Generator) -> list[tuple[str, Callable, list[tor
     return cases
 
 
-def pool_cases(generator: torch.Generator) -> list[tuple[str, Callable, list[torch.Tensor]]]:
+def pool_cases(generator: torch.Generator) -> tuple[list[tuple[str, Callable, list[torch.Tensor]]], ...]:
+    """(RoI pooling cases, position-sensitive cases), each led by torchvision's op without offsets."""
     corners = torch.rand(ROIS, 2, 2, generator=generator) * torch.tensor([WIDTH, HEIGHT]) * 16
     boxes = torch.cat([torch.zeros(ROIS, 1), corners.min(1).values, corners.max(1).values + 16], 1)
     offset = (torch.rand(ROIS, 2, BINS, BINS, generator=generator) - 0.5) * 2
@@ -76,10 +77,12 @@ def pool_cases(generator: torch.Generator) -> list[tuple[str, Callable, list[tor
     input = torch.randn(1, CHANNELS, HEIGHT, WIDTH, generator=generator)
     ps_input = torch.randn(1, PS_CHANNELS * BINS * BINS, HEIGHT, WIDTH, generator=generator)
     geometry = {"output_size": BINS, "spatial_scale": 1 / 16, "sampling_ratio": 2}
-    return [
+    plain = [
         ("roi_align (torchvision)", lambda x: torchvision.ops.roi_align(x, boxes, BINS, 1 / 16, 2), [input]),
         ("deform_roi_pool v1", lambda x, o: deform_roi_pool(x, boxes, o, **geometry), [input, offset]),
         ("deform_roi_pool v2", lambda x, o, m: deform_roi_pool(x, boxes, o, m, **geometry), [input, offset, mask]),
+    ]
+    position_sensitive = [
         ("ps_roi_align (torchvision)", lambda x: torchvision.ops.ps_roi_align(x, boxes, BINS, 1 / 16, 2), [ps_input]),
         ("deform_ps_roi_pool v1", lambda x, o: deform_ps_roi_pool(x, boxes, o, **geometry), [ps_input, offset]),
         (
@@ -88,15 +91,18 @@ def pool_cases(generator: torch.Generator) -> list[tuple[str, Callable, list[tor
             [ps_input, offset, mask],
         ),
     ]
+    return plain, position_sensitive
 
 
 def run(repeats: int) -> list[str]:
     """The Markdown tables, one row printed as soon as it is measured."""
     generator = torch.Generator().manual_seed(0)
     lines = [f"\ndeformable convolution family, cpu: {describe_machine(torch.device('cpu'))}"]
+    plain, position_sensitive = pool_cases(generator)
     blocks = (
         (f"deform_conv2d, 1x{CHANNELS}x{HEIGHT}x{WIDTH}, 3x3 -> {CHANNELS}", conv_cases(generator)),
-        (f"RoI pooling, {ROIS} RoIs, {BINS}x{BINS} bins, 2x2 samples", pool_cases(generator)),
+        (f"RoI pooling, {ROIS} RoIs, {BINS}x{BINS} bins, 2x2 samples, {CHANNELS} channels", plain),
+        (f"PS RoI pooling, same RoIs, {PS_CHANNELS} x {BINS * BINS} channels", position_sensitive),
     )
     for title, cases in blocks:
         lines += [
