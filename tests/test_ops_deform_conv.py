@@ -95,6 +95,19 @@ def test_auto_backend_takes_grid_sample_for_cpu_training_and_torchvision_otherwi
         assert resolve_backend(input, None, weight) == "torchvision"
 
 
+@pytest.mark.parametrize("backend", ["torchvision", "pytorch"])
+def test_offset_layout_is_dy_then_dx_per_tap(backend):
+    """A 1x1 identity kernel: offset channel 0 moves the read one row down, channel 1 one column right."""
+    input = torch.arange(20, dtype=F64).view(1, 1, 4, 5)
+    identity = torch.ones(1, 1, 1, 1, dtype=F64)
+    down, right = torch.zeros(1, 2, 4, 5, dtype=F64), torch.zeros(1, 2, 4, 5, dtype=F64)
+    down[:, 0], right[:, 1] = 1.0, 1.0
+    below = deform_conv2d(input, down, identity, backend=backend)
+    beside = deform_conv2d(input, right, identity, backend=backend)
+    torch.testing.assert_close(below[0, 0], torch.cat([input[0, 0, 1:], torch.zeros(1, 5, dtype=F64)]))
+    torch.testing.assert_close(beside[0, 0], torch.cat([input[0, 0, :, 1:], torch.zeros(4, 1, dtype=F64)], 1))
+
+
 def test_offsets_outside_the_map_read_zero():
     input = torch.randn(1, 2, 5, 5, dtype=F64)
     offset = torch.full((1, 18, 5, 5), 100.0, dtype=F64)
