@@ -91,6 +91,14 @@ def test_without_dcn_there_are_three_groups():
     ]
 
 
+def test_describe_names_the_deformable_stages():
+    from models import build_model
+    from models.describe import describe_state_dict
+
+    state_dict = build_model(tiny_config("dcn_stages=[4,5]"))[0].state_dict()
+    assert "ResNet-18 with DCN in dcn_stages=[4, 5]" in describe_state_dict(state_dict)
+
+
 def test_dcn_stages_outside_3_to_5_name_the_key():
     with pytest.raises(UserError, match="dcn_stages \\[2\\]"):
         build_backbone(tiny_config("dcn_stages=[2, 3]"))
