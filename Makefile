@@ -7,7 +7,7 @@ export CUDA_HOME ?= /usr/local/cuda
 CUDA_FLAG := $(if $(wildcard $(CUDA_HOME)/bin/nvcc),--cuda,)
 STAMP := .setup-done
 
-.PHONY: setup kernels build test lint demo demo-shapes benchmark clean
+.PHONY: setup kernels build test lint demo demo-shapes demo-dcn benchmark clean
 
 setup: $(STAMP)
 
@@ -53,6 +53,13 @@ demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
 	$(PYTHON) main.py visualize --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
 		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)/visualize --threshold 0.3
 	$(PYTHON) -m util.plot_logs $(DEMO_OUT)
+
+# The demo with a ResNet-18-DCNv2 backbone (configs/demo_shapes_dcn.yaml): train, then draw where its last three
+# deformable convolutions sample (visualize/*_dcn_sampling.png).
+demo-dcn: kernels $(SHAPES)/annotations/instances_val2017.json
+	$(PYTHON) main.py train --config configs/demo_shapes_dcn.yaml
+	$(PYTHON) main.py visualize --config configs/demo_shapes_dcn.yaml --opts resume=$(DEMO_OUT)_dcn/checkpoint.pth \
+		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)_dcn/visualize --threshold 0.3
 
 benchmark: kernels
 	$(PYTHON) -m ops.benchmark

@@ -66,6 +66,7 @@ from util.distributed import (
 from util.errors import RunError, UserError
 from util.progress import format_duration
 from util.visualize import sample_attention, write_visualization
+from util.visualize_dcn import record_deform_sampling, write_dcn_visualization
 
 CLASS_HEADS = ("class_embed",)  # the detector's modules sized by num_classes (in the decoder too, two-stage)
 
@@ -432,7 +433,9 @@ def visualize(
     """Where ``cfg.resume`` looks in each of ``images``: writes ``out_dir/<stem>_detections.png``,
     ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` and ``<stem>_sampling.json`` (see
     ``util.visualize.write_visualization``); the encoder queries are cells of level ``query_level`` (0: the
-    finest). Returns the paths written."""
+    finest). With a DCN backbone also ``<stem>_dcn_sampling.png`` and a ``"dcn"`` entry in the JSON: the 729
+    points of its last three deformable convolutions for the same query pixels (``util.visualize_dcn``).
+    Returns the paths written."""
     stems = [Path(path).stem for path in images]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
@@ -447,17 +450,20 @@ def visualize(
     transforms = build_config_transforms("val", cfg)
     written = []
     for path in images:
-        view = sample_attention(
-            model,
-            load_image(path),
-            transforms,
-            threshold=threshold,
-            top_k=top_k,
-            points=points,
-            layer=layer,
-            query_level=query_level,
-        )
+        with record_deform_sampling(model) as dcn_records:  # a DCN backbone's offsets and masks, if it has one
+            view = sample_attention(
+                model,
+                load_image(path),
+                transforms,
+                threshold=threshold,
+                top_k=top_k,
+                points=points,
+                layer=layer,
+                query_level=query_level,
+            )
         written += write_visualization(view, out_dir, Path(path).stem, names, by_level, by_head)
+        pixels = [query.pixel for query in view.encoder]
+        written += write_dcn_visualization(dcn_records, pixels, view.image, view.resized_size, out_dir, Path(path).stem)
         say(
             info,
             f"{path}: {len(view.detections)} detection(s) at or above {threshold}; decoder layer "

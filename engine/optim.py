@@ -7,8 +7,10 @@ Groups, in the original implementation's order (so that its optimizer states lin
 | ``rest`` | everything else that trains | ``lr`` |
 | ``backbone`` | ``lr_backbone_names`` (``backbone.0``) | ``lr_backbone`` |
 | ``linear_proj`` | ``lr_linear_proj_names`` (reference_points, sampling_offsets) | lr * ``lr_linear_proj_mult`` |
+| ``backbone_offset`` | with ``dcn_stages`` only: the ``conv_offset`` predictors | lr_backbone * ``lr_offset_mult`` |
 
-A parameter matching both lists counts as backbone. Frozen parameters (``requires_grad=False``) are left out.
+A parameter matching both lists counts as backbone (or backbone_offset). Frozen parameters (``requires_grad=False``)
+are left out. Without ``dcn_stages`` there are three groups, so optimizer states of the original code still load.
 """
 
 from __future__ import annotations
@@ -19,25 +21,34 @@ from torch import nn
 from util.config import Config
 
 GROUP_NAMES = ("rest", "backbone", "linear_proj")
+OFFSET_GROUP = "backbone_offset"
+OFFSET_PREDICTOR = ".conv_offset."  # ops.DeformConv2d's offset (and mask) predictor
 
 
 def parameter_group(name: str, backbone_names: list[str], linear_proj_names: list[str]) -> str:
-    """Which of :data:`GROUP_NAMES` the parameter called ``name`` belongs to."""
+    """Which of :data:`GROUP_NAMES` (or :data:`OFFSET_GROUP`) the parameter called ``name`` belongs to."""
     if any(part in name for part in backbone_names):
-        return "backbone"
+        return OFFSET_GROUP if OFFSET_PREDICTOR in name else "backbone"
     if any(part in name for part in linear_proj_names):
         return "linear_proj"
     return "rest"
 
 
 def build_parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """The three groups (always all three, possibly empty) as ``torch.optim`` parameter dicts with a ``name``."""
-    learning_rates = {"rest": cfg.lr, "backbone": cfg.lr_backbone, "linear_proj": cfg.lr * cfg.lr_linear_proj_mult}
-    groups = {name: {"name": name, "params": [], "lr": learning_rates[name]} for name in GROUP_NAMES}
+    """The three groups (always all three, possibly empty; a fourth, :data:`OFFSET_GROUP`, with ``dcn_stages``) as
+    ``torch.optim`` parameter dicts with a ``name``."""
+    learning_rates = {
+        "rest": cfg.lr,
+        "backbone": cfg.lr_backbone,
+        "linear_proj": cfg.lr * cfg.lr_linear_proj_mult,
+        OFFSET_GROUP: cfg.lr_backbone * cfg.lr_offset_mult,
+    }
+    names = GROUP_NAMES + ((OFFSET_GROUP,) if cfg.dcn_stages else ())
+    groups = {name: {"name": name, "params": [], "lr": learning_rates[name]} for name in names}
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             groups[parameter_group(name, cfg.lr_backbone_names, cfg.lr_linear_proj_names)]["params"].append(parameter)
-    return [groups[name] for name in GROUP_NAMES]
+    return [groups[name] for name in names]
 
 
 FUSED_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4) has a fused AdamW

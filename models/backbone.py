@@ -15,7 +15,9 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from models.position_encoding import PositionEmbeddingSine, build_position_encoding
+from ops.deform_conv import DeformConv2d
 from util.config import Config
+from util.errors import UserError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 TRAINABLE_STAGES = ("layer2", "layer3", "layer4")  # the stem and layer1 stay frozen, as in the original
@@ -151,6 +153,29 @@ def _load_resnet(
     return resnet
 
 
+DCN_STAGES = {3: "layer2", 4: "layer3", 5: "layer4"}  # conv3_x .. conv5_x of the papers
+
+
+def make_deformable(resnet: torchvision.models.ResNet, stages: list[int], modulated: bool) -> list[str]:
+    """Replace every 3x3 convolution of the ResNet ``stages`` (3, 4, 5) by an :class:`ops.DeformConv2d` holding
+    its weights, in place; returns the replaced modules' names (e.g. ``layer4.2.conv2``), in order.
+
+    The offset (and mask) predictors start at zero: with v1 the network computes exactly what it did before.
+    """
+    unknown = sorted(set(stages) - set(DCN_STAGES))
+    if unknown:
+        raise UserError(f"dcn_stages {unknown} are not ResNet stages that can be deformable: use some of 3, 4, 5")
+    replaced = []
+    for stage in sorted(set(stages)):
+        layer = getattr(resnet, DCN_STAGES[stage])
+        for block_name, block in layer.named_children():
+            for conv_name, conv in list(block.named_children()):
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3):
+                    setattr(block, conv_name, DeformConv2d.from_conv(conv, modulated=modulated))
+                    replaced.append(f"{DCN_STAGES[stage]}.{block_name}.{conv_name}")
+    return replaced
+
+
 def _timm_backbone(cfg: Config) -> Backbone:
     """Any timm model with a ``features_only`` mode: its stride 8, 16, 32 outputs (or stride 32 alone), batch norms
     frozen, every other parameter trained when ``cfg.lr_backbone`` > 0."""
@@ -193,7 +218,8 @@ def build_backbone(cfg: Config) -> Joiner:
     A torchvision ResNet (``resnet18/34/50/101``, the original's; checkpoint-compatible for resnet50) returns C3,
     C4, C5 (``num_feature_levels`` > 1) or C5 alone, with DC5 if ``cfg.dilation``; its stem and layer1 always
     frozen, the rest trained when ``cfg.lr_backbone`` > 0; with ``cfg.backbone_from_scratch``, trainable BatchNorm
-    and every stage trained (for random weights). Any other name is taken from timm (see
+    and every stage trained (for random weights); ``cfg.dcn_stages`` makes those stages' 3x3 convolutions
+    deformable (:func:`make_deformable`). Any other name is taken from timm (see
     :func:`_timm_backbone`).
     """
     if cfg.backbone_from_scratch and cfg.pretrained_backbone is not False:
@@ -202,8 +228,13 @@ def build_backbone(cfg: Config) -> Joiner:
             f"weights: it needs pretrained_backbone=false, got {cfg.pretrained_backbone!r}"
         )
     if cfg.backbone not in RESNETS:
+        if cfg.dcn_stages:
+            raise UserError(
+                f"dcn_stages needs a torchvision ResNet backbone ({', '.join(RESNETS)}), got {cfg.backbone!r}"
+            )
         return Joiner(backbone=_timm_backbone(cfg), position_encoding=build_position_encoding(cfg))
     resnet = _load_resnet(cfg.backbone, cfg.dilation, cfg.pretrained_backbone, cfg.backbone_from_scratch)
+    make_deformable(resnet, cfg.dcn_stages, cfg.dcn_modulated)  # after the pretrained weights are in
     last_stride = 16 if cfg.dilation else 32
     expansion = 4 if cfg.backbone in ("resnet50", "resnet101") else 1
     if cfg.num_feature_levels > 1:

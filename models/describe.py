@@ -18,7 +18,15 @@ def _backbone(keys: set[str]) -> str:
     blocks = len({key.split(".")[4] for key in keys if key.startswith("backbone.0.body.layer3.")})
     bottleneck = "backbone.0.body.layer1.0.conv3.weight" in keys
     depth = _RESNET_DEPTHS.get((blocks, bottleneck))
-    return f"ResNet-{depth}" if depth else f"a ResNet with {blocks} layer3 blocks"
+    resnet = f"ResNet-{depth}" if depth else f"a ResNet with {blocks} layer3 blocks"
+    return resnet + _deformable_stages(keys)
+
+
+def _deformable_stages(keys: set[str]) -> str:
+    """`` with DCN in dcn_stages=[...]`` for a ResNet-DCN backbone (layer2..4 are stages 3..5), else ``""``."""
+    layers = {key.split(".")[3] for key in keys if key.startswith("backbone.0.body.") and ".conv_offset." in key}
+    stages = sorted(int(layer.removeprefix("layer")) + 1 for layer in layers)
+    return f" with DCN in dcn_stages={stages}" if stages else ""
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -1,6 +1,19 @@
-"""Multi-scale deformable attention: the function, its kernels (C++, CUDA, Triton) and the ``MSDeformAttn`` module."""
+"""Multi-scale deformable attention (function, kernels: C++, CUDA, Triton; ``MSDeformAttn``) and the
+deformable-convolution family."""
 
+from ops.deform_conv import DeformConv2d, deform_conv2d
+from ops.deform_roi_pool import DeformPSRoIPool, DeformRoIPool, deform_ps_roi_pool, deform_roi_pool
 from ops.functional import available_backends, ms_deform_attn
 from ops.module import MSDeformAttn
 
-__all__ = ["MSDeformAttn", "available_backends", "ms_deform_attn"]
+__all__ = [
+    "DeformConv2d",
+    "DeformPSRoIPool",
+    "DeformRoIPool",
+    "MSDeformAttn",
+    "available_backends",
+    "deform_conv2d",
+    "deform_ps_roi_pool",
+    "deform_roi_pool",
+    "ms_deform_attn",
+]

@@ -7,6 +7,7 @@ Prints a Markdown table: median milliseconds of forward and of forward+backward 
 against the memory floor (value, sampling locations and attention weights read once, output written once, at the
 device-to-device copy bandwidth measured here). M=8 heads, D=32 channels, P=4 points. The triton backend is
 timed on a GPU only (in Triton's CPU interpreter it is a correctness check, not a speed).
+Then the deformable convolution and RoI pooling rows of :mod:`ops.benchmark_deform` (``--no-deform`` skips them).
 """
 
 from __future__ import annotations
@@ -190,9 +191,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", choices=["pytorch", "cpu", "cuda", "triton"], default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-deform", action="store_true", help="skip the deformable convolution / RoI pooling rows")
     args = parser.parse_args(argv)
     lines = run(args.cases, args.backends, args.repeats, args.warmup)
     print("\n".join(lines))
+    if not args.no_deform:
+        from ops.benchmark_deform import run as run_deform  # it imports this module's timer
+
+        run_deform(args.repeats)
 
 
 if __name__ == "__main__":

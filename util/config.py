@@ -36,6 +36,11 @@ class Config:
     # true: trainable BatchNorm and every stage trained, for a backbone without pretrained weights (not the
     # original's setting, which freezes the normalisation, the stem and the first stage of a pretrained ResNet)
     backbone_from_scratch: bool = False
+    # Deformable ConvNets: the ResNet stages (3, 4, 5 = conv3_x .. conv5_x) whose 3x3 convolutions become
+    # deformable (v2 with dcn_modulated); their offset predictors train at lr_backbone * lr_offset_mult
+    dcn_stages: list[int] = dataclasses.field(default_factory=list)
+    dcn_modulated: bool = False
+    lr_offset_mult: float = 0.1
     position_embedding_scale: float = 2 * math.pi
     num_feature_levels: int = 4
     # model: transformer
