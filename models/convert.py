@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from models import CONFIG_DIR, PUBLISHED_CONFIGS, build_model
+from models import build_model, published_variant
 from models.describe import describe_state_dict
 from util.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from util.config import Config, load_config
@@ -252,7 +252,7 @@ def config_from_hf(hf_config: Mapping[str, Any], source: str = "config.json") ->
         "two_stage": two_stage,
         "num_classes": num_labels,
     }
-    config_file = CONFIG_DIR / PUBLISHED_CONFIGS[variant]
+    config_file = published_variant(variant).config_path
     base = load_config(config_file)
     overrides = [f"{key}={json.dumps(value)}" for key, value in values.items() if getattr(base, key) != value]
     return str(config_file), overrides
