@@ -33,6 +33,9 @@ def reference_ms_deform_attn(
         # written as 1 - frac and frac (not 1 - |distance|) so that on an integer coordinate the gradient is
         # the one-sided derivative from above, as in grid_sample
         x_frac, y_frac = x - x_low, y - y_low
+        # a sample whose pixel lies at or beyond -1 or the size (no corner with a positive weight inside) is skipped,
+        # gradient included, as the op defines it; at exactly -1 the derivative from above would otherwise count
+        touches = ((x > -1) & (x < width) & (y > -1) & (y < height)).detach()
         for y_corner, y_weight in ((y_low, 1 - y_frac), (y_low + 1, y_frac)):
             for x_corner, x_weight in ((x_low, 1 - x_frac), (x_low + 1, x_frac)):
                 weight = x_weight * y_weight
@@ -41,6 +44,6 @@ def reference_ms_deform_attn(
                 index = flat.permute(0, 2, 1, 3).reshape(batch, heads, queries * points, 1)
                 gathered = level_value.gather(2, index.expand(-1, -1, -1, channels))  # (N, M, Lq*P, D)
                 gathered = gathered.view(batch, heads, queries, points, channels).permute(0, 2, 1, 3, 4)
-                coefficient = weight * inside * attention_weights[:, :, :, level]  # (N, Lq, M, P)
+                coefficient = weight * inside * touches * attention_weights[:, :, :, level]  # (N, Lq, M, P)
                 output = output + (coefficient[..., None] * gathered).sum(3)
     return output.reshape(batch, queries, heads * channels)
