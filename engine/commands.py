@@ -46,9 +46,16 @@ from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
 from engine.prediction import PREDICTIONS_FILE, load_image, predict_files
 from engine.run_dir import CONFIG_FILE, LATEST_CHECKPOINT, append_log, claim_output_dir, reconcile_log
-from engine.training import NonFiniteLossError, build_grad_scaler, train_one_epoch
+from engine.training import (
+    NonFiniteLossError,
+    build_grad_scaler,
+    prepare_for_training,
+    resolve_amp,
+    train_one_epoch,
+)
 from models import build_model
 from models.describe import describe_state_dict
+from models.inference import prepare_for_inference
 from util.checkpoint import (
     load_checkpoint,
     load_model_weights,
@@ -121,12 +128,24 @@ def build_model_on(cfg: Config, info: DistributedInfo) -> tuple[nn.Module, nn.Mo
     return model.to(info.device), criterion.to(info.device), postprocessors
 
 
-def _load_for_inference(cfg: Config, command: str, model: nn.Module) -> dict:
+def _load_for_inference(
+    cfg: Config, command: str, model: nn.Module, info: DistributedInfo
+) -> tuple[nn.Module, dict, str]:
+    """-> (the model with ``cfg.resume``'s weights, prepared for inference in ``cfg.inference_dtype``; the
+    checkpoint; the autocast to run it under: ``cfg.amp`` for a float32 model, none for a bfloat16 one, whose
+    float32 heads autocast would round)."""
     if not cfg.resume:
         raise UserError(f"{command} needs a checkpoint: --opts resume=PATH")
     checkpoint = load_checkpoint(cfg.resume)
     load_model_weights(model, checkpoint, cfg.resume, describe=describe_state_dict)
-    return checkpoint
+    model = prepare_for_inference(model, info.device, cfg.inference_dtype)
+    amp = resolve_amp(cfg.amp, info.device) if model.inference_dtype == torch.float32 else "none"
+    say(
+        info,
+        f"{command}: weights in {str(model.inference_dtype).replace('torch.', '')} on {info.device}"
+        + (f", autocast {amp}" if amp != "none" else ""),
+    )
+    return model, checkpoint, amp
 
 
 def checkpoint_due(epoch: int, cfg: Config) -> bool:
@@ -151,6 +170,7 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    amp: str  # cfg.amp resolved for the device ("auto" -> "bfloat16" or "none")
     train_set: CocoDetection
     val_set: CocoDetection
     train_loader: DataLoader
@@ -159,6 +179,8 @@ class TrainingRun:
 
 def build_training(cfg: Config, info: DistributedInfo) -> TrainingRun:
     model, criterion, postprocessors = build_model_on(cfg, info)
+    amp = resolve_amp(cfg.amp, info.device)
+    prepare_for_training(model, amp, info.device)
     train_set, val_set = build_split("train", cfg), build_split("val", cfg)
     trained = (
         model
@@ -173,7 +195,8 @@ def build_training(cfg: Config, info: DistributedInfo) -> TrainingRun:
         postprocess=postprocessors["bbox"],
         optimizer=optimizer,
         lr_scheduler=build_lr_scheduler(optimizer, cfg),
-        scaler=build_grad_scaler(cfg.amp, info.device),
+        scaler=build_grad_scaler(amp, info.device),
+        amp=amp,
         train_set=train_set,
         val_set=val_set,
         train_loader=build_train_loader(train_set, cfg, info.rank, info.world_size),
@@ -238,7 +261,7 @@ def evaluate_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedI
         run.val_set,
         info.device,
         output_dir,
-        amp=cfg.amp,
+        amp=run.amp,
         print_every=cfg.print_every,
     )
     return {f"val_{name}": value for name, value in (metrics or {}).items()}
@@ -258,7 +281,7 @@ def train_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo
             info.device,
             epoch,
             clip_max_norm=cfg.clip_max_norm,
-            amp=cfg.amp,
+            amp=run.amp,
             scaler=run.scaler,
             print_every=cfg.print_every,
         )
@@ -362,7 +385,7 @@ def evaluate_checkpoint(cfg: Config) -> dict[str, float] | None:
     ``cfg.output_dir`` and returns the metrics."""
     info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     model, _, postprocessors = build_model_on(cfg, info)
-    _load_for_inference(cfg, "eval", model)
+    model, _, amp = _load_for_inference(cfg, "eval", model, info)
     val_set = build_split("val", cfg)
     loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
     if info.is_main:
@@ -375,7 +398,7 @@ def evaluate_checkpoint(cfg: Config) -> dict[str, float] | None:
             val_set,
             info.device,
             cfg.output_dir,
-            amp=cfg.amp,
+            amp=amp,
             print_every=cfg.print_every,
         )
     if metrics is not None:
@@ -391,7 +414,7 @@ def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, thre
     """
     info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     model, _, postprocessors = build_model_on(cfg, info)
-    checkpoint = _load_for_inference(cfg, "predict", model)
+    model, checkpoint, amp = _load_for_inference(cfg, "predict", model, info)
     names = checkpoint.get("category_names")
     results, failures = predict_files(
         model,
@@ -402,7 +425,7 @@ def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, thre
         out_dir,
         names,
         threshold,
-        cfg.amp,
+        amp,
     )
     for result in results:
         found = ", ".join(f"{d['name']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
@@ -445,7 +468,7 @@ def visualize(
         )
     info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     model, _, _ = build_model_on(cfg, info)
-    checkpoint = _load_for_inference(cfg, "visualize", model)
+    model, checkpoint, _ = _load_for_inference(cfg, "visualize", model, info)
     names = checkpoint.get("category_names")
     transforms = build_config_transforms("val", cfg)
     written = []

@@ -78,10 +78,19 @@ class Backbone(nn.Module):
     def __init__(self, *, body: nn.Module, strides: list[int], num_channels: list[int]) -> None:
         super().__init__()
         self.body, self.strides, self.num_channels = body, strides, num_channels
+        self.input_dtype: torch.dtype | None = None  # None: the images' own
+        self.input_memory_format = torch.preserve_format
+
+    def set_input_format(self, dtype: torch.dtype | None, channels_last: bool) -> None:
+        """Cast the images to ``dtype`` (None: leave them) and, with ``channels_last``, store them channels-last
+        on entry: set by ``models.inference.prepare_for_inference`` for a body converted so."""
+        self.input_dtype = dtype
+        self.input_memory_format = torch.channels_last if channels_last else torch.preserve_format
 
     def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """images (B, 3, H, W), padding_mask (B, H, W) -> per level (features (B, C_l, H_l, W_l),
         mask (B, H_l, W_l))."""
+        images = images.to(dtype=self.input_dtype or images.dtype, memory_format=self.input_memory_format)
         return [(features, resize_mask(padding_mask, features.shape[-2:])) for features in self.body(images)]
 
 

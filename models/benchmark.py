@@ -1,11 +1,13 @@
 """Forward latency and peak memory of the R50 Deformable DETR variants at 800x1333, random weights.
 
-    python -m models.benchmark [--variants deformable_detr two_stage] [--repeats 3] [--device cpu cuda]
+    python -m models.benchmark [--variants deformable_detr two_stage] [--repeats 3] [--device cpu cuda] [--compile]
 
-Prints a Markdown table per device: batch size, dtype, median forward milliseconds, images/s and peak memory
-(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak resident set of a fresh process that runs only that
-row). CPU rows run batch 1 in float32; CUDA rows batch 1 and 4 in float32 and bfloat16 (autocast).
-The original reports 15.0 to 19.4 images/s for these variants on a V100.
+Prints a Markdown table per device: batch size, how the model runs, median forward milliseconds, images/s and peak
+memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak resident set of a fresh process that runs only
+that row). CPU rows, batch 1: float32 eager; float32 under bfloat16 autocast; the inference path of
+``models.inference.prepare_for_inference`` in float32 and in bfloat16 (and with ``--compile`` also compiled).
+CUDA rows: batch 1 and 4, float32 and bfloat16 autocast. The original reports 15.0 to 19.4 images/s for these
+variants on a V100.
 """
 
 from __future__ import annotations
@@ -17,24 +19,37 @@ import resource
 import torch
 
 from models import PUBLISHED_VARIANTS, build_model, published_variant
+from models.inference import prepare_for_inference
 from ops.benchmark import _median_ms, describe_machine
 from util.config import load_config
 
 HEIGHT, WIDTH = 800, 1333
 
 
-def measure(
-    variant: str, device_type: str, batch: int, dtype: torch.dtype, repeats: int, warmup: int
-) -> tuple[float, float]:
-    """-> (median forward ms, peak memory MiB) of one variant, batch and dtype."""
+# How a row runs the model: (prepared by models.inference in this dtype or None for the model as built,
+# autocast dtype or None, torch.compile).
+MODES = {
+    "float32": (None, None, False),
+    "autocast bfloat16": (None, torch.bfloat16, False),
+    "prepared float32": ("float32", None, False),
+    "prepared bfloat16": ("bfloat16", None, False),
+    "prepared bfloat16 compiled": ("bfloat16", None, True),
+}
+
+
+def measure(variant: str, device_type: str, batch: int, mode: str, repeats: int, warmup: int) -> tuple[float, float]:
+    """-> (median forward ms, peak memory MiB) of one variant, batch and mode (a key of ``MODES``)."""
     torch.manual_seed(0)
     cfg = load_config(published_variant(variant).config_path, overrides=["pretrained_backbone=false"])
     device = torch.device(device_type)
     model = build_model(cfg)[0].to(device).eval()
+    prepared, autocast, compile_model = MODES[mode]
+    if prepared is not None:
+        model = prepare_for_inference(model, device, prepared, compile=compile_model)
     images = torch.randn(batch, 3, HEIGHT, WIDTH, device=device)
 
     def forward() -> None:
-        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        with torch.no_grad(), torch.autocast(device_type, dtype=autocast or torch.float32, enabled=bool(autocast)):
             model(images)
 
     if device.type == "cuda":
@@ -50,29 +65,30 @@ def _measure_in_child(arguments: tuple) -> tuple[float, float]:
     return measure(*arguments[:-1])
 
 
-def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> list[str]:
+def run(variants: list[str], devices: list[str], repeats: int, warmup: int, compile_model: bool = False) -> list[str]:
     lines = []
     for device_type in devices:
         if device_type == "cuda" and not torch.cuda.is_available():
             continue
         lines.append(f"\n{device_type}: {describe_machine(torch.device(device_type))}, input {HEIGHT}x{WIDTH}")
-        lines.append("| variant | batch | dtype | forward ms | images/s | peak memory MiB |")
+        lines.append("| variant | batch | runs as | forward ms | images/s | peak memory MiB |")
         lines.append("|---|---:|---|---:|---:|---:|")
+        cpu_modes = [mode for mode in MODES if compile_model or not MODES[mode][2]]
         rows = (
-            [(1, torch.float32)]
+            [(1, mode) for mode in cpu_modes]
             if device_type == "cpu"
-            else [(batch, dtype) for batch in (1, 4) for dtype in (torch.float32, torch.bfloat16)]
+            else [(batch, mode) for batch in (1, 4) for mode in ("float32", "autocast bfloat16")]
         )
         for variant in variants:
-            for batch, dtype in rows:
-                arguments = (variant, device_type, batch, dtype, repeats, warmup)
+            for batch, mode in rows:
+                arguments = (variant, device_type, batch, mode, repeats, warmup)
                 if device_type == "cpu":  # a fresh process, so that its peak resident set is this row's alone
                     with multiprocessing.get_context("spawn").Pool(1) as pool:
                         milliseconds, memory = pool.apply(_measure_in_child, (arguments + (torch.get_num_threads(),),))
                 else:
                     milliseconds, memory = measure(*arguments)
                 row = (
-                    f"| {variant} | {batch} | {str(dtype).replace('torch.', '')} | {milliseconds:.0f} | "
+                    f"| {variant} | {batch} | {mode} | {milliseconds:.0f} | "
                     f"{batch * 1e3 / milliseconds:.2f} | {memory:.0f} |"
                 )
                 lines.append(row)
@@ -89,8 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="also time the prepared model under torch.compile")
     args = parser.parse_args(argv)
-    print("\n".join(run(args.variants, args.device, args.repeats, args.warmup)))
+    print("\n".join(run(args.variants, args.device, args.repeats, args.warmup, args.compile)))
 
 
 if __name__ == "__main__":

@@ -191,6 +191,7 @@ class DeformableTransformer(nn.Module):
         topk_coords_unact = torch.gather(enc_outputs_coord_unact, 1, topk_indices[..., None].expand(-1, -1, 4))
         topk_coords_unact = topk_coords_unact.detach()
         position = sine_embedding(topk_coords_unact.sigmoid() * (2 * math.pi), self.d_model // 2)
+        position = position.to(self.pos_trans.weight.dtype)  # a bfloat16 model (models.inference) takes bfloat16
         query_pos, tgt = torch.split(self.pos_trans_norm(self.pos_trans(position)), self.d_model, dim=2)
         return query_pos, tgt, topk_coords_unact.sigmoid()
 
@@ -239,7 +240,7 @@ def encoder_proposals(
     invalid = mask_flatten.unsqueeze(-1) | ~valid
     proposals = proposals.masked_fill(invalid, float("inf"))
     memory = memory.masked_fill(invalid, 0.0)
-    return memory, proposals.to(memory.dtype)
+    return memory, proposals.to(torch.promote_types(memory.dtype, torch.float32))  # float32 at least: positions
 
 
 def build_deformable_transformer(cfg: Config) -> DeformableTransformer:

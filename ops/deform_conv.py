@@ -105,6 +105,9 @@ def deform_conv2d(
     if backend == "auto":
         backend = resolve_backend(input, offset, weight, bias, mask)
     if backend == "torchvision":
+        if input.dtype == torch.bfloat16 and input.device.type == "cpu":  # torchvision has no such CPU kernel
+            floats = [tensor.float() if tensor is not None else None for tensor in (input, offset, weight, bias, mask)]
+            return deform_conv2d(*floats[:4], stride, padding, dilation, floats[4], backend).to(input.dtype)
         return torchvision.ops.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     if backend == "pytorch":
         return _deform_conv2d_grid_sample(input, offset, weight, bias, stride, padding, dilation, mask)

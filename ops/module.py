@@ -104,7 +104,9 @@ class MSDeformAttn(nn.Module):
                 )
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(batch, positions, heads, self.d_model // heads)
+        # Locations in float32 at least: a bfloat16 coordinate in [0, 1] resolves only 1/256 of the map.
         offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
+        offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
         attention_weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
         attention_weights = attention_weights.softmax(-1).view(batch, queries, heads, levels, points)
         reference = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2 or 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,6 +15,9 @@ from engine.training import (
     NonFiniteLossError,
     autocast_dtype,
     build_grad_scaler,
+    prepare_for_training,
+    resolve_amp,
+    to_float32,
     train_one_epoch,
 )
 from models import build_model
@@ -116,3 +120,38 @@ def test_float16_gradient_scaling_steps_or_skips_with_the_fused_optimizer(tiny, 
         assert any(changed) and scaler.get_scale() == init_scale
     else:  # the scaled gradients overflow: the step is skipped, nothing moves, the scale shrinks
         assert not any(changed) and scaler.get_scale() < init_scale
+
+
+def test_auto_amp_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bfloat16"), (False, "none")):
+        monkeypatch.setattr("engine.training.native_bfloat16", lambda device, native=native: native)
+        assert resolve_amp("auto", cpu) == expected
+    assert resolve_amp("float16", cpu) == "float16"  # a named mode is kept as it is
+    monkeypatch.undo()
+    assert resolve_amp("auto", torch.device("cuda")) == "none"
+
+
+def test_bfloat16_training_stores_the_backbone_channels_last_and_computes_the_same_step(tiny):
+    """channels-last changes the memory layout only: the same batch gives the same losses and gradients (up to
+    bfloat16 rounding, which the layouts' different summation orders expose)."""
+    model, criterion, _ = tiny
+    fast = copy.deepcopy(model)
+    prepare_for_training(fast, "bfloat16", torch.device("cpu"))
+    conv = fast.backbone[0].body.layer2[0].conv1.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not model.backbone[0].body.layer2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    (batch,) = tiny_batches(1)
+    losses = []
+    for network in (model, fast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = network(batch.images, batch.padding_mask)
+        loss = criterion.total_loss(criterion(to_float32(outputs), batch.targets))
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
+    gradient, fast_gradient = model.input_proj[0][0].weight.grad, fast.input_proj[0][0].weight.grad
+    assert torch.nn.functional.cosine_similarity(gradient.flatten(), fast_gradient.flatten(), dim=0) > 0.99
+
+    prepare_for_training(model, "none", torch.device("cpu"))  # float32: the layout is left alone
+    assert not model.backbone[0].body.layer2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)

@@ -81,7 +81,12 @@ class Config:
         default_factory=lambda: ["reference_points", "sampling_offsets"]
     )  # parameters at lr * lr_linear_proj_mult
     lr_backbone_names: list[str] = dataclasses.field(default_factory=lambda: ["backbone.0"])  # at lr_backbone
-    amp: str = "none"  # autocast: none | bfloat16 | float16 (float16 with a gradient scaler)
+    # autocast: none | bfloat16 | float16 (float16 with a gradient scaler) | auto (bfloat16 on a CPU with native
+    # bfloat16, where it also makes the backbone channels-last; none elsewhere)
+    amp: str = "none"
+    # eval, predict, visualize: weights in this dtype (models.inference): auto (bfloat16 on a CPU with native
+    # bfloat16, else float32) | float32 | bfloat16; amp applies to them only with float32 weights
+    inference_dtype: str = "auto"
     # data: image sizes of the transforms (the paper's by default)
     train_scales: list[int] = dataclasses.field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333  # longer side at most this, in training and evaluation
@@ -266,7 +271,8 @@ VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": _at_least(1),
     "epochs": _at_least(1),
     "lr_drop": _at_least(1),
-    "amp": _one_of("none", "bfloat16", "float16"),
+    "amp": _one_of("none", "bfloat16", "float16", "auto"),
+    "inference_dtype": _one_of("auto", "float32", "bfloat16"),
     "train_scales": _sizes(),
     "max_size": _at_least(1),
     "crop_scales": _sizes(),

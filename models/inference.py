@@ -1,0 +1,144 @@
+"""A trained detector prepared once for fast inference: ``prepare_for_inference(model, device, dtype="auto")``.
+
+What it does, in place (the model is for inference only afterwards: its batch norms are gone):
+
+- folds every frozen (or eval-mode) batch norm of the ResNet backbone into the convolution before it;
+- converts the weights to bfloat16 where the device multiplies bfloat16 natively (``dtype="auto"``: a CPU that
+  torch reports with AVX-512 BF16 or AMX; float32 elsewhere, CUDA included, where ``amp`` covers it);
+- keeps in float32 what precision needs: the reference points, the class and box heads, and so every sampling
+  location (a bfloat16 coordinate in [0, 1] is only good to 1/256 of the map) and every output box;
+- stores the backbone and the input projections channels-last (oneDNN's fast layout; it also makes the
+  flattening of the maps into tokens a view);
+- optionally (``compile=True``) wraps the model in ``torch.compile`` with frozen weights, which fuses the
+  element-wise chains.
+
+The images stay float32 (as the data pipeline makes them): the backbone casts them on entry.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ops.deform_conv import DeformConv2d
+from ops.functional import available_backends
+
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Modules of the detector that stay float32 under a bfloat16 model: small, and where positions are computed.
+FLOAT32_MODULES = ("class_embed", "bbox_embed", "transformer.reference_points")
+
+
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether the CPU ``device`` multiplies bfloat16 in hardware (AVX-512 BF16 or AMX), as torch reports it at
+    run time; False for other devices."""
+    if torch.device(device).type != "cpu":
+        return False
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_inference_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """``"auto"`` -> bfloat16 on a CPU with native bfloat16 (see :func:`native_bfloat16`), else float32;
+    ``"float32"`` / ``"bfloat16"`` as named."""
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"inference dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    return _DTYPES[dtype]
+
+
+def _fold_batch_norm(conv: nn.Conv2d | DeformConv2d, norm: nn.Module) -> None:
+    """conv's weight and bias absorb ``norm`` (y = (x - mean) / sqrt(var + eps) * weight + bias), in float64."""
+    scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+    shift = norm.bias.double() - norm.running_mean.double() * scale
+    weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    with torch.no_grad():
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=conv.weight.requires_grad)
+        else:
+            conv.bias.copy_(bias.to(conv.bias.dtype))
+
+
+def _foldable(norm: nn.Module) -> bool:
+    return isinstance(norm, FrozenBatchNorm2d) or (isinstance(norm, nn.BatchNorm2d) and not norm.training)
+
+
+# (convolution, batch norm) attribute pairs of torchvision's ResNet stem and blocks, in the order data flows.
+_CONV_NORM_PAIRS = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold the batch norms of torchvision ResNet blocks (``convN`` -> ``bnN``, ``downsample[0]`` -> ``[1]``,
+    the stem) into their convolutions, replacing each by ``nn.Identity``; returns how many were folded.
+
+    Only these known pairs are folded (a timm backbone's norms are left alone): the data of ``bnN`` is always
+    ``convN``'s output there. Batch norms in training mode are left alone too.
+    """
+    folded = 0
+    for module in list(model.modules()):
+        pairs = [(module, conv, norm) for conv, norm in _CONV_NORM_PAIRS]
+        downsample = getattr(module, "downsample", None)
+        if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
+            pairs.append((downsample, "0", "1"))
+        for owner, conv_name, norm_name in pairs:
+            conv, norm = getattr(owner, conv_name, None), getattr(owner, norm_name, None)
+            if isinstance(conv, nn.Conv2d | DeformConv2d) and norm is not None and _foldable(norm):
+                _fold_batch_norm(conv, norm)
+                setattr(owner, norm_name, nn.Identity())
+                folded += 1
+    return folded
+
+
+def _to_float32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(arg.float() if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg for arg in args)
+
+
+def prepare_for_inference(
+    model: nn.Module, device: torch.device | str, dtype: str = "auto", compile: bool = False
+) -> nn.Module:
+    """Make the detector ``model`` fast for inference on ``device`` (see the module's docstring), in place.
+
+    Args:
+        model: a :class:`models.DeformableDETR`, weights loaded.
+        device: where it will run.
+        dtype: "auto" (bfloat16 where the CPU has it natively, else float32), "float32" or "bfloat16".
+        compile: also wrap it in ``torch.compile`` (the first call then compiles, for a minute or more).
+
+    Returns:
+        the model (or its compiled wrapper), in eval mode on ``device``; ``model.inference_dtype`` names the
+        dtype chosen. Its outputs (``pred_logits``, ``pred_boxes``) are float32 whatever the dtype.
+    """
+    chosen = resolve_inference_dtype(dtype, device)
+    model.eval().to(device)
+    fold_batch_norms(model.backbone)
+    if chosen != torch.float32:
+        model.to(chosen)
+        for name in FLOAT32_MODULES:
+            try:
+                kept = model.get_submodule(name)
+            except AttributeError:  # e.g. transformer.reference_points in the two-stage variant
+                continue
+            kept.float()
+            called = list(kept) if isinstance(kept, nn.ModuleList) else [kept]  # a shared head is listed repeatedly
+            for module in {id(module): module for module in called}.values():
+                module.register_forward_pre_hook(_to_float32)
+    channels_last = torch.device(device).type == "cpu"
+    if channels_last:
+        model.backbone.to(memory_format=torch.channels_last)
+        model.input_proj.to(memory_format=torch.channels_last)
+    model.backbone[0].set_input_format(chosen, channels_last)
+    model.inference_dtype = chosen
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if compile:
+        available_backends()  # loads the compiled kernels: torch.compile cannot build them while it traces
+        # freezing: the weights become constants, so convolutions and linears get oneDNN's prepacked weights
+        compiled = torch.compile(model, options={"freezing": True})
+        compiled.inference_dtype = chosen
+        return compiled
+    return model
