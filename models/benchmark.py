@@ -1,11 +1,11 @@
 """Forward latency and peak memory of the R50 Deformable DETR variants at 800x1333, random weights.
 
-    python -m models.benchmark [--variants deformable_detr two_stage] [--repeats 3] [--device cpu cuda] [--compile]
+    python -m models.benchmark [--variants deformable_detr two_stage] [--repeats 3] [--device cpu cuda]
 
 Prints a Markdown table per device: batch size, how the model runs, median forward milliseconds, images/s and peak
 memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak resident set of a fresh process that runs only
 that row). CPU rows, batch 1: float32 eager; float32 under bfloat16 autocast; the inference path of
-``models.inference.prepare_for_inference`` in float32 and in bfloat16 (and with ``--compile`` also compiled).
+``models.inference.prepare_for_inference`` in float32 and in bfloat16.
 CUDA rows: batch 1 and 4, float32 and bfloat16 autocast. The original reports 15.0 to 19.4 images/s for these
 variants on a V100.
 """
@@ -26,14 +26,12 @@ from util.config import load_config
 HEIGHT, WIDTH = 800, 1333
 
 
-# How a row runs the model: (prepared by models.inference in this dtype or None for the model as built,
-# autocast dtype or None, torch.compile).
+# How a row runs the model: (prepared by models.inference in this dtype, or None: as built; autocast dtype or None).
 MODES = {
-    "float32": (None, None, False),
-    "autocast bfloat16": (None, torch.bfloat16, False),
-    "prepared float32": ("float32", None, False),
-    "prepared bfloat16": ("bfloat16", None, False),
-    "prepared bfloat16 compiled": ("bfloat16", None, True),
+    "float32": (None, None),
+    "autocast bfloat16": (None, torch.bfloat16),
+    "prepared float32": ("float32", None),
+    "prepared bfloat16": ("bfloat16", None),
 }
 
 
@@ -43,9 +41,9 @@ def measure(variant: str, device_type: str, batch: int, mode: str, repeats: int,
     cfg = load_config(published_variant(variant).config_path, overrides=["pretrained_backbone=false"])
     device = torch.device(device_type)
     model = build_model(cfg)[0].to(device).eval()
-    prepared, autocast, compile_model = MODES[mode]
+    prepared, autocast = MODES[mode]
     if prepared is not None:
-        model = prepare_for_inference(model, device, prepared, compile=compile_model)
+        model = prepare_for_inference(model, device, prepared)
     images = torch.randn(batch, 3, HEIGHT, WIDTH, device=device)
 
     def forward() -> None:
@@ -65,7 +63,7 @@ def _measure_in_child(arguments: tuple) -> tuple[float, float]:
     return measure(*arguments[:-1])
 
 
-def run(variants: list[str], devices: list[str], repeats: int, warmup: int, compile_model: bool = False) -> list[str]:
+def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> list[str]:
     lines = []
     for device_type in devices:
         if device_type == "cuda" and not torch.cuda.is_available():
@@ -73,9 +71,8 @@ def run(variants: list[str], devices: list[str], repeats: int, warmup: int, comp
         lines.append(f"\n{device_type}: {describe_machine(torch.device(device_type))}, input {HEIGHT}x{WIDTH}")
         lines.append("| variant | batch | runs as | forward ms | images/s | peak memory MiB |")
         lines.append("|---|---:|---|---:|---:|---:|")
-        cpu_modes = [mode for mode in MODES if compile_model or not MODES[mode][2]]
         rows = (
-            [(1, mode) for mode in cpu_modes]
+            [(1, mode) for mode in MODES]
             if device_type == "cpu"
             else [(batch, mode) for batch in (1, 4) for mode in ("float32", "autocast bfloat16")]
         )
@@ -105,9 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", nargs="+", choices=["cpu", "cuda"], default=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--compile", action="store_true", help="also time the prepared model under torch.compile")
     args = parser.parse_args(argv)
-    print("\n".join(run(args.variants, args.device, args.repeats, args.warmup, args.compile)))
+    print("\n".join(run(args.variants, args.device, args.repeats, args.warmup)))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ What it does, in place (the model is for inference only afterwards: its batch no
   location (a bfloat16 coordinate in [0, 1] is only good to 1/256 of the map) and every output box;
 - stores the backbone and the input projections channels-last (oneDNN's fast layout; it also makes the
   flattening of the maps into tokens a view);
-- optionally (``compile=True``) wraps the model in ``torch.compile`` with frozen weights, which fuses the
-  element-wise chains.
+
+``torch.compile`` is not part of it: with frozen weights it made the R50 forward slower, not faster (5x slower at
+800x1333, even at 256x320; benchmarks/RESULTS.md).
 
 The images stay float32 (as the data pipeline makes them): the backbone casts them on entry.
 """
@@ -22,7 +23,6 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ops.deform_conv import DeformConv2d
-from ops.functional import available_backends
 
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -98,19 +98,16 @@ def _to_float32(module: nn.Module, args: tuple) -> tuple:
     return tuple(arg.float() if isinstance(arg, torch.Tensor) and arg.is_floating_point() else arg for arg in args)
 
 
-def prepare_for_inference(
-    model: nn.Module, device: torch.device | str, dtype: str = "auto", compile: bool = False
-) -> nn.Module:
+def prepare_for_inference(model: nn.Module, device: torch.device | str, dtype: str = "auto") -> nn.Module:
     """Make the detector ``model`` fast for inference on ``device`` (see the module's docstring), in place.
 
     Args:
         model: a :class:`models.DeformableDETR`, weights loaded.
         device: where it will run.
         dtype: "auto" (bfloat16 where the CPU has it natively, else float32), "float32" or "bfloat16".
-        compile: also wrap it in ``torch.compile`` (the first call then compiles, for a minute or more).
 
     Returns:
-        the model (or its compiled wrapper), in eval mode on ``device``; ``model.inference_dtype`` names the
+        the model, in eval mode on ``device``; ``model.inference_dtype`` names the
         dtype chosen. Its outputs (``pred_logits``, ``pred_boxes``) are float32 whatever the dtype.
     """
     chosen = resolve_inference_dtype(dtype, device)
@@ -135,10 +132,4 @@ def prepare_for_inference(
     model.inference_dtype = chosen
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if compile:
-        available_backends()  # loads the compiled kernels: torch.compile cannot build them while it traces
-        # freezing: the weights become constants, so convolutions and linears get oneDNN's prepacked weights
-        compiled = torch.compile(model, options={"freezing": True})
-        compiled.inference_dtype = chosen
-        return compiled
     return model
