@@ -9,7 +9,7 @@ import torch
 
 from ops import backend_cache, triton_backend
 from ops.pytorch_backend import ms_deform_attn_pytorch
-from ops.validation import validate_inputs
+from ops.validation import _FLOAT_DTYPES, validate_inputs
 
 BACKENDS = ("auto", "pytorch", "cpu", "cuda", "triton")
 KERNELS = ("cpu", "cuda")
@@ -181,29 +181,34 @@ def ms_deform_attn(
     Returns:
         (N, Lq, M * D) in the inputs' dtype; differentiable in value, sampling_locations and attention_weights.
 
-    The three floating inputs must share one dtype (float32, float64, float16 or bfloat16; the kernels
-    accumulate half precision in float32). Under autocast they are instead promoted to their common dtype, so
-    that float32 sampling locations keep their precision (bfloat16 resolves a coordinate to only 1/256 of
-    the map): with value in bfloat16 and locations in float32, the op runs in float32. Pass all three in
-    bfloat16 or float16 to run the half-precision kernel. The kernels are torch.library custom ops with fake
-    implementations, so ``torch.compile`` traces through them; a kernel cannot be built while tracing, so one
-    eager call (or ``ops.available_backends()``) must load it first, else "auto" traces the pytorch backend.
+    The floating inputs are float32, float64, float16 or bfloat16 (the kernels accumulate half precision in
+    float32). Mixed dtypes run in their common dtype, so that float32 sampling locations keep their precision
+    (bfloat16 resolves a coordinate to only 1/256 of the map): value in bfloat16 with locations in float32 runs
+    in float32, and the output comes back in value's dtype (in the common dtype under autocast); gradients flow
+    back in each input's own dtype. Pass all three in bfloat16 or float16 to run the half-precision kernel.
+    The kernels are torch.library custom ops with fake implementations, so ``torch.compile`` traces through
+    them; a kernel cannot be built while tracing, so one eager call (or ``ops.available_backends()``) must load
+    it first, else "auto" traces the pytorch backend.
     """
     device_type = value.device.type if isinstance(value, torch.Tensor) else "cpu"
-    if (
-        _autocast_enabled(device_type)
-        and isinstance(sampling_locations, torch.Tensor)
-        and isinstance(attention_weights, torch.Tensor)
-        and isinstance(value, torch.Tensor)
+    floating = (value, sampling_locations, attention_weights)
+    if all(isinstance(tensor, torch.Tensor) and tensor.dtype in _FLOAT_DTYPES for tensor in floating) and (
+        len({tensor.dtype for tensor in floating}) > 1
     ):
         common = torch.promote_types(
             torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
         )
-        value, sampling_locations, attention_weights = (
+        out_dtype = common if _autocast_enabled(device_type) else value.dtype
+        output = ms_deform_attn(
             value.to(common),
+            spatial_shapes,
+            level_start_index,
             sampling_locations.to(common),
             attention_weights.to(common),
+            backend,
+            level_shapes,
         )
+        return output.to(out_dtype)
     checked_shapes = validate_inputs(
         value,
         spatial_shapes,

@@ -91,10 +91,10 @@ BAD_INPUTS = {
         ValueError,
         "attention_weights must have shape",
     ),
-    "mixed_dtypes": (
-        lambda p: {"attention_weights": p["attention_weights"].float()},
+    "integer_locations": (
+        lambda p: {"sampling_locations": p["sampling_locations"].long()},
         TypeError,
-        "must share one dtype",
+        "sampling_locations must be a floating tensor",
     ),
     "integer_value": (lambda p: {"value": p["value"].long()}, TypeError, "value must be a floating tensor"),
     "mixed_devices": (
