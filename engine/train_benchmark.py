@@ -1,0 +1,101 @@
+"""Training-step time on the CPU, float32 against bfloat16 autocast (``amp``); prints a Markdown table.
+
+    python -m engine.train_benchmark --config configs/deformable_detr.yaml --size 800 1066 --batch 1
+    python -m engine.train_benchmark --config configs/demo_shapes.yaml --size 96 128 --batch 8
+
+One step is what ``engine.training.train_one_epoch`` does per batch: forward (under autocast for ``amp``), the set
+criterion on float32 outputs, backward, the fused AdamW step of ``engine.optim.build_optimizer``. Random weights
+and images, five random boxes per image, a fixed input size (so the step is timed after oneDNN has built its
+kernels for that size: a real epoch with many image sizes also pays for building them, see
+``benchmarks/RESULTS.md``). Each row runs in a fresh process; the median of ``--repeats`` steps after ``--warmup``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+
+import torch
+
+from engine.optim import build_optimizer
+from engine.training import autocast_dtype, prepare_for_training, resolve_amp, to_float32
+from models import build_model
+from ops.benchmark import _median_ms, describe_machine
+from util.config import load_config
+
+AMP_MODES = ("none", "bfloat16")
+
+
+def measure(config: str, overrides: list[str], amp: str, batch: int, size: tuple[int, int], repeats: int, warmup: int):
+    """-> median milliseconds of one training step of ``config`` on the CPU with ``amp`` ("none" or "bfloat16")."""
+    torch.manual_seed(0)
+    cfg = load_config(config, overrides=["pretrained_backbone=false", *overrides])
+    device = torch.device("cpu")
+    model, criterion, _ = build_model(cfg)
+    model.train()
+    criterion.train()
+    prepare_for_training(model, amp, device)
+    optimizer = build_optimizer(model, cfg)
+    dtype = autocast_dtype(amp)
+    images = torch.randn(batch, 3, *size)
+    padding_mask = torch.zeros(batch, *size, dtype=torch.bool)
+    targets = [
+        {"labels": torch.randint(0, cfg.num_classes, (5,)), "boxes": torch.rand(5, 4) * 0.5 + 0.25}
+        for _ in range(batch)
+    ]
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(images, padding_mask)
+        loss = criterion.total_loss(criterion(to_float32(outputs), targets))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return _median_ms(step, device, repeats, warmup)
+
+
+def _measure_in_child(arguments: tuple) -> float:
+    torch.set_num_threads(arguments[-1])
+    return measure(*arguments[:-1])
+
+
+def run(config: str, overrides: list[str], batch: int, size: tuple[int, int], repeats: int, warmup: int) -> list[str]:
+    device = torch.device("cpu")
+    lines = [
+        f"\ncpu: {describe_machine(device)}; {config} {' '.join(overrides)}, batch {batch} at {size[0]}x{size[1]}; "
+        f"amp=auto here is {resolve_amp('auto', device)}",
+        "| amp | step ms | images/s | vs float32 |",
+        "|---|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    baseline = None
+    for amp in AMP_MODES:
+        arguments = (config, overrides, amp, batch, size, repeats, warmup, torch.get_num_threads())
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            milliseconds = pool.apply(_measure_in_child, (arguments,))
+        baseline = baseline or milliseconds
+        row = f"| {amp} | {milliseconds:.0f} | {batch * 1e3 / milliseconds:.2f} | {baseline / milliseconds:.2f}x |"
+        lines.append(row)
+        print(row, flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.train_benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default="configs/deformable_detr.yaml")
+    parser.add_argument("--opts", nargs="*", default=[], help="config overrides, key=value")
+    parser.add_argument("--size", nargs=2, type=int, default=(800, 1066), metavar=("H", "W"))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args(argv)
+    run(args.config, args.opts, args.batch, tuple(args.size), args.repeats, args.warmup)
+
+
+if __name__ == "__main__":
+    main()
