@@ -57,7 +57,7 @@ demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
 # The demo with a ResNet-18-DCNv2 backbone (configs/demo_shapes_dcn.yaml): train, then draw where its last three
 # deformable convolutions sample (visualize/*_dcn_sampling.png).
 demo-dcn: kernels $(SHAPES)/annotations/instances_val2017.json
-	$(PYTHON) main.py train --config configs/demo_shapes_dcn.yaml
+	$(PYTHON) main.py train --config configs/demo_shapes_dcn.yaml --opts overwrite=true
 	$(PYTHON) main.py visualize --config configs/demo_shapes_dcn.yaml --opts resume=$(DEMO_OUT)_dcn/checkpoint.pth \
 		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)_dcn/visualize --threshold 0.3
 

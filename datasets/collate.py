@@ -32,7 +32,10 @@ class Batch(NamedTuple):
         )
 
 
-def collate_detection(samples: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> Batch:
-    """``collate_fn`` for a ``DataLoader`` over a detection dataset of ``(image (3, H, W), target)`` items."""
-    images, padding_mask = pad_images([image for image, _ in samples])
+def collate_detection(
+    samples: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]], size_divisibility: int = 1
+) -> Batch:
+    """``collate_fn`` for a ``DataLoader`` over a detection dataset of ``(image (3, H, W), target)`` items; the
+    batch's height and width are rounded up to a multiple of ``size_divisibility`` (see ``pad_images``)."""
+    images, padding_mask = pad_images([image for image, _ in samples], size_divisibility)
     return Batch(images, padding_mask, [target for _, target in samples])

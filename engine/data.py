@@ -8,6 +8,9 @@ the evaluator counts each image id once.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from datasets import CocoDetection, build_dataset, build_transforms, collate_detection
@@ -37,6 +40,12 @@ def build_split(image_set: str, cfg: Config) -> CocoDetection:
     return build_dataset(image_set, cfg.coco_path, build_config_transforms(image_set, cfg), cfg.num_classes)
 
 
+def _collate(cfg: Config) -> Callable:
+    """The loaders' ``collate_fn``: batches padded to a multiple of ``cfg.size_divisibility`` (picklable, for
+    workers)."""
+    return functools.partial(collate_detection, size_divisibility=cfg.size_divisibility)
+
+
 def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Shuffled batches of ``cfg.batch_size`` images per rank, the last incomplete batch dropped.
 
@@ -50,7 +59,7 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
         )
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
     batches = BatchSampler(sampler, cfg.batch_size, drop_last=True)
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_detection, num_workers=cfg.num_workers)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=_collate(cfg), num_workers=cfg.num_workers)
 
 
 def build_eval_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -60,7 +69,7 @@ def build_eval_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_
         dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
-        collate_fn=collate_detection,
+        collate_fn=_collate(cfg),
         num_workers=cfg.num_workers,
         drop_last=False,
     )

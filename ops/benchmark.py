@@ -13,7 +13,6 @@ Then the deformable convolution and RoI pooling rows of :mod:`ops.benchmark_defo
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ops import triton_backend
+from ops.backend_cache import device_name
 from ops.functional import available_backends, ms_deform_attn
 
 HEADS, CHANNELS, POINTS = 8, 32, 4
@@ -134,9 +134,17 @@ def time_backend(backend: str, inputs: dict[str, torch.Tensor], repeats: int, wa
 
 
 def describe_machine(device: torch.device) -> str:
+    """One line for a benchmark table: the device, and on the CPU what torch reports of its vector and bfloat16
+    units (``get_cpu_capability``, AVX-512 BF16, AMX tiles)."""
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    units = [torch.backends.cpu.get_cpu_capability()]
+    units += [
+        name
+        for name, check in (("AVX-512 BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+        if getattr(torch.cpu, check, lambda: False)()
+    ]
+    return f"{device_name(device)} ({', '.join(units)}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def run(cases: list[str], backends: list[str] | None, repeats: int, warmup: int) -> list[str]:

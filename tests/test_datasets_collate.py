@@ -74,3 +74,43 @@ def test_dataset_workers_and_collation_work_together(tmp_path):
         assert not batch.padding_mask[index, :height, :width].any()
         assert batch.padding_mask[index].sum() == batch.padding_mask[index].numel() - height * width
     assert sorted(target["image_id"].item() for target in batch.targets) == [7, 8, 9]
+
+
+@pytest.mark.parametrize("divisor", [1, 4, 8])
+def test_size_divisibility_rounds_the_batch_up_and_marks_the_extra_as_padding(divisor):
+    samples = _samples()  # largest height 7, width 6
+    batch = collate_detection(samples, size_divisibility=divisor)
+    height, width = -(-7 // divisor) * divisor, -(-6 // divisor) * divisor
+    assert batch.images.shape == (3, 3, height, width) and batch.padding_mask.shape == (3, height, width)
+    for index, (image, _) in enumerate(samples):
+        h, w = image.shape[1:]
+        assert torch.equal(batch.images[index, :, :h, :w], image)
+        outside = batch.images[index].clone()
+        outside[:, :h, :w] = 0
+        assert not outside.any()  # zeros elsewhere
+        assert not batch.padding_mask[index, :h, :w].any()
+        assert batch.padding_mask[index].sum() == height * width - h * w
+
+
+@pytest.mark.parametrize("divisor", [0, -32, 2.5, True])
+def test_size_divisibility_must_be_a_positive_integer(divisor):
+    with pytest.raises(ValueError, match="size_divisibility must be an integer >= 1"):
+        pad_images([torch.zeros(3, 2, 2)], divisor)
+
+
+def test_the_config_pads_training_and_evaluation_batches(tmp_path):
+    from engine.data import build_eval_loader, build_split, build_train_loader
+    from util.config import load_config
+
+    write_coco(tmp_path)
+    write_coco(tmp_path, image_set="val")
+    overrides = [f"coco_path={tmp_path}", "train_scales=[13]", "max_size=40", "train_crop=false", "val_size=13"]
+    overrides += ["num_classes=4", "batch_size=3", "num_workers=0", "size_divisibility=16"]
+    cfg = load_config(None, overrides)
+    for loader in (build_train_loader(build_split("train", cfg), cfg), build_eval_loader(build_split("val", cfg), cfg)):
+        batch = next(iter(loader))
+        assert batch.images.shape[-2] % 16 == 0 and batch.images.shape[-1] % 16 == 0
+        assert batch.images.shape[-2] >= 16
+        for index, target in enumerate(batch.targets):
+            height, width = target["size"].tolist()
+            assert batch.padding_mask[index].sum() == batch.padding_mask[index].numel() - height * width

@@ -94,6 +94,9 @@ class Config:
     crop_scales: list[int] = dataclasses.field(default_factory=lambda: [400, 500, 600])
     crop_size: list[int] = dataclasses.field(default_factory=lambda: [384, 600])  # [min, max] side of the crop
     val_size: int = 800
+    # training and evaluation batches: height and width padded up to a multiple of this (1: the largest image's,
+    # as the original); 32 gives few distinct batch shapes, so oneDNN reuses its CPU kernels (see the demo)
+    size_divisibility: int = 1
     # run
     coco_path: str = "data/coco"
     output_dir: str = "outputs"
@@ -278,6 +281,7 @@ VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "crop_scales": _sizes(),
     "crop_size": (lambda value: len(value) == 2 and 1 <= value[0] <= value[1], "[min, max] with 1 <= min <= max"),
     "val_size": _at_least(1),
+    "size_divisibility": _at_least(1),
     "device": (lambda value: re.fullmatch(r"cpu|cuda(:\d+)?", value) is not None, "cpu, cuda or cuda:N"),
     "num_workers": _at_least(0),
     "eval_every": _at_least(0),
