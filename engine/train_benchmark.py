@@ -3,24 +3,25 @@
     python -m engine.train_benchmark --config configs/deformable_detr.yaml --size 800 1066 --batch 1
     python -m engine.train_benchmark --config configs/demo_shapes.yaml --size 96 128 --batch 8
 
-One step is what ``engine.training.train_one_epoch`` does per batch: forward (under autocast for ``amp``), the set
-criterion on float32 outputs, backward, the fused AdamW step of ``engine.optim.build_optimizer``. Random weights
-and images, five random boxes per image, a fixed input size (so the step is timed after oneDNN has built its
-kernels for that size: a real epoch with many image sizes also pays for building them, see
-``benchmarks/RESULTS.md``). Each row runs in a fresh process; the median of ``--repeats`` steps after ``--warmup``.
+One step is what ``engine.training.train_one_epoch`` does per batch: ``forward_losses`` (forward under autocast
+for ``amp``, the set criterion on float32 outputs), backward, the fused AdamW step of
+``engine.optim.build_optimizer``. Random weights and images, five random boxes per image, a fixed input size (so
+the step is timed after oneDNN has built its kernels for that size: a real epoch with many image sizes also pays
+for building them, see ``benchmarks/RESULTS.md``). Each row runs in a fresh process; the median of ``--repeats``
+steps after ``--warmup``.
 """
 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 
 import torch
 
+from datasets import Batch
 from engine.optim import build_optimizer
-from engine.training import autocast_dtype, prepare_for_training, resolve_amp, to_float32
+from engine.training import autocast_dtype, forward_losses, prepare_for_training, resolve_amp
 from models import build_model
-from ops.benchmark import _median_ms, describe_machine
+from ops.benchmark import _median_ms, describe_machine, in_fresh_process
 from util.config import load_config
 
 AMP_MODES = ("none", "bfloat16")
@@ -37,27 +38,19 @@ def measure(config: str, overrides: list[str], amp: str, batch: int, size: tuple
     prepare_for_training(model, amp, device)
     optimizer = build_optimizer(model, cfg)
     dtype = autocast_dtype(amp)
-    images = torch.randn(batch, 3, *size)
-    padding_mask = torch.zeros(batch, *size, dtype=torch.bool)
     targets = [
         {"labels": torch.randint(0, cfg.num_classes, (5,)), "boxes": torch.rand(5, 4) * 0.5 + 0.25}
         for _ in range(batch)
     ]
+    inputs = Batch(torch.randn(batch, 3, *size), torch.zeros(batch, *size, dtype=torch.bool), targets)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(images, padding_mask)
-        loss = criterion.total_loss(criterion(to_float32(outputs), targets))
+        _, loss = forward_losses(model, criterion, inputs, dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     return _median_ms(step, device, repeats, warmup)
-
-
-def _measure_in_child(arguments: tuple) -> float:
-    torch.set_num_threads(arguments[-1])
-    return measure(*arguments[:-1])
 
 
 def run(config: str, overrides: list[str], batch: int, size: tuple[int, int], repeats: int, warmup: int) -> list[str]:
@@ -71,9 +64,7 @@ def run(config: str, overrides: list[str], batch: int, size: tuple[int, int], re
     print("\n".join(lines), flush=True)
     baseline = None
     for amp in AMP_MODES:
-        arguments = (config, overrides, amp, batch, size, repeats, warmup, torch.get_num_threads())
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            milliseconds = pool.apply(_measure_in_child, (arguments,))
+        milliseconds = in_fresh_process(measure, config, overrides, amp, batch, size, repeats, warmup)
         baseline = baseline or milliseconds
         row = f"| {amp} | {milliseconds:.0f} | {batch * 1e3 / milliseconds:.2f} | {baseline / milliseconds:.2f}x |"
         lines.append(row)

@@ -64,6 +64,17 @@ def to_float32(outputs: Any) -> Any:
     return outputs
 
 
+def forward_losses(
+    model: nn.Module, criterion: nn.Module, batch: Batch, dtype: torch.dtype | None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model on ``batch`` (under autocast to ``dtype``, None: none), the criterion on its float32 outputs:
+    -> (every loss of the criterion, the weighted total)."""
+    with torch.autocast(batch.images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(batch.images, batch.padding_mask)
+    losses = criterion(to_float32(outputs), batch.targets)
+    return losses, criterion.total_loss(losses)
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -91,10 +102,7 @@ def train_one_epoch(
     progress = Progress(len(loader), header=f"epoch {epoch}", every=print_every, enabled=is_main_process(), shown=SHOWN)
     for iteration, batch in enumerate(loader):
         batch: Batch = batch.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(batch.images, batch.padding_mask)
-        losses = criterion(to_float32(outputs), batch.targets)
-        loss = criterion.total_loss(losses)
+        losses, loss = forward_losses(model, criterion, batch, dtype)
         total = all_reduce_mean(loss.detach().reshape(1)).item()
         if not math.isfinite(total):
             shown = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items() if name in SHOWN)

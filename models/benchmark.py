@@ -13,14 +13,13 @@ variants on a V100.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import resource
 
 import torch
 
 from models import PUBLISHED_VARIANTS, build_model, published_variant
 from models.inference import prepare_for_inference
-from ops.benchmark import _median_ms, describe_machine
+from ops.benchmark import _median_ms, describe_machine, in_fresh_process
 from util.config import load_config
 
 HEIGHT, WIDTH = 800, 1333
@@ -58,11 +57,6 @@ def measure(variant: str, device_type: str, batch: int, mode: str, repeats: int,
     return milliseconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def _measure_in_child(arguments: tuple) -> tuple[float, float]:
-    torch.set_num_threads(arguments[-1])
-    return measure(*arguments[:-1])
-
-
 def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> list[str]:
     lines = []
     for device_type in devices:
@@ -80,8 +74,7 @@ def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> l
             for batch, mode in rows:
                 arguments = (variant, device_type, batch, mode, repeats, warmup)
                 if device_type == "cpu":  # a fresh process, so that its peak resident set is this row's alone
-                    with multiprocessing.get_context("spawn").Pool(1) as pool:
-                        milliseconds, memory = pool.apply(_measure_in_child, (arguments + (torch.get_num_threads(),),))
+                    milliseconds, memory = in_fresh_process(measure, *arguments)
                 else:
                     milliseconds, memory = measure(*arguments)
                 row = (

@@ -13,6 +13,7 @@ Then the deformable convolution and RoI pooling rows of :mod:`ops.benchmark_defo
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable
@@ -131,6 +132,18 @@ def time_backend(backend: str, inputs: dict[str, torch.Tensor], repeats: int, wa
         output.backward(grad)
 
     return (_median_ms(forward, device, repeats, warmup), _median_ms(forward_backward, device, repeats, warmup))
+
+
+def _call_with_threads(threads: int, function: Callable, arguments: tuple):
+    torch.set_num_threads(threads)
+    return function(*arguments)
+
+
+def in_fresh_process(function: Callable, *arguments):
+    """``function(*arguments)`` in a new (spawned) process with this process's torch thread count: its peak resident
+    set and its oneDNN kernel caches are that call's alone. ``function`` must be importable (module level)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_call_with_threads, (torch.get_num_threads(), function, arguments))
 
 
 def describe_machine(device: torch.device) -> str:
