@@ -13,7 +13,7 @@ setup: $(STAMP)
 
 # Re-run pip only when requirements.txt changed or an import fails; pip itself is a no-op when satisfied.
 $(STAMP): requirements.txt
-	@$(PYTHON) -c "import torch, torchvision, scipy, pycocotools, timm, yaml, matplotlib, ninja, pytest, ruff" 2>/dev/null \
+	@$(PYTHON) -c "import torch, torchvision, scipy, pycocotools, timm, yaml, matplotlib, ninja, pytest, ruff, onnx, onnxscript, onnxruntime, transformers, safetensors" 2>/dev/null \
 		&& $(PYTHON) -m pip install -q -r requirements.txt --disable-pip-version-check \
 		|| $(PYTHON) -m pip install -r requirements.txt --disable-pip-version-check
 	@touch $(STAMP)

@@ -55,7 +55,10 @@ def _sample(locations_ptr, weights_ptr, sample, query_mask, level_ok, height, wi
     y = tl.load(locations_ptr + 2 * sample + 1, mask=query_mask, other=0).to(ACC)
     h = y * height.to(ACC) - 0.5
     w = x * width.to(ACC) - 0.5
-    inside = query_mask & level_ok & (h > -1) & (w > -1) & (h < height.to(ACC)) & (w < width.to(ACC))
+    inside = query_mask & (h > -1) & (w > -1) & (h < height.to(ACC)) & (w < width.to(ACC))
+    # where(), not `& level_ok`: Triton 3.9's interpreter gives a scalar comparison the data type of its operands,
+    # so `block & scalar_comparison` becomes an integer tensor, which tl.load refuses as a mask
+    inside = tl.where(level_ok, inside, False)
     h_floor = tl.floor(tl.where(inside, h, 0.0))
     w_floor = tl.floor(tl.where(inside, w, 0.0))
     attention = tl.load(weights_ptr + sample, mask=inside, other=0).to(ACC)

@@ -9,6 +9,7 @@ filled with NaN before the launch, so an element the kernels never write fails t
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,4 +164,5 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     assert completed.returncode == 0, completed.stderr[-3000:]
     lines = completed.stdout.splitlines()
     assert len(lines) == 6, completed.stdout
-    assert all("atom.global" in line for line in lines if line.startswith("ms_deform_attn_backward_kernel"))
+    backward = [line for line in lines if line.startswith("ms_deform_attn_backward_kernel")]
+    assert backward and all(re.search(r"(atom|red)\.global[.\w]*add", line) for line in backward), backward

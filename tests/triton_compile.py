@@ -3,7 +3,8 @@
     python tests/triton_compile.py 80      # sm_80; TRITON_INTERPRET must be unset
 
 Prints one line per kernel and dtype with the PTX instructions that matter here (global loads, stores, atomic
-adds) and ptxas's register and spill counts, for the tile ops.triton_backend launches with D=32 channels; exits
+adds: ``atom.global``, or ``red.global`` where the result is unused, as Triton 3.9 emits them) and ptxas's register
+and spill counts, for the tile ops.triton_backend launches with D=32 channels; exits
 non-zero with the compiler's error if a kernel does not compile for the GPU.
 """
 
@@ -69,7 +70,7 @@ def main(arch: int) -> None:
     for kernel in (triton_kernels.ms_deform_attn_forward_kernel, triton_kernels.ms_deform_attn_backward_kernel):
         for dtype in DTYPES:
             ptx = compile_kernel(kernel, dtype, arch).asm["ptx"]
-            counts = Counter(re.findall(r"(?:ld|st|atom)\.global[.\w]*", ptx))
+            counts = Counter(re.findall(r"(?:ld|st|atom|red)\.global[.\w]*", ptx))
             print(
                 kernel.__name__, dtype, f"sm_{arch}", ptxas_usage(ptx, arch), dict(sorted(counts.items())), flush=True
             )
