@@ -62,7 +62,7 @@ demo-dcn: kernels $(SHAPES)/annotations/instances_val2017.json
 		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)_dcn/visualize --threshold 0.3
 
 benchmark: kernels
-	$(PYTHON) -m ops.benchmark
+	$(PYTHON) -m benchmarks.msda
 
 clean:
 	rm -f $(STAMP)

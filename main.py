@@ -1,4 +1,4 @@
-"""Deformable DETR command line: train, evaluate, predict, visualize, export.
+"""Deformable DETR command line: train, evaluate, predict, visualize, export, convert.
 
     python main.py train   --config configs/demo_shapes.yaml [--opts key=value ...]
     python main.py eval    --config configs/demo_shapes.yaml --opts resume=outputs/demo_shapes/checkpoint.pth
@@ -7,6 +7,8 @@
         [--points X,Y ...] [--layer N] [--by-level] [--by-head] [--query-level L]
     python main.py export  --config configs/deformable_detr.yaml --opts resume=CKPT --out model.onnx \
         [--exporter dynamo|torchscript]
+    python main.py convert --from-hf HUB_FOLDER --out checkpoint.pth      # Hugging Face -> ours
+    python main.py convert --to-hf CKPT --config configs/deformable_detr.yaml --out HUB_FOLDER   # and back
 
 Each command takes only its own flags (``python main.py COMMAND --help``). A point with a negative coordinate
 may be written as it is (``--points -100,-100``) or glued to the flag (``--points=-100,-100``).
@@ -32,8 +34,12 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from engine.commands import evaluate_checkpoint, predict, train, visualize
+from engine.convert import convert
+from engine.evaluation import evaluate_checkpoint
 from engine.export import EXPORTERS, export_checkpoint
+from engine.prediction import predict
+from engine.train import train
+from engine.visualize import visualize
 from util.config import Config, load_config
 from util.distributed import shutdown_distributed
 from util.errors import RunError, UserError
@@ -125,6 +131,10 @@ def _run_export(cfg: Config, args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _run_convert(cfg: Config, args: argparse.Namespace) -> None:
+    convert(cfg, args.from_hf, args.to_hf, args.out)
+
+
 def _config_flags() -> argparse.ArgumentParser:
     flags = argparse.ArgumentParser(add_help=False)
     flags.add_argument("--config", help="YAML config file (default: the built-in defaults of util/config.py)")
@@ -172,11 +182,13 @@ def _add_visualize_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``python main.py {train,eval,predict,visualize,export} ...``; each command with only its own flags."""
+    """``python main.py {train,eval,predict,visualize,export,convert} ...``; each command with only its own flags."""
     parser = argparse.ArgumentParser(
         prog="python main.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,predict,visualize,export}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,eval,predict,visualize,export,convert}"
+    )
     config = _config_flags()
     commands.add_parser(
         "train", parents=[config], allow_abbrev=False, help="train (or resume, or fine-tune) on a COCO-layout set"
@@ -209,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--exporter", choices=EXPORTERS, default="dynamo", help="torch.onnx's exporter (engine/export.py)"
     )
     exporting.set_defaults(run=_run_export)
+    converting = commands.add_parser(
+        "convert",
+        parents=[config],
+        allow_abbrev=False,
+        help="a Hugging Face hub folder to our checkpoint (--from-hf), or ours to a hub folder (--to-hf)",
+    )
+    direction = converting.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="DIR_OR_FILE", help="a downloaded hub folder or its weights file")
+    direction.add_argument("--to-hf", metavar="CHECKPOINT", help="our checkpoint (with the --config / --opts it had)")
+    converting.add_argument("--out", required=True, help="--from-hf: the checkpoint to write; --to-hf: the folder")
+    converting.set_defaults(run=_run_convert)
     return parser
 
 

@@ -11,7 +11,7 @@ The pixel and box arithmetic is ``torchvision.transforms.v2.functional`` (Pillow
 ``tv_tensors.BoundingBoxes`` for the boxes); the random choices stay here, because v2's classes differ from the
 paper's code: ``RandomShortestSize`` truncates the longer side where :func:`resized_size` rounds, no v2 class scales
 ``target["area"]``, and ``SanitizeBoundingBoxes`` drops boxes under one pixel that the paper keeps. DETR's
-:class:`RandomSizeCrop` stays custom. ``python -m datasets.benchmark`` times the pipelines.
+:class:`RandomSizeCrop` stays custom. ``python -m benchmarks.transforms`` times the pipelines.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
     """Shuffled batches of ``cfg.batch_size`` images per rank, the last incomplete batch dropped.
 
     Its workers start anew every epoch, seeded from the global torch generator (which every epoch reseeds, see
-    ``engine.commands.epoch_seed``): each rank and each epoch gets its own augmentations, the same after a resume.
+    ``engine.train.epoch_seed``): each rank and each epoch gets its own augmentations, the same after a resume.
     """
     if len(dataset) < cfg.batch_size * world_size:
         raise UserError(

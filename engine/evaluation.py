@@ -10,8 +10,19 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasets import Batch, CocoDetection, CocoEvaluator, merge_detections
+from engine.data import (
+    build_eval_loader,
+    build_split,
+)
+from engine.runtime import build_model_on, load_for_inference, say
 from engine.training import autocast_dtype
-from util.distributed import all_gather_object, is_main_process
+from util.config import Config
+from util.distributed import (
+    all_gather_object,
+    explaining_timeouts,
+    init_distributed,
+    is_main_process,
+)
 from util.progress import Progress
 
 DETECTIONS_FILE = "detections.json"
@@ -67,4 +78,30 @@ def evaluate(
     if output_dir is not None:
         with open(Path(output_dir) / METRICS_FILE, "w", encoding="utf-8") as file:
             json.dump(metrics, file, indent=2)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: Config) -> dict[str, float] | None:
+    """Evaluate ``cfg.resume`` on the val split; rank 0 writes ``detections.json`` and ``metrics.json`` under
+    ``cfg.output_dir`` and returns the metrics."""
+    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
+    model, _, postprocessors = build_model_on(cfg, info)
+    model, _, amp = load_for_inference(cfg, "eval", model, info)
+    val_set = build_split("val", cfg)
+    loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
+    if info.is_main:
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    with explaining_timeouts(cfg.dist_timeout_minutes):
+        metrics = evaluate(
+            model,
+            postprocessors["bbox"],
+            loader,
+            val_set,
+            info.device,
+            cfg.output_dir,
+            amp=amp,
+            print_every=cfg.print_every,
+        )
+    if metrics is not None:
+        say(info, "metrics: " + json.dumps({name: round(value, 4) for name, value in metrics.items()}))
     return metrics

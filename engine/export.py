@@ -142,8 +142,7 @@ def export_checkpoint(cfg: Config, out: str | Path, exporter: str = "dynamo") ->
     """``main.py export``: build the model of ``cfg``, load ``cfg.resume`` and export it to ``out``."""
     if not cfg.resume:
         raise UserError(
-            "export needs a checkpoint: --opts resume=PATH (a file written by main.py train or "
-            "python -m models.convert)"
+            "export needs a checkpoint: --opts resume=PATH (a file written by main.py train or main.py convert)"
         )
     if not Path(cfg.resume).is_file():
         raise UserError(f"resume={cfg.resume!r}: no such checkpoint file")

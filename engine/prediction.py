@@ -12,9 +12,17 @@ from torch import nn
 
 from datasets import Batch, collate_detection
 from datasets.transforms import Compose
+from engine.data import (
+    build_config_transforms,
+)
 from engine.evaluation import detect
+from engine.runtime import build_model_on, load_for_inference, say
+from util.config import Config
+from util.distributed import (
+    init_distributed,
+)
 from util.draw import class_name, draw_detections
-from util.errors import UserError
+from util.errors import RunError, UserError
 from util.image_io import read_rgb_image
 
 PREDICTIONS_FILE = "predictions.json"
@@ -85,3 +93,46 @@ def predict_files(
     with open(out_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as file:
         json.dump(results, file, indent=1)
     return results, failures
+
+
+class PredictionError(RunError):
+    """Some images could not be predicted; the others were written. ``results``: those written."""
+
+    def __init__(self, message: str, results: list[dict]):
+        super().__init__(message)
+        self.results = results
+
+
+def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5) -> list[dict]:
+    """Detect in ``images`` with ``cfg.resume`` and write ``out_dir/predictions.json`` and the drawn images.
+
+    An image that cannot be read is skipped; the others are written, then a :class:`PredictionError` names the
+    skipped ones and why (``main.py`` prints it and exits with status 1).
+    """
+    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
+    model, _, postprocessors = build_model_on(cfg, info)
+    model, checkpoint, amp = load_for_inference(cfg, "predict", model, info)
+    names = checkpoint.get("category_names")
+    results, failures = predict_files(
+        model,
+        postprocessors["bbox"],
+        images,
+        build_config_transforms("val", cfg),
+        info.device,
+        out_dir,
+        names,
+        threshold,
+        amp,
+    )
+    for result in results:
+        found = ", ".join(f"{d['name']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
+        say(info, f"{result['file']}: {found}")
+    say(info, f"wrote {len(results)} drawn image(s) and predictions.json to {out_dir}")
+    if failures:
+        listed = "; ".join(f"{path}: {reason}" for path, reason in failures.items())
+        raise PredictionError(
+            f"{len(failures)} of {len(images)} image(s) could not be predicted ({listed}); the other "
+            f"{len(results)} are in {Path(out_dir) / PREDICTIONS_FILE}",
+            results,
+        )
+    return results

@@ -1,7 +1,7 @@
 """Hugging Face transformers' Deformable DETR checkpoints to ours and back, offline.
 
-    python -m models.convert --from-hf DIR_OR_FILE --out checkpoint.pth     # config.json + model.safetensors
-    python -m models.convert --to-hf checkpoint.pth --config F --out DIR   # writes config.json + weights
+    python main.py convert --from-hf DIR_OR_FILE --out checkpoint.pth     # config.json + model.safetensors
+    python main.py convert --to-hf checkpoint.pth --config F --out DIR   # writes config.json + weights
 
 ``--from-hf`` reads a folder (or its weights file) of ``DeformableDetrForObjectDetection`` as the hub has it
 (``SenseTime/deformable-detr`` and its variants: timm ResNet backbone) or as transformers 5 saves it, finds the
@@ -25,10 +25,8 @@ weights' differences handled here:
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ import torch
 
 from models import build_model, published_variant
 from models.describe import describe_state_dict
-from util.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from util.checkpoint import load_checkpoint, load_model_weights
 from util.config import Config, load_config
 from util.errors import UserError
 
@@ -376,36 +374,3 @@ def convert_to_hf(checkpoint_path: str | Path, cfg: Config, out_dir: str | Path)
         return out_dir / PYTORCH_BIN
     save_file(weights, str(out_dir / SAFETENSORS), metadata={"format": "pt"})
     return out_dir / SAFETENSORS
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m models.convert", description=__doc__.split("\n\n")[0])
-    direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-hf", metavar="DIR_OR_FILE", help="a downloaded hub folder or its weights file")
-    direction.add_argument("--to-hf", metavar="CHECKPOINT", help="our checkpoint (needs --config / --opts)")
-    parser.add_argument("--out", required=True, help="--from-hf: the checkpoint to write; --to-hf: the folder")
-    parser.add_argument("--config", help="--to-hf: the config the checkpoint was trained with")
-    parser.add_argument("--opts", nargs="*", default=[], metavar="KEY=VALUE", help="--to-hf: config overrides")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.from_hf:
-            checkpoint, config_file, overrides = convert_from_hf(args.from_hf)
-            path = save_checkpoint(checkpoint, args.out)
-            opts = " ".join([*overrides, f"resume={path}"])
-            print(f"wrote {path}\nuse it with: python main.py eval --config {config_file} --opts {opts}")
-        else:
-            cfg = load_config(args.config, overrides=[*args.opts, "pretrained_backbone=false"])
-            path = convert_to_hf(args.to_hf, cfg, args.out)
-            print(f"wrote {Path(args.out) / 'config.json'} and {path}")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The published Deformable DETR variants: one row each, read by ``models.describe``, ``models.benchmark``, the
+"""The published Deformable DETR variants: one row each, read by ``models.describe``, ``benchmarks.model``, the
 tests and the README's results table.
 
     from models.variants import PUBLISHED_VARIANTS, published_variant

@@ -6,7 +6,8 @@
 On a machine with a GPU, run this first, and paste its output into bug reports. For each backend usable here
 (those that run on the device and build) it compares the forward and the three gradients with an independent
 float64 reference (:mod:`ops.reference`) on small random problems, then times the correct ones on the
-``python -m ops.benchmark`` cases and prints time / floor (the forward's bytes at the measured copy bandwidth).
+:mod:`ops.cases` problems (those of ``python -m benchmarks.msda``) and prints time / floor (the forward's bytes at
+the measured copy bandwidth).
 The fastest correct backend per dtype (lowest summed forward+backward time) is remembered per (device name, torch
 version, dtype) in ``$XDG_CACHE_HOME/deformable_detr/msda_backends.json`` (``~/.cache`` by default), and
 ``backend="auto"`` uses it from then on; ``DETR_MSDA_BACKEND=<backend>`` overrides it.
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ops import backend_cache, benchmark, functional
+from ops import backend_cache, functional
+from ops import cases as problems
 from ops.reference import reference_ms_deform_attn
 from util.errors import UserError
 
@@ -35,8 +37,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.
 # and the gradients to 8 or 11 bits; the kernels accumulate in float32)
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 # a smoke-test size for the timing part (``--cases tiny``)
-TINY = benchmark.Case("tiny", 1, ((4, 6), (2, 3)), None)
-TIMING_CASES = {**benchmark.CASES, "tiny": TINY}
+TINY = problems.Case("tiny", 1, ((4, 6), (2, 3)), None)
+TIMING_CASES = {**problems.CASES, "tiny": TINY}
 
 
 @dataclass(frozen=True)
@@ -171,10 +173,10 @@ def time_backends(
     print("|---|---|---|---:|---:|---:|---:|")
     timings = {backend: {} for backend in backends}
     for case_name in cases:
-        inputs = benchmark.make_inputs(TIMING_CASES[case_name], device, dtype)
-        floor_ms = benchmark.floor_bytes(inputs) / bandwidth * 1e3
+        inputs = problems.make_inputs(TIMING_CASES[case_name], device, dtype)
+        floor_ms = problems.floor_bytes(inputs) / bandwidth * 1e3
         for backend in backends:
-            forward_ms, both_ms = benchmark.time_backend(backend, inputs, repeats, warmup=1)
+            forward_ms, both_ms = problems.time_backend(backend, inputs, repeats, warmup=1)
             timings[backend][case_name] = (forward_ms, both_ms)
             print(
                 f"| {case_name} | {_dtype_name(dtype)} | {backend} | {forward_ms:.3f} | {both_ms:.3f} | "
@@ -215,7 +217,7 @@ def run(
     print(f"backends usable on {device.type}: {', '.join(usable)}")
     for backend, reason in failed.items():
         print(f"backend {backend}: NOT USABLE: {reason}")
-    bandwidth = benchmark.copy_bandwidth(device, bandwidth_mib * 2**20)
+    bandwidth = problems.copy_bandwidth(device, bandwidth_mib * 2**20)
     print(f"measured copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s; floor = forward bytes / bandwidth")
     status = 0
     for dtype in dtypes:
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--cases", nargs="+", choices=sorted(TIMING_CASES), default=list(benchmark.CASES))
+    parser.add_argument("--cases", nargs="+", choices=sorted(TIMING_CASES), default=list(problems.CASES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bandwidth-mib", type=int, default=256, help="buffer size of the copy-bandwidth probe")
     parser.add_argument("--no-save", action="store_true", help="do not remember the fastest backend")

@@ -18,7 +18,7 @@ import torch
 from ops import custom_ops
 
 # A program's (BLOCK_Q, BLOCK_D) tile holds about 256 elements, two per thread of 4 warps: for sm_80 ptxas then
-# reports 72 (forward) and 96 (backward) registers in float32 and no spills to speak of (tests/triton_compile.py);
+# reports 72 (forward) and 96 (backward) registers in float32 and no spills (python -m tools.triton_compile);
 # 2048-element tiles used all 255 registers and spilled up to 2.6 kB.
 TILE_ELEMENTS = 256
 MAX_BLOCK_QUERIES = 64

@@ -77,9 +77,9 @@ def test_a_rank_that_stops_answering_ends_the_job_at_the_timeout_naming_it(tmp_p
         textwrap.dedent(f"""
             import os, sys, time
             sys.path.insert(0, {str(ROOT)!r})
-            import engine.commands, main
+            import engine.train, main
             if os.environ["RANK"] == "1":  # stops answering before its first gradient all-reduce
-                engine.commands.train_one_epoch = lambda *args, **kwargs: time.sleep(3600)
+                engine.train.train_one_epoch = lambda *args, **kwargs: time.sleep(3600)
             sys.exit(main.main(sys.argv[1:]))
         """)
     )

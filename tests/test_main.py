@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.commands
+import engine.train
 import main
 from engine.training import NonFiniteLossError
 from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
@@ -223,7 +223,7 @@ def test_a_run_stopped_in_its_evaluation_completes_its_log_when_resumed(first_ru
         raise RuntimeError("stopped during the evaluation")
 
     with monkeypatch.context() as patched:
-        patched.setattr(engine.commands, "evaluate", stop)
+        patched.setattr(engine.train, "evaluate", stop)
         with pytest.raises(RuntimeError, match="stopped during the evaluation"):
             run("train", opts=tiny_overrides(coco_path, output_dir, "epochs=2", f"resume={checkpoint}"))
     assert load_checkpoint(checkpoint)["epoch"] == 1  # epoch 1's training is kept
@@ -241,7 +241,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_p
     def diverge(*args, **kwargs):
         raise NonFiniteLossError("epoch 1, iteration 0: the loss is nan")
 
-    monkeypatch.setattr(engine.commands, "train_one_epoch", diverge)
+    monkeypatch.setattr(engine.train, "train_one_epoch", diverge)
     opts = tiny_overrides(coco_path, output_dir, "epochs=2", f"resume={output_dir / 'checkpoint.pth'}")
     assert run("train", opts=opts) == 1
     error = capsys.readouterr().err

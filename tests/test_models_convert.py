@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from main import main
 from models import build_model
 from models.convert import (
     config_from_hf,
@@ -20,7 +21,6 @@ from models.convert import (
     convert_from_hf,
     from_hf_state_dict,
     hf_key,
-    main,
     to_hf_state_dict,
 )
 from tests.tiny_model import TINY, VARIANTS, randomize_zero_initialised, tiny_config
@@ -149,7 +149,7 @@ def test_command_line_reads_pytorch_model_bin(tmp_path, capsys):
     hf_dir.mkdir()
     (hf_dir / "config.json").write_text(json.dumps(config_to_hf(cfg)))
     torch.save(to_hf_state_dict(model.state_dict()), hf_dir / "pytorch_model.bin")
-    assert main(["--from-hf", str(hf_dir), "--out", str(tmp_path / "back.pth")]) == 0
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "back.pth")]) == 0
     assert "deformable_detr_box_refine.yaml" in capsys.readouterr().out
     back = load_checkpoint(tmp_path / "back.pth")
     for key, tensor in model.state_dict().items():
@@ -161,6 +161,7 @@ def test_command_line_reads_pytorch_model_bin(tmp_path, capsys):
 
 def tiny_hf_model(variant: str):
     import transformers  # a test requirement (requirements.txt): a missing one fails, never skips
+
     options = {
         "deformable_detr": {},
         "box_refine": {"with_box_refine": True},
@@ -223,16 +224,17 @@ def test_a_transformers_checkpoint_converts_to_the_same_detections(variant, tmp_
 @pytest.mark.parametrize("variant", ["deformable_detr", "two_stage"])
 def test_our_checkpoint_converts_to_transformers_with_the_same_detections(variant, tmp_path):
     import transformers  # a test requirement (requirements.txt): a missing one fails, never skips
+
     ours = tiny_model(variant)
     save_checkpoint({"model": ours.state_dict()}, tmp_path / "ours.pth")
     opts = [*TINY, *VARIANTS[variant]]
-    assert main(["--to-hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf"), "--opts", *opts]) == 0
+    assert main(["convert", "--to-hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf"), "--opts", *opts]) == 0
     hf_model = transformers.DeformableDetrForObjectDetection.from_pretrained(tmp_path / "hf").eval()
     assert_same_detections(hf_model, ours)
 
 
 def test_to_hf_with_a_config_that_does_not_describe_the_checkpoint_is_refused(tmp_path, capsys):
     save_checkpoint({"model": tiny_model("deformable_detr").state_dict()}, tmp_path / "ours.pth")
-    assert main(["--to-hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf")]) == 2
+    assert main(["convert", "--to-hf", str(tmp_path / "ours.pth"), "--out", str(tmp_path / "hf")]) == 2
     error = capsys.readouterr().err
     assert "does not fit this model" in error and "pass the config it was trained with" in error

@@ -44,7 +44,7 @@ def test_check_passes_and_remembers_a_correct_backend_under_xdg_cache_home(xdg_c
 
 
 def test_auto_follows_the_fastest_backend_check_found(xdg_cache, monkeypatch):
-    monkeypatch.setattr(check.benchmark, "time_backend", _fake_timings("pytorch"))
+    monkeypatch.setattr(check.problems, "time_backend", _fake_timings("pytorch"))
     assert functional.resolve_backend("auto", CPU, torch.float32) == "cpu"
     assert check.main(TINY_RUN) == 0
     assert functional.resolve_backend("auto", CPU, torch.float32) == "pytorch"
@@ -52,7 +52,7 @@ def test_auto_follows_the_fastest_backend_check_found(xdg_cache, monkeypatch):
 
 
 def test_no_save_leaves_the_cache_alone(xdg_cache, monkeypatch):
-    monkeypatch.setattr(check.benchmark, "time_backend", _fake_timings("pytorch"))
+    monkeypatch.setattr(check.problems, "time_backend", _fake_timings("pytorch"))
     assert check.main([*TINY_RUN, "--no-save"]) == 0
     assert not (xdg_cache / "deformable_detr").exists()
 
@@ -65,7 +65,7 @@ def test_a_wrong_backend_is_reported_and_never_remembered(xdg_cache, monkeypatch
         return output * 1.001 if backend == "cpu" else output
 
     monkeypatch.setattr(functional, "ms_deform_attn", cpu_off_by_a_little)
-    monkeypatch.setattr(check.benchmark, "time_backend", _fake_timings("cpu"))
+    monkeypatch.setattr(check.problems, "time_backend", _fake_timings("cpu"))
     assert check.main(TINY_RUN) == 1
     output = capsys.readouterr().out
     assert "cpu: WRONG" in output and "pytorch: ok" in output
@@ -80,7 +80,7 @@ def test_a_wrong_pytorch_backend_is_reported_but_does_not_fail_the_check(xdg_cac
         return output * 1.001 if backend == "pytorch" else output
 
     monkeypatch.setattr(functional, "ms_deform_attn", pytorch_off_by_a_little)
-    monkeypatch.setattr(check.benchmark, "time_backend", _fake_timings("pytorch"))
+    monkeypatch.setattr(check.problems, "time_backend", _fake_timings("pytorch"))
     assert check.main(TINY_RUN) == 0
     assert "pytorch: WRONG (output 10" in capsys.readouterr().out  # 1e-3 / 1e-4 tolerance: 10 (x tolerance)
     assert functional.resolve_backend("auto", CPU, torch.float32) == "cpu"

@@ -154,7 +154,7 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     """The interpreter does not type-check like the GPU compiler: compile both kernels for sm_80 (no launch)."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     completed = subprocess.run(
-        [sys.executable, "tests/triton_compile.py", "80"],
+        [sys.executable, "-m", "tools.triton_compile", "80"],
         cwd=REPOSITORY,
         env=environment,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""``main.py visualize`` (engine.commands.visualize over util.visualize) for every variant, from a checkpoint written
+"""``main.py visualize`` (engine.visualize.visualize over util.visualize) for every variant, from a checkpoint written
 the way training writes it (util.checkpoint.save_checkpoint, with config and category names)."""
 
 from __future__ import annotations

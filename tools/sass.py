@@ -1,8 +1,8 @@
 """Static SASS statistics of CUDA kernels: registers, spills, instructions per sample-channel, vector loads.
 
-    python -m ops.sass                                   # ops/csrc/ms_deform_attn_cuda.cu for sm_80 and sm_90
-    python -m ops.sass other.cu --label old=ops/csrc/ms_deform_attn_cuda.cu --channels forward=4
-    python -m ops.sass --floors                          # the memory floor of the benchmark cases on A100 / H100
+    python -m tools.sass                                   # ops/csrc/ms_deform_attn_cuda.cu for sm_80 and sm_90
+    python -m tools.sass other.cu --label old=ops/csrc/ms_deform_attn_cuda.cu --channels forward=4
+    python -m tools.sass --floors                          # the memory floor of the benchmark cases on A100 / H100
 
 No GPU is needed: each source is compiled with ``nvcc -cubin`` (torch's include paths and flags, ``-O3 -lineinfo``,
 ``-Xptxas -v`` for the spills), ``cuobjdump -res-usage`` gives the registers and ``nvdisasm -gi`` the instructions
@@ -336,7 +336,7 @@ def stats_table(stats: list[KernelStats], baseline: dict[tuple[str, str], float]
 
 def floor_table() -> list[str]:
     """Bytes that must cross memory once, over the nominal bandwidth, for the op benchmark cases and COCO size."""
-    from ops.benchmark import CASES, CHANNELS, HEADS, POINTS
+    from ops.cases import CASES, CHANNELS, HEADS, POINTS
 
     cases = [(case.name, case.batch, case.level_shapes, case.queries) for case in CASES.values()]
     coco = CASES["coco_encoder"].level_shapes
@@ -381,7 +381,7 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ops.sass", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tools.sass", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("sources", nargs="*", type=Path, help="CUDA sources (default: ops/csrc/ms_deform_attn_cuda.cu)")
     parser.add_argument("--label", action="append", default=[], help="LABEL=SOURCE.cu, a named source")

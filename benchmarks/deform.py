@@ -1,5 +1,5 @@
-"""Time the deformable-convolution family on the CPU (rows of ``python -m ops.benchmark``; alone:
-``python -m ops.benchmark_deform``).
+"""Time the deformable-convolution family on the CPU (rows of ``python -m benchmarks.msda``; alone:
+``python -m benchmarks.deform``).
 
 - ``deform_conv2d`` at a ResNet-50 conv4 shape (batch 1, 256 -> 256 channels, 3x3, the 50x84 map of an 800x1333
   image), v1 and v2, torchvision's kernel and the ``grid_sample`` formulation, against ``nn.Conv2d``.
@@ -20,9 +20,10 @@ import torch
 import torchvision
 from torch.nn import functional as F
 
-from ops.benchmark import _median_ms, describe_machine
+from benchmarks.harness import describe_machine
 from ops.deform_conv import deform_conv2d
 from ops.deform_roi_pool import deform_ps_roi_pool, deform_roi_pool
+from util.timing import median_ms
 
 CHANNELS, HEIGHT, WIDTH = 256, 50, 84  # ResNet-50 conv4 at 800x1333
 ROIS, BINS, PS_CHANNELS = 128, 7, 10
@@ -41,7 +42,7 @@ def _time(function: Callable[..., torch.Tensor], tensors: list[torch.Tensor], re
         output = function(*leaves)
         output.backward(torch.ones_like(output))
 
-    return _median_ms(forward, device, repeats, warmup=1), _median_ms(forward_backward, device, repeats, warmup=1)
+    return median_ms(forward, device, repeats, warmup=1), median_ms(forward_backward, device, repeats, warmup=1)
 
 
 def conv_cases(generator: torch.Generator) -> list[tuple[str, Callable, list[torch.Tensor]]]:
@@ -122,7 +123,7 @@ def run(repeats: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m ops.benchmark_deform", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.deform", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
     run(parser.parse_args(argv).repeats)

@@ -1,4 +1,4 @@
-"""Time the paper's transform pipelines on a COCO-sized image: ``python -m datasets.benchmark``.
+"""Time the paper's transform pipelines on a COCO-sized image: ``python -m benchmarks.transforms``.
 
 Prints a markdown table of milliseconds per image for the training pipeline, the validation pipeline and each
 training step alone: the fastest of ``--repeats`` rounds of ``--calls`` calls each, in one thread as one

@@ -1,4 +1,4 @@
-"""ops.sass: loops found from the branches of a SASS listing, loads by width, and a real compile where nvcc is."""
+"""tools.sass: loops found from the branches of a SASS listing, loads by width, and a real compile where nvcc is."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ops import sass
+from tools import sass
 
 LISTING = """
 .text._Z6kernelPf:

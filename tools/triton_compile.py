@@ -1,6 +1,6 @@
 """Compile the Triton kernels for a CUDA GPU architecture on a machine without a GPU (nothing is launched).
 
-    python tests/triton_compile.py 80      # sm_80; TRITON_INTERPRET must be unset
+    python -m tools.triton_compile 80      # sm_80; TRITON_INTERPRET must be unset
 
 Prints one line per kernel and dtype with the PTX instructions that matter here (global loads, stores, atomic
 adds: ``atom.global``, or ``red.global`` where the result is unused, as Triton 3.9 emits them) and ptxas's register
@@ -15,9 +15,6 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton
 from triton.backends.compiler import GPUTarget

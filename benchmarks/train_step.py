@@ -1,7 +1,7 @@
 """Training-step time on the CPU, float32 against bfloat16 autocast (``amp``); prints a Markdown table.
 
-    python -m engine.train_benchmark --config configs/deformable_detr.yaml --size 800 1066 --batch 1
-    python -m engine.train_benchmark --config configs/demo_shapes.yaml --size 96 128 --batch 8
+    python -m benchmarks.train_step --config configs/deformable_detr.yaml --size 800 1066 --batch 1
+    python -m benchmarks.train_step --config configs/demo_shapes.yaml --size 96 128 --batch 8
 
 One step is what ``engine.training.train_one_epoch`` does per batch: ``forward_losses`` (forward under autocast
 for ``amp``, the set criterion on float32 outputs), backward, the fused AdamW step of
@@ -17,12 +17,13 @@ import argparse
 
 import torch
 
+from benchmarks.harness import describe_machine, in_fresh_process
 from datasets import Batch
 from engine.optim import build_optimizer
 from engine.training import autocast_dtype, forward_losses, prepare_for_training, resolve_amp
 from models import build_model
-from ops.benchmark import _median_ms, describe_machine, in_fresh_process
 from util.config import load_config
+from util.timing import median_ms
 
 AMP_MODES = ("none", "bfloat16")
 
@@ -50,7 +51,7 @@ def measure(config: str, overrides: list[str], amp: str, batch: int, size: tuple
         loss.backward()
         optimizer.step()
 
-    return _median_ms(step, device, repeats, warmup)
+    return median_ms(step, device, repeats, warmup)
 
 
 def run(config: str, overrides: list[str], batch: int, size: tuple[int, int], repeats: int, warmup: int) -> list[str]:
@@ -74,7 +75,7 @@ def run(config: str, overrides: list[str], batch: int, size: tuple[int, int], re
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.train_benchmark",
+        prog="python -m benchmarks.train_step",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Forward latency and peak memory of the R50 Deformable DETR variants at 800x1333, random weights.
 
-    python -m models.benchmark [--variants deformable_detr two_stage] [--repeats 3] [--device cpu cuda]
+    python -m benchmarks.model [--variants deformable_detr two_stage] [--repeats 3] [--device cpu cuda]
 
 Prints a Markdown table per device: batch size, how the model runs, median forward milliseconds, images/s and peak
 memory (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak resident set of a fresh process that runs only
@@ -17,10 +17,11 @@ import resource
 
 import torch
 
+from benchmarks.harness import describe_machine, in_fresh_process
 from models import PUBLISHED_VARIANTS, build_model, published_variant
 from models.inference import prepare_for_inference
-from ops.benchmark import _median_ms, describe_machine, in_fresh_process
 from util.config import load_config
+from util.timing import median_ms
 
 HEIGHT, WIDTH = 800, 1333
 
@@ -51,7 +52,7 @@ def measure(variant: str, device_type: str, batch: int, mode: str, repeats: int,
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    milliseconds = _median_ms(forward, device, repeats, warmup)
+    milliseconds = median_ms(forward, device, repeats, warmup)
     if device.type == "cuda":
         return milliseconds, torch.cuda.max_memory_allocated(device) / 2**20
     return milliseconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
@@ -88,7 +89,7 @@ def run(variants: list[str], devices: list[str], repeats: int, warmup: int) -> l
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m models.benchmark", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     names = [variant.name for variant in PUBLISHED_VARIANTS]
     parser.add_argument("--variants", nargs="+", choices=names, default=names)

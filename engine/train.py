@@ -1,4 +1,4 @@
-"""The commands of ``main.py``: train, eval, predict and visualize, each from a resolved config.
+"""``main.py train``: the training run, from a resolved config.
 
 Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 
@@ -19,14 +19,10 @@ keeps its training, and when it resumes the missing record is completed by evalu
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import random
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -37,15 +33,14 @@ from torch.utils.data import DataLoader
 
 from datasets import CocoDetection
 from engine.data import (
-    build_config_transforms,
     build_eval_loader,
     build_split,
     build_train_loader,
 )
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
-from engine.prediction import PREDICTIONS_FILE, load_image, predict_files
 from engine.run_dir import CONFIG_FILE, LATEST_CHECKPOINT, append_log, claim_output_dir, reconcile_log
+from engine.runtime import build_model_on, decided_on_main, say
 from engine.training import (
     NonFiniteLossError,
     build_grad_scaler,
@@ -53,9 +48,7 @@ from engine.training import (
     resolve_amp,
     train_one_epoch,
 )
-from models import build_model
 from models.describe import describe_state_dict
-from models.inference import prepare_for_inference
 from util.checkpoint import (
     load_checkpoint,
     load_model_weights,
@@ -66,45 +59,13 @@ from util.config import Config
 from util.distributed import (
     DistributedInfo,
     barrier,
-    broadcast_from_main,
     explaining_timeouts,
     init_distributed,
 )
-from util.errors import RunError, UserError
+from util.errors import UserError
 from util.progress import format_duration
-from util.visualize import sample_attention, write_visualization
-from util.visualize_dcn import record_deform_sampling, write_dcn_visualization
 
 CLASS_HEADS = ("class_embed",)  # the detector's modules sized by num_classes (in the decoder too, two-stage)
-
-
-def say(info: DistributedInfo, message: str) -> None:
-    """Print ``message`` on rank 0."""
-    if info.is_main:
-        print(message, flush=True)
-
-
-def decided_on_main(info: DistributedInfo, decide: Callable[[], Any]) -> Any:
-    """``decide()`` run on rank 0 alone (the rank that reads and writes ``output_dir``); its result, or the
-    :class:`UserError` it raised, on every rank."""
-    outcome = None
-    if info.is_main:
-        try:
-            outcome = (True, decide())
-        except UserError as error:
-            outcome = (False, str(error))
-    succeeded, value = broadcast_from_main(outcome)
-    if not succeeded:
-        raise UserError(value)
-    return value
-
-
-class PredictionError(RunError):
-    """Some images could not be predicted; the others were written. ``results``: those written."""
-
-    def __init__(self, message: str, results: list[dict]):
-        super().__init__(message)
-        self.results = results
 
 
 def seed_everything(seed: int) -> None:
@@ -117,35 +78,6 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed every epoch starts from: a function of these three alone, so that a run resumed at ``epoch`` draws
     the same augmentations, data-loader worker seeds and dropout as a run that never stopped."""
     return int(np.random.SeedSequence([seed % 2**32, rank, epoch]).generate_state(1)[0])
-
-
-def build_model_on(cfg: Config, info: DistributedInfo) -> tuple[nn.Module, nn.Module, dict[str, nn.Module]]:
-    """The model on this process's device. No ImageNet weights are fetched when a checkpoint (``resume`` or
-    ``finetune_from``) will replace every backbone weight: evaluating a published checkpoint works offline."""
-    if cfg.resume or cfg.finetune_from:
-        cfg = dataclasses.replace(cfg, pretrained_backbone=False)
-    model, criterion, postprocessors = build_model(cfg)
-    return model.to(info.device), criterion.to(info.device), postprocessors
-
-
-def _load_for_inference(
-    cfg: Config, command: str, model: nn.Module, info: DistributedInfo
-) -> tuple[nn.Module, dict, str]:
-    """-> (the model with ``cfg.resume``'s weights, prepared for inference in ``cfg.inference_dtype``; the
-    checkpoint; the autocast to run it under: ``cfg.amp`` for a float32 model, none for a bfloat16 one, whose
-    float32 heads autocast would round)."""
-    if not cfg.resume:
-        raise UserError(f"{command} needs a checkpoint: --opts resume=PATH")
-    checkpoint = load_checkpoint(cfg.resume)
-    load_model_weights(model, checkpoint, cfg.resume, describe=describe_state_dict)
-    model = prepare_for_inference(model, info.device, cfg.inference_dtype)
-    amp = resolve_amp(cfg.amp, info.device) if model.inference_dtype == torch.float32 else "none"
-    say(
-        info,
-        f"{command}: weights in {str(model.inference_dtype).replace('torch.', '')} on {info.device}"
-        + (f", autocast {amp}" if amp != "none" else ""),
-    )
-    return model, checkpoint, amp
 
 
 def checkpoint_due(epoch: int, cfg: Config) -> bool:
@@ -378,119 +310,3 @@ def train_epochs(cfg: Config, info: DistributedInfo, output_dir: Path) -> dict[s
         metrics = validation_metrics(record) or metrics
     say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
     return (metrics or None) if info.is_main else None
-
-
-def evaluate_checkpoint(cfg: Config) -> dict[str, float] | None:
-    """Evaluate ``cfg.resume`` on the val split; rank 0 writes ``detections.json`` and ``metrics.json`` under
-    ``cfg.output_dir`` and returns the metrics."""
-    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
-    model, _, postprocessors = build_model_on(cfg, info)
-    model, _, amp = _load_for_inference(cfg, "eval", model, info)
-    val_set = build_split("val", cfg)
-    loader = build_eval_loader(val_set, cfg, info.rank, info.world_size)
-    if info.is_main:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    with explaining_timeouts(cfg.dist_timeout_minutes):
-        metrics = evaluate(
-            model,
-            postprocessors["bbox"],
-            loader,
-            val_set,
-            info.device,
-            cfg.output_dir,
-            amp=amp,
-            print_every=cfg.print_every,
-        )
-    if metrics is not None:
-        say(info, "metrics: " + json.dumps({name: round(value, 4) for name, value in metrics.items()}))
-    return metrics
-
-
-def predict(cfg: Config, images: Sequence[str | Path], out_dir: str | Path, threshold: float = 0.5) -> list[dict]:
-    """Detect in ``images`` with ``cfg.resume`` and write ``out_dir/predictions.json`` and the drawn images.
-
-    An image that cannot be read is skipped; the others are written, then a :class:`PredictionError` names the
-    skipped ones and why (``main.py`` prints it and exits with status 1).
-    """
-    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
-    model, _, postprocessors = build_model_on(cfg, info)
-    model, checkpoint, amp = _load_for_inference(cfg, "predict", model, info)
-    names = checkpoint.get("category_names")
-    results, failures = predict_files(
-        model,
-        postprocessors["bbox"],
-        images,
-        build_config_transforms("val", cfg),
-        info.device,
-        out_dir,
-        names,
-        threshold,
-        amp,
-    )
-    for result in results:
-        found = ", ".join(f"{d['name']} {d['score']:.2f}" for d in result["detections"]) or "nothing"
-        say(info, f"{result['file']}: {found}")
-    say(info, f"wrote {len(results)} drawn image(s) and predictions.json to {out_dir}")
-    if failures:
-        listed = "; ".join(f"{path}: {reason}" for path, reason in failures.items())
-        raise PredictionError(
-            f"{len(failures)} of {len(images)} image(s) could not be predicted ({listed}); the other "
-            f"{len(results)} are in {Path(out_dir) / PREDICTIONS_FILE}",
-            results,
-        )
-    return results
-
-
-def visualize(
-    cfg: Config,
-    images: Sequence[str | Path],
-    out_dir: str | Path,
-    threshold: float = 0.5,
-    top_k: int = 4,
-    points: Sequence[tuple[float, float]] | None = None,
-    layer: int = -1,
-    by_level: bool = False,
-    by_head: bool = False,
-    query_level: int = 0,
-) -> list[Path]:
-    """Where ``cfg.resume`` looks in each of ``images``: writes ``out_dir/<stem>_detections.png``,
-    ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` and ``<stem>_sampling.json`` (see
-    ``util.visualize.write_visualization``); the encoder queries are cells of level ``query_level`` (0: the
-    finest). With a DCN backbone also ``<stem>_dcn_sampling.png`` and a ``"dcn"`` entry in the JSON: the 729
-    points of its last three deformable convolutions for the same query pixels (``util.visualize_dcn``).
-    Returns the paths written."""
-    stems = [Path(path).stem for path in images]
-    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
-    if repeated:
-        raise UserError(
-            f"images share the file name stems {repeated}: their outputs would overwrite each other; "
-            "visualize them into different --out folders"
-        )
-    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
-    model, _, _ = build_model_on(cfg, info)
-    model, checkpoint, _ = _load_for_inference(cfg, "visualize", model, info)
-    names = checkpoint.get("category_names")
-    transforms = build_config_transforms("val", cfg)
-    written = []
-    for path in images:
-        with record_deform_sampling(model) as dcn_records:  # a DCN backbone's offsets and masks, if it has one
-            view = sample_attention(
-                model,
-                load_image(path),
-                transforms,
-                threshold=threshold,
-                top_k=top_k,
-                points=points,
-                layer=layer,
-                query_level=query_level,
-            )
-        written += write_visualization(view, out_dir, Path(path).stem, names, by_level, by_head)
-        pixels = [query.pixel for query in view.encoder]
-        written += write_dcn_visualization(dcn_records, pixels, view.image, view.resized_size, out_dir, Path(path).stem)
-        say(
-            info,
-            f"{path}: {len(view.detections)} detection(s) at or above {threshold}; decoder layer "
-            f"{view.decoder_layer}, encoder layer {view.encoder_layer}",
-        )
-    say(info, f"wrote {len(written)} file(s) to {out_dir}")
-    return written

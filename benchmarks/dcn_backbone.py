@@ -1,6 +1,6 @@
 """Is the deformable convolution the bottleneck of a DCN backbone's training step on the CPU?
 
-    python -m models.benchmark_dcn [--config configs/demo_shapes_dcn.yaml] [--batch 8] [--size 96] [--repeats 3]
+    python -m benchmarks.dcn_backbone [--config configs/demo_shapes_dcn.yaml] [--batch 8] [--size 96] [--repeats 3]
 
 Times forward + backward of the config's backbone (random weights) on a random batch: the plain backbone
 (``dcn_stages=[]``) and the DCN one with each ``ops.deform_conv2d`` backend, and the share of the step's CPU time
@@ -14,10 +14,11 @@ import argparse
 
 import torch
 
+from benchmarks.harness import describe_machine
 from models.backbone import build_backbone
-from ops.benchmark import _median_ms, describe_machine
 from ops.deform_conv import DeformConv2d
 from util.config import load_config
+from util.timing import median_ms
 
 DEFORM_OPS = ("deform_conv2d", "grid_sampler")  # profiler keys (substrings) of the deformable convolution's ops
 
@@ -52,7 +53,7 @@ def run(config: str, batch: int, size: int, repeats: int) -> list[str]:
             features, _, _ = backbone(images, padding_mask)
             sum(feature.sum() for feature in features).backward()
 
-        milliseconds = _median_ms(step, torch.device("cpu"), repeats, warmup=1)
+        milliseconds = median_ms(step, torch.device("cpu"), repeats, warmup=1)
         share = f"{deform_share(step):.0%}" if dcn else "-"
         lines.append(f"| {'DCN' if dcn else 'plain'} | {backend} | {milliseconds:.0f} | {share} |")
         print(lines[-1], flush=True)
@@ -61,7 +62,9 @@ def run(config: str, batch: int, size: int, repeats: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m models.benchmark_dcn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m benchmarks.dcn_backbone",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default="configs/demo_shapes_dcn.yaml")
     parser.add_argument("--batch", type=int, default=8)

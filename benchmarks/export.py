@@ -1,7 +1,7 @@
 """Export time and CPU latency of the exported graph in onnxruntime against PyTorch; prints a Markdown table.
 
-    python -m engine.export_benchmark --config configs/deformable_detr.yaml --size 800 1333 [--exporter torchscript]
-    python -m engine.export_benchmark --opts backbone=resnet18 hidden_dim=64 ... --size 96 128   # a tiny model
+    python -m benchmarks.export --config configs/deformable_detr.yaml --size 800 1333 [--exporter torchscript]
+    python -m benchmarks.export --opts backbone=resnet18 hidden_dim=64 ... --size 96 128   # a tiny model
 
 Random weights (latency does not depend on them); batch 1; the median of ``--runs`` runs after one warm-up.
 PyTorch runs the attention's pytorch backend (the exported formulation) and, where the C++ kernel builds, the
@@ -11,10 +11,8 @@ PyTorch runs the attention's pytorch backend (the exported formulation) and, whe
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,20 +21,13 @@ from engine.export import EXPORTERS, export_onnx, use_attention_backend
 from models import build_model
 from ops import available_backends
 from util.config import load_config
+from util.timing import median_ms
 
-
-def median_seconds(run: Callable[[], object], runs: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+CPU = torch.device("cpu")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.export_benchmark", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None)
     parser.add_argument("--opts", nargs="*", default=[])
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
@@ -56,18 +47,18 @@ def main(argv: list[str] | None = None) -> None:
         export_seconds = time.perf_counter() - start
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {"images": images.numpy()}
-        rows = [("onnxruntime (CPU)", median_seconds(lambda: session.run(None, feed), args.runs))]
+        rows = [("onnxruntime (CPU)", median_ms(lambda: session.run(None, feed), CPU, args.runs))]
     for backend in [name for name in ("pytorch", "cpu") if name in available_backends()]:
         use_attention_backend(model, backend)
         with torch.no_grad():
-            rows.append((f"PyTorch, attention backend {backend}", median_seconds(lambda: model(images), args.runs)))
+            rows.append((f"PyTorch, attention backend {backend}", median_ms(lambda: model(images), CPU, args.runs)))
     print(
         f"export ({args.exporter}): {export_seconds:.1f} s; {torch.get_num_threads()} threads, "
         f"batch 1, {args.size[0]}x{args.size[1]}\n"
     )
     print("| runtime | latency (median) |\n|---|---:|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds * 1000:.0f} ms |")
+    for name, milliseconds in rows:
+        print(f"| {name} | {milliseconds:.0f} ms |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Developer instruments (``python -m tools.NAME``), beside the product: nothing in it imports them."""
