@@ -331,10 +331,11 @@ def readme_commands() -> list[list[str]]:
 
 def test_the_readme_commands_parse_and_their_configs_load():
     commands = readme_commands()
-    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize", "export"}
+    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize", "export", "convert"}
     for arguments in commands:
         args = main.build_parser().parse_args(main.glue_point_values(arguments))
-        load_config(Path(__file__).resolve().parents[1] / args.config, overrides=args.opts)
+        config = Path(__file__).resolve().parents[1] / args.config if args.config else None
+        load_config(config, overrides=args.opts)
 
 
 def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):
