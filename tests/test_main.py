@@ -14,7 +14,7 @@ import torch
 
 import engine.train
 import main
-from engine.training import NonFiniteLossError
+from engine.train import NonFiniteLossError
 from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
 from util.checkpoint import load_checkpoint
 from util.config import load_config
