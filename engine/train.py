@@ -124,7 +124,13 @@ def train(cfg: Config) -> dict[str, float] | None:
 
 def set_up(cfg: Config, info: DistributedInfo) -> TrainingRun:
     """Claim ``cfg.output_dir`` (see ``engine.run_dir``) and write ``config.yaml`` there; build the model on this
-    process's device, the data, the optimizer, its schedule and the gradient scaler."""
+    process's device, the data, the optimizer, its schedule and the gradient scaler. ``resume`` together with
+    ``finetune_from`` is refused before anything is written."""
+    if cfg.resume and cfg.finetune_from:
+        raise UserError(
+            f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
+            f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
+        )
     output_dir = Path(cfg.output_dir)
     claim = partial(claim_output_dir, output_dir, cfg.resume, cfg.finetune_from, cfg.overwrite)
     for note in decided_on_main(info, claim):
@@ -165,11 +171,6 @@ def start_from(run: TrainingRun) -> tuple[int, dict[str, float]]:
     epoch (the run stopped in that epoch's evaluation), the checkpoint is evaluated again and the record completed.
     """
     cfg, info = run.cfg, run.info
-    if cfg.resume and cfg.finetune_from:
-        raise UserError(
-            f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
-            f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
-        )
     if cfg.finetune_from:
         fine_tune(run)
     start_epoch, last_record = resume(run) if cfg.resume else (0, None)
