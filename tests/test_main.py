@@ -14,7 +14,7 @@ import torch
 
 import engine.train
 import main
-from engine.training import NonFiniteLossError
+from engine.train import NonFiniteLossError
 from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
 from util.checkpoint import load_checkpoint
 from util.config import load_config
@@ -105,8 +105,10 @@ def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(fi
 
 def test_resume_and_finetune_from_together_are_refused(first_run, coco_path, tmp_path, capsys):
     path = first_run / "checkpoint.pth"
-    assert run("train", opts=tiny_overrides(coco_path, tmp_path, f"resume={path}", f"finetune_from={path}")) == 2
+    output_dir = tmp_path / "run"
+    assert run("train", opts=tiny_overrides(coco_path, output_dir, f"resume={path}", f"finetune_from={path}")) == 2
     assert "not both" in capsys.readouterr().err
+    assert not output_dir.exists()  # refused before the folder was claimed
 
 
 def test_eval_of_a_checkpoint_of_another_variant_names_both(first_run, coco_path, tmp_path, capsys):
