@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from models import PUBLISHED_VARIANTS, build_model
+from models import PUBLISHED_VARIANTS, Variant, build_model
 from models.describe import describe_state_dict
 from util.checkpoint import load_checkpoint, load_model_weights
 from util.config import Config, load_config
@@ -241,11 +241,15 @@ def config_from_hf(hf_config: Mapping[str, Any], source: str = "config.json") ->
         "two_stage": two_stage,
         "num_classes": num_labels,
     }
-    # the published variant whose config needs the fewest overrides (the first in the table on a tie)
-    variant, base = min(
-        ((variant, variant.load_config()) for variant in PUBLISHED_VARIANTS),
-        key=lambda pair: sum(getattr(pair[1], key) != value for key, value in values.items()),
-    )
+    # the published variant whose config needs the fewest overrides; of those, the one closest to the defaults
+    defaults = Config().to_dict()
+
+    def distance(pair: tuple[Variant, Config]) -> tuple[int, int]:
+        cfg = pair[1]
+        changed = sum(value != defaults[key] for key, value in cfg.to_dict().items())
+        return sum(getattr(cfg, key) != value for key, value in values.items()), changed
+
+    variant, base = min(((variant, variant.load_config()) for variant in PUBLISHED_VARIANTS), key=distance)
     overrides = [f"{key}={json.dumps(value)}" for key, value in values.items() if getattr(base, key) != value]
     return str(variant.config_path), overrides
 
