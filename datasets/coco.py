@@ -1,7 +1,10 @@
 """COCO-format detection data: ``coco_path/{train,val}2017/`` images and ``annotations/instances_*2017.json``.
 
 The annotation file is read and checked completely when the dataset is built, so that a malformed file fails
-before training with an error naming the file and the offending id. The category id is the label (as in the
+before training with a :class:`util.errors.UserError` naming the file and the offending id (``main.py`` prints it
+as one ``error:`` line). A ``file_name`` must lie inside the image folder: an absolute path or a ``..`` is refused.
+Boxes that lie outside their image (or have no area once clipped to it) are dropped with a warning that counts them
+and the images they leave without boxes. The category id is the label (as in the
 original Deformable DETR, which trains COCO with ``num_classes=91``), so every category id must be below
 ``num_classes``.
 """
@@ -15,7 +18,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 import numpy as np
@@ -51,10 +54,15 @@ class _ParsedAnnotations:
     category_names: dict[int, str]
     num_crowd: int
     num_degenerate: int
+    num_emptied: int  # images whose every box was degenerate
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """A folder or file of the data set (``coco_path``, an annotation file, an image) does not exist."""
 
 
 class _EntryError(ValueError):
-    """A problem with one JSON entry; re-raised as ValueError with the file and the entry's id in front."""
+    """A problem with one JSON entry; re-raised as a UserError with the file and the entry's id in front."""
 
 
 def _is_int(value: Any) -> bool:
@@ -82,24 +90,33 @@ def _check_entries(path: Path, kind: str, entries: list, check: Callable[[Any], 
         except _EntryError as error:
             has_id = isinstance(entry, dict) and _is_int(entry.get("id"))
             where = f"{kind} id {entry['id']}" if has_id else f"{kind} at index {index}"
-            raise ValueError(f"{path}: {where}: {error}") from None
+            raise UserError(f"{path}: {where}: {error}") from None
 
 
 def load_annotation_file(path: str | Path) -> dict:
-    """The JSON of a COCO annotation file, checked to hold lists ``images``, ``annotations`` and ``categories``."""
+    """The JSON of a COCO annotation file, checked to hold lists ``images``, ``annotations`` and ``categories``;
+    a :class:`UserError` names the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} does not exist")
+        raise DataNotFoundError(
+            f"annotation file {path} does not exist: coco_path must hold annotations/instances_train2017.json, "
+            "annotations/instances_val2017.json and the image folders train2017/, val2017/"
+        )
     try:
         with open(path, encoding="utf-8") as file:
             data = json.load(file)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON: {error}") from error
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            "save the file as UTF-8 JSON"
+        ) from None
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON: {error}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{path}: expected a list under {key!r}, got {type(data.get(key)).__name__}")
+            raise UserError(f"{path}: expected a list under {key!r}, got {type(data.get(key)).__name__}")
     return data
 
 
@@ -124,12 +141,25 @@ def _add_image(image: Any, images: dict[int, dict]) -> None:
         raise _EntryError(f"'id' must be an integer, got {image['id']!r}")
     if not isinstance(image["file_name"], str) or not image["file_name"]:
         raise _EntryError(f"'file_name' must be a non-empty string, got {image['file_name']!r}")
+    if not _inside_folder(image["file_name"]):
+        raise _EntryError(
+            f"'file_name' {image['file_name']!r} points outside the image folder; it must be a path relative to "
+            "the folder, without '..'"
+        )
     for key in ("height", "width"):
         if not _is_int(image[key]) or image[key] <= 0:
             raise _EntryError(f"{key!r} must be a positive integer, got {image[key]!r}")
     if image["id"] in images:
         raise _EntryError("the image id appears twice")
     images[image["id"]] = image
+
+
+def _inside_folder(file_name: str) -> bool:
+    """Whether ``file_name`` stays inside the folder it is joined to: relative, no ``..`` part, no drive."""
+    for path in (PurePosixPath(file_name), PureWindowsPath(file_name)):
+        if path.is_absolute() or path.anchor or ".." in path.parts:
+            return False
+    return True
 
 
 def _parse_box(bbox: Any) -> tuple[float, float, float, float]:
@@ -157,6 +187,7 @@ class _BoxCollector:
         self.rows: dict[int, list[tuple]] = {image_id: [] for image_id in images}  # x0, y0, x1, y1, label, area
         self.annotation_ids: set[int] = set()
         self.num_crowd = self.num_degenerate = 0
+        self.degenerate_images: set[int] = set()  # images with at least one degenerate box
 
     def __call__(self, annotation: Any) -> None:
         _require(annotation, ("id", "image_id", "category_id", "bbox"))
@@ -189,6 +220,7 @@ class _BoxCollector:
         clipped = _clip_to_image(box, image)
         if clipped is None:
             self.num_degenerate += 1
+            self.degenerate_images.add(image["id"])
             return
         self.rows[image["id"]].append((*clipped, category_id, area))
 
@@ -204,7 +236,8 @@ def _parse_annotations(path: Path, data: dict, num_classes: int) -> _ParsedAnnot
     boxes = _BoxCollector(images, category_names)
     _check_entries(path, "annotation", data["annotations"], boxes)
     records = [_make_record(images[image_id], boxes.rows[image_id]) for image_id in sorted(images)]
-    return _ParsedAnnotations(records, category_names, boxes.num_crowd, boxes.num_degenerate)
+    emptied = sum(not boxes.rows[image_id] for image_id in boxes.degenerate_images)
+    return _ParsedAnnotations(records, category_names, boxes.num_crowd, boxes.num_degenerate, emptied)
 
 
 def _make_record(image: dict, rows: list[tuple]) -> ImageRecord:
@@ -242,7 +275,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Attributes:
         num_crowd_dropped, num_degenerate_dropped: boxes not trained on, because crowd, or because they have no
-            area once clipped to the image.
+            area once clipped to the image (they lie outside it, or have no width or height): these are counted in
+            a warning, with ``num_emptied_images``, the images they leave without boxes.
         category_names: ``{label: name}``; label_to_category_id: ``{label: category id}`` (the identity).
     """
 
@@ -266,6 +300,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.label_to_category_id = {label: label for label in self.category_names}
         self.num_crowd_dropped = parsed.num_crowd
         self.num_degenerate_dropped = parsed.num_degenerate
+        self.num_emptied_images = parsed.num_emptied
         self._coco: COCO | None = None
         if check_images:
             self._check_images_exist()
@@ -279,16 +314,25 @@ class CocoDetection(torch.utils.data.Dataset):
             self.num_crowd_dropped,
             self.num_degenerate_dropped,
         )
+        if self.num_degenerate_dropped:
+            logger.warning(
+                "%s: %d of its %d non-crowd boxes lie outside their image or have no area inside it and are not "
+                "used%s; check the boxes' [x, y, width, height] against the images' sizes",
+                self.annotation_file,
+                self.num_degenerate_dropped,
+                self.num_degenerate_dropped + num_boxes,
+                f", leaving {self.num_emptied_images} image(s) without boxes" if self.num_emptied_images else "",
+            )
 
     def _check_images_exist(self) -> None:
         if not self.image_folder.is_dir():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"image folder {self.image_folder} does not exist (annotations: {self.annotation_file})"
             )
         for record in self.records:
             path = self.image_folder / record.file_name
             if not path.is_file():
-                raise FileNotFoundError(
+                raise DataNotFoundError(
                     f"image {path} (image id {record.image_id} in {self.annotation_file}) does not exist"
                 )
 
@@ -359,9 +403,15 @@ def build_dataset(
     ``coco_path/{image_set}2017/``, annotations in ``coco_path/annotations/instances_{image_set}2017.json``."""
     if image_set not in IMAGE_SETS:
         raise ValueError(f"image_set must be one of {IMAGE_SETS}, got {image_set!r}")
+    if not str(coco_path):
+        raise UserError("coco_path is empty: set it to the data set's folder (e.g. --opts coco_path=data/coco)")
     root = Path(coco_path)
     if not root.is_dir():
-        raise FileNotFoundError(f"coco_path {root} is not a directory")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataNotFoundError(
+            f"coco_path {root} {what}: give the folder holding train2017/, val2017/ and annotations/ "
+            "(e.g. --opts coco_path=data/coco)"
+        )
     return CocoDetection(
         root / f"{image_set}2017",
         root / "annotations" / f"instances_{image_set}2017.json",

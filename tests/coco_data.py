@@ -32,7 +32,7 @@ def annotation_dict() -> dict:
 
 def write_coco(root: Path, data: dict | None = None, image_set: str = "train", seed: int = 0) -> Path:
     """Write ``data`` (default :func:`annotation_dict`) and a random image for each of its well-formed image
-    entries under ``root`` in the COCO layout; returns the annotation file."""
+    entries inside the image folder under ``root`` in the COCO layout; returns the annotation file."""
     data = annotation_dict() if data is None else data
     rng = np.random.default_rng(seed)
     folder = root / f"{image_set}2017"
@@ -40,8 +40,12 @@ def write_coco(root: Path, data: dict | None = None, image_set: str = "train", s
     for image in data.get("images", []):
         try:
             size = (int(image["height"]), int(image["width"]), 3)
+            path = folder / image["file_name"]
+            if not path.resolve().is_relative_to(folder.resolve()):
+                continue  # a file name pointing outside the folder: never write there
             pixels = rng.integers(0, 256, size, dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / image["file_name"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)
         except (KeyError, TypeError, ValueError):
             continue  # a deliberately malformed entry
     annotation_file = root / "annotations" / f"instances_{image_set}2017.json"

@@ -153,6 +153,21 @@ MALFORMED = {
     "duplicate_image_id": (lambda d: _set(d["images"][1], "id", 7), "image id 7", "appears twice"),
     "category_without_name": (lambda d: d["categories"][1].pop("name"), "category id 3", "'name'"),
     "no_annotations_list": (lambda d: d.pop("annotations"), "expected a list under 'annotations'", ""),
+    "file_name_climbing_out": (
+        lambda d: _set(d["images"][1], "file_name", "../../../../etc/hostname"),
+        "image id 8",
+        "'file_name' '../../../../etc/hostname' points outside the image folder",
+    ),
+    "file_name_absolute": (
+        lambda d: _set(d["images"][0], "file_name", "/etc/hostname"),
+        "image id 7",
+        "points outside the image folder",
+    ),
+    "file_name_climbing_out_of_a_subfolder": (
+        lambda d: _set(d["images"][0], "file_name", "sub/../../a.png"),
+        "image id 7",
+        "points outside the image folder",
+    ),
 }
 
 
@@ -162,16 +177,65 @@ def test_malformed_annotation_names_file_and_id(tmp_path, case):
     data = annotation_dict()
     change(data)
     annotation_file = write_coco(tmp_path, data)
-    with pytest.raises(ValueError, match=re.escape(f"{annotation_file}: {names_id}")) as error:
+    with pytest.raises(UserError, match=re.escape(f"{annotation_file}: {names_id}")) as error:
         build_dataset("train", tmp_path, num_classes=4)
     assert says_what in str(error.value)
+
+
+def test_a_file_name_in_a_subfolder_is_read(tmp_path):
+    data = annotation_dict()
+    data["images"][2]["file_name"] = "sub/c.png"
+    write_coco(tmp_path, data)
+    dataset = build_dataset("train", tmp_path, num_classes=4)
+    image, _ = _item(dataset, 9)
+    assert image.shape == (3, 12, 12)
+
+
+def test_boxes_outside_their_images_are_counted_in_a_warning(tmp_path, caplog):
+    data = annotation_dict()
+    for annotation in data["annotations"]:
+        if annotation["image_id"] == 7:
+            annotation["bbox"] = [31, 2, 5, 5]  # right of the 30-pixel-wide image
+    write_coco(tmp_path, data)
+    with caplog.at_level(logging.WARNING, logger="datasets.coco"):
+        dataset = build_dataset("train", tmp_path, num_classes=4)
+    assert dataset.num_degenerate_dropped == 4 and dataset.num_emptied_images == 1
+    (warning,) = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert warning.getMessage().startswith(
+        f"{tmp_path / 'annotations' / 'instances_train2017.json'}: 4 of its 5 non-crowd boxes lie outside their "
+        "image or have no area inside it and are not used, leaving 1 image(s) without boxes"
+    )
+
+
+def test_no_warning_when_every_box_is_inside(tmp_path, caplog):
+    data = annotation_dict()
+    data["annotations"] = [annotation for annotation in data["annotations"] if annotation["id"] in (101, 106)]
+    write_coco(tmp_path, data)
+    with caplog.at_level(logging.WARNING, logger="datasets.coco"):
+        build_dataset("train", tmp_path, num_classes=4)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 def test_invalid_json_names_the_file(tmp_path):
     annotation_file = write_coco(tmp_path)
     annotation_file.write_text("{not json")
-    with pytest.raises(ValueError, match=re.escape(f"{annotation_file}: not valid JSON")):
+    with pytest.raises(UserError, match=re.escape(f"{annotation_file}: not valid JSON")):
         build_dataset("train", tmp_path, num_classes=4)
+
+
+def test_a_file_not_in_utf8_is_named_with_the_byte(tmp_path):
+    annotation_file = write_coco(tmp_path)
+    annotation_file.write_bytes(b'{"images": [], "note": "caf\xe9"}')
+    with pytest.raises(UserError, match=re.escape(f"{annotation_file}: not UTF-8 text (byte 0xe9 at offset 27)")):
+        build_dataset("train", tmp_path, num_classes=4)
+
+
+@pytest.mark.parametrize("coco_path", ["", "nothing", "a_file"])
+def test_a_coco_path_that_is_not_a_folder_is_named(tmp_path, coco_path):
+    (tmp_path / "a_file").write_text("")
+    path = str(tmp_path / coco_path) if coco_path else ""
+    with pytest.raises(UserError, match="coco_path"):
+        build_dataset("train", path, num_classes=4)
 
 
 def test_missing_annotation_file_names_the_file(tmp_path):
