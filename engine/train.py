@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,13 @@ SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr")  # the values the pr
 
 
 class NonFiniteLossError(RunError):
-    """The loss became NaN or infinite; training stops before the step that would spread it to the weights."""
+    """The predictions or the loss became NaN or infinite; training stops before the step that would spread it to
+    the weights."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped the run; the message says where and how to resume (``main.py`` prints it and exits
+    with status 130, as shells do for a process that SIGINT ended)."""
 
 
 @dataclass
@@ -116,7 +123,12 @@ def train(cfg: Config) -> dict[str, float] | None:
         )
         run_start = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
-            record = train_epoch(run, epoch)
+            try:
+                record = train_epoch(run, epoch)
+            except KeyboardInterrupt:
+                last = last_good_checkpoint(run)
+                way_on = f"resume with --opts resume={last}" if last else "no checkpoint yet: start the run again"
+                raise TrainingInterrupted(f"interrupted in epoch {epoch}; {way_on}") from None
             metrics = validation_metrics(record) or metrics
         say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
     return (metrics or None) if info.is_main else None
@@ -237,8 +249,8 @@ def train_epoch(run: TrainingRun, epoch: int) -> dict:
             print_every=cfg.print_every,
         )
     except NonFiniteLossError as error:
-        last = run.output_dir / LATEST_CHECKPOINT
-        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        last = last_good_checkpoint(run)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         raise NonFiniteLossError(f"{error}; {kept}. Lower lr, set clip_max_norm, or turn amp off.") from None
     record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
     record.update({f"train_{name}": value for name, value in losses.items()})
@@ -273,8 +285,8 @@ def train_one_epoch(
 
     Returns the epoch's averages over this process's batches, then over processes: ``loss`` (the weighted
     total) and every loss of ``criterion`` unweighted (``loss_ce``, ``loss_bbox_0``, ``class_error``, ...).
-    Raises :class:`NonFiniteLossError` (on every rank alike) when the total loss is not finite, before the
-    optimizer step.
+    Raises :class:`NonFiniteLossError` (on every rank alike) when a prediction is not finite (before the matching,
+    which cannot rank NaN costs) or the total loss is not, before the optimizer step.
     """
     model.train()
     criterion.train()
@@ -282,7 +294,10 @@ def train_one_epoch(
     progress = Progress(len(loader), header=f"epoch {epoch}", every=print_every, enabled=is_main_process(), shown=SHOWN)
     for iteration, batch in enumerate(loader):
         batch: Batch = batch.to(device, non_blocking=True)
-        losses, loss = forward_losses(model, criterion, batch, amp)
+        outputs = forward_outputs(model, batch, amp)
+        stop_on_non_finite_outputs(outputs, epoch, iteration)
+        losses = criterion(outputs, batch.targets)
+        loss = criterion.total_loss(losses)
         total = all_reduce_mean(loss.detach().reshape(1)).item()
         if not math.isfinite(total):
             shown = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items() if name in SHOWN)
@@ -311,11 +326,46 @@ def forward_losses(
     model: nn.Module, criterion: nn.Module, batch: Batch, amp: str = "none"
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The model on ``batch`` under autocast for ``amp``, the criterion on its float32 outputs: -> (every loss of
-    the criterion, the weighted total)."""
+    the criterion, the weighted total). :func:`train_one_epoch` runs the same two steps, checking the outputs
+    between them."""
+    losses = criterion(forward_outputs(model, batch, amp), batch.targets)
+    return losses, criterion.total_loss(losses)
+
+
+def forward_outputs(model: nn.Module, batch: Batch, amp: str = "none") -> dict:
+    """The model's outputs on ``batch`` under autocast for ``amp``, floating tensors in float32."""
     with autocast(amp, batch.images.device):
         outputs = model(batch.images, batch.padding_mask)
-    losses = criterion(to_float32(outputs), batch.targets)
-    return losses, criterion.total_loss(losses)
+    return to_float32(outputs)
+
+
+def non_finite_entries(outputs: Any, name: str = "") -> list[str]:
+    """The tensors of ``outputs`` (nested dicts and lists, e.g. ``aux_outputs.0.pred_boxes``) holding NaN or
+    infinity, each as ``"NAME (n of m values)"``."""
+    if isinstance(outputs, torch.Tensor):
+        if not outputs.is_floating_point():
+            return []
+        bad = int((~torch.isfinite(outputs.detach())).sum())
+        return [f"{name} ({bad} of {outputs.numel()} values)"] if bad else []
+    if isinstance(outputs, dict):
+        items = outputs.items()
+    elif isinstance(outputs, (list, tuple)):
+        items = enumerate(outputs)
+    else:
+        return []
+    return [entry for key, value in items for entry in non_finite_entries(value, f"{name}.{key}" if name else str(key))]
+
+
+def stop_on_non_finite_outputs(outputs: dict, epoch: int, iteration: int) -> None:
+    """Raise :class:`NonFiniteLossError` on every rank alike when any rank's ``outputs`` hold NaN or infinity."""
+    found = non_finite_entries(outputs)
+    if all_reduce_mean(torch.tensor([float(len(found))], device=outputs["pred_logits"].device)).item() == 0:
+        return
+    where = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "") if found else "on another process"
+    raise NonFiniteLossError(
+        f"epoch {epoch}, iteration {iteration}: the model's predictions are not finite ({where}); "
+        "training stopped before the matching and the optimizer step"
+    )
 
 
 def save_epoch(run: TrainingRun, epoch: int, record: dict) -> None:
@@ -361,6 +411,14 @@ def log_epoch(run: TrainingRun, record: dict) -> None:
         f"epoch {record['epoch']} done in {format_duration(record['epoch_time_s'])}: loss "
         f"{record['train_loss']:.4f}{shown}",
     )
+
+
+def last_good_checkpoint(run: TrainingRun) -> Path | None:
+    """The checkpoint the run can go on from: this run's latest, else the one it resumed; None before either."""
+    latest = run.output_dir / LATEST_CHECKPOINT
+    if latest.is_file():
+        return latest
+    return Path(run.cfg.resume) if run.cfg.resume else None
 
 
 def seed_everything(seed: int) -> None:

@@ -44,6 +44,9 @@ class HungarianMatcher(nn.Module):
 
         Returns:
             B pairs (query indices, target indices), int64, each of length min(Q, n_i).
+
+        Raises:
+            ValueError: a prediction is NaN or infinite, so that the costs cannot be ranked.
         """
         batch, queries = outputs["pred_logits"].shape[:2]
         probabilities = outputs["pred_logits"].flatten(0, 1).float().sigmoid()  # (B * Q, num_classes)
@@ -60,6 +63,10 @@ class HungarianMatcher(nn.Module):
         )
         cost = self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
         cost = cost.view(batch, queries, -1).cpu()
+        if not torch.isfinite(cost).all():  # scipy would say only "matrix contains invalid numeric entries"
+            raise ValueError(
+                "the matching costs are not finite: pred_logits or pred_boxes hold NaN or infinity (a diverged model)"
+            )
         sizes = [len(target["boxes"]) for target in targets]
         indices = [linear_sum_assignment(image_cost[image]) for image, image_cost in enumerate(cost.split(sizes, -1))]
         return [

@@ -1,5 +1,5 @@
-"""engine.train: one epoch changes the weights, non-finite losses stop before the step, autocast runs; the epochs
-that are checkpointed and evaluated."""
+"""engine.train: one epoch changes the weights, non-finite predictions stop before the matching and non-finite
+losses before the step, autocast runs; the epochs that are checkpointed and evaluated."""
 
 from __future__ import annotations
 
@@ -55,6 +55,21 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tiny):
     with pytest.raises(NonFiniteLossError, match="epoch 3, iteration 0: the loss is nan"):
         train_one_epoch(model, NanCriterion(), tiny_batches(), build_optimizer(model, cfg), torch.device("cpu"), 3)
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_predictions_stop_before_the_matching_and_the_step(tiny, value):
+    model, criterion, cfg = tiny
+    with torch.no_grad():
+        model.class_embed[0].bias[2] = value  # every query's class-2 logit
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(NonFiniteLossError) as stopped:
+        train_one_epoch(model, criterion, tiny_batches(), build_optimizer(model, cfg), torch.device("cpu"), 4)
+    assert str(stopped.value) == (
+        "epoch 4, iteration 0: the model's predictions are not finite (pred_logits (20 of 120 values)); "
+        "training stopped before the matching and the optimizer step"
+    )
+    assert all(torch.equal(before[name].nan_to_num(), p.nan_to_num()) for name, p in model.named_parameters())
 
 
 def test_bfloat16_autocast_trains_with_finite_losses(tiny):

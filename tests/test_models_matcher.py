@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 from torchvision.ops import box_convert, generalized_box_iou
 
@@ -81,3 +82,11 @@ def test_empty_targets_give_empty_matches():
     indices = matcher(random_outputs(2, 5, 3, generator), [empty, empty])
     assert [(len(rows), len(columns)) for rows, columns in indices] == [(0, 0), (0, 0)]
     assert indices[0][0].dtype == torch.int64
+
+
+def test_non_finite_predictions_are_named_not_left_to_scipy():
+    generator = torch.Generator().manual_seed(0)
+    outputs = random_outputs(1, 5, 3, generator)
+    outputs["pred_boxes"][0, 2] = float("nan")
+    with pytest.raises(ValueError, match="the matching costs are not finite: pred_logits or pred_boxes hold NaN"):
+        HungarianMatcher()(outputs, [random_target(2, 3, generator)])
