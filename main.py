@@ -30,6 +30,9 @@ continues a run at the next epoch.
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -43,17 +46,20 @@ from engine.visualize import visualize
 from util.config import Config, load_config
 from util.distributed import shutdown_distributed
 from util.errors import RunError, UserError
+from util.output_paths import check_output_file, check_output_folder
 
 # A value of --points: "x,y", either coordinate possibly negative ("-100,-100"), which argparse would take for a flag.
 _POINT_VALUE = re.compile(r"^-?[\d.]")
 
 
 def parse_point(text: str) -> tuple[float, float]:
-    """``"x,y"`` (pixels of the original image) -> (x, y)."""
+    """``"x,y"`` (pixels of the original image, finite; outside the image: its nearest cell) -> (x, y)."""
     try:
         x, y = (float(value) for value in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"a point is x,y in pixels (e.g. 120,64), got {text!r}") from None
+        x = y = math.nan
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise argparse.ArgumentTypeError(f"a point is x,y in pixels (e.g. 120,64), got {text!r}")
     return x, y
 
 
@@ -99,23 +105,32 @@ def glue_point_values(argv: Sequence[str]) -> list[str]:
     return glued
 
 
+def _out_folder(cfg: Config, args: argparse.Namespace, default: str) -> str:
+    """``--out``, else ``OUTPUT_DIR/default``; checked to be a folder that can be written (``util.output_paths``)."""
+    out = args.out or f"{cfg.output_dir}/{default}"
+    check_output_folder(out, "--out" if args.out else "output_dir")
+    return out
+
+
 def _run_train(cfg: Config, args: argparse.Namespace) -> None:
+    check_output_folder(cfg.output_dir, "output_dir")
     train(cfg)
 
 
 def _run_eval(cfg: Config, args: argparse.Namespace) -> None:
+    check_output_folder(cfg.output_dir, "output_dir")
     evaluate_checkpoint(cfg)
 
 
 def _run_predict(cfg: Config, args: argparse.Namespace) -> None:
-    predict(cfg, args.image, args.out or f"{cfg.output_dir}/predictions", args.threshold)
+    predict(cfg, args.image, _out_folder(cfg, args, "predictions"), args.threshold)
 
 
 def _run_visualize(cfg: Config, args: argparse.Namespace) -> None:
     visualize(
         cfg,
         args.image,
-        args.out or f"{cfg.output_dir}/visualize",
+        _out_folder(cfg, args, "visualize"),
         args.threshold,
         args.top_k,
         args.points,
@@ -127,11 +142,14 @@ def _run_visualize(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _run_export(cfg: Config, args: argparse.Namespace) -> None:
-    path = export_checkpoint(cfg, args.out or f"{cfg.output_dir}/model.onnx", args.exporter)
+    out = args.out or f"{cfg.output_dir}/model.onnx"
+    check_output_file(out, "--out" if args.out else "output_dir")
+    path = export_checkpoint(cfg, out, args.exporter)
     print(f"wrote {path}")
 
 
 def _run_convert(cfg: Config, args: argparse.Namespace) -> None:
+    (check_output_file if args.from_hf else check_output_folder)(args.out, "--out")
     convert(cfg, args.from_hf, args.to_hf, args.out)
 
 
@@ -246,8 +264,14 @@ def user_message(error: UserError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 done, 1 training diverged, 2 a user mistake)."""
+    """Run one command; returns the exit status: 0 done, 1 a run that stopped or partly failed (training diverged,
+    images that could not be read), 2 a user mistake, 130 interrupted (Ctrl-C)."""
     args = build_parser().parse_args(glue_point_values(sys.argv[1:] if argv is None else argv))
+    # warnings (e.g. boxes a data set drops) on stderr, from the first process alone under torchrun
+    logging.basicConfig(
+        format="%(levelname)s: %(message)s",
+        level=logging.WARNING if os.environ.get("RANK", "0") == "0" else logging.ERROR,
+    )
     try:
         cfg = load_config(args.config, overrides=args.opts)
         args.run(cfg, args)
@@ -257,6 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupted:  # engine.train says where and how to resume; elsewhere nothing is kept
+        print(f"error: {interrupted or 'interrupted'}", file=sys.stderr)
+        return 130
     finally:
         shutdown_distributed()
     return 0
