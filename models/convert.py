@@ -35,7 +35,7 @@ import torch
 
 from models import PUBLISHED_VARIANTS, Variant, build_model
 from models.describe import describe_state_dict
-from util.checkpoint import load_checkpoint, load_model_weights
+from util.checkpoint import is_state_dict, load_checkpoint, load_model_weights, load_weights_only
 from util.config import Config, load_config
 from util.errors import UserError
 
@@ -294,19 +294,43 @@ def config_to_hf(cfg: Config, category_names: Mapping[int, str] | None = None) -
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """``model.safetensors`` (needs the ``safetensors`` package) or ``pytorch_model.bin`` (weights only)."""
+    """``model.safetensors`` (needs the ``safetensors`` package) or ``pytorch_model.bin`` (read as
+    ``util.checkpoint.load_weights_only`` reads checkpoints: tensors and plain values alone, nothing unpickled);
+    an unreadable file or one holding anything but a state dict raises a :class:`UserError` naming it."""
     if path.suffix == ".safetensors":
         try:
+            from safetensors import SafetensorError
             from safetensors.torch import load_file
         except ImportError:
             raise UserError(
                 f"{path} is a safetensors file but the safetensors package is not installed: pip install safetensors"
             ) from None
-        return load_file(str(path))
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state_dict, dict):
-        raise UserError(f"{path} holds {type(state_dict).__name__}, not a state dict")
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise UserError(
+                f"{path} is not a readable safetensors file ({error}): download it again (a cut-short download "
+                "leaves such a file)"
+            ) from None
+    expected = f"the model's {SAFETENSORS}, or a {PYTORCH_BIN} holding tensors alone"
+    state_dict = load_weights_only(path, kind="weights file", expected=expected)
+    if not is_state_dict(state_dict):
+        raise UserError(f"{path} holds a {type(state_dict).__name__}, not a state dict; give {expected}")
     return state_dict
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    """The JSON object of a hub folder's ``config.json``; a :class:`UserError` names the file when it is not one."""
+    try:
+        hf_config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}): download the model's config.json again") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(
+            f"{path} holds a JSON {type(hf_config).__name__}, not an object of DeformableDetrConfig's fields: "
+            "download the model's config.json again"
+        )
+    return hf_config
 
 
 def find_hf_files(path: str | Path) -> tuple[Path, Path]:
@@ -331,18 +355,18 @@ def find_hf_files(path: str | Path) -> tuple[Path, Path]:
 def convert_from_hf(path: str | Path) -> tuple[dict[str, Any], str, list[str]]:
     """Read a hub folder (or weights file) -> (our checkpoint, config file, overrides) for ``main.py``."""
     config_path, weights_path = find_hf_files(path)
-    hf_config = json.loads(config_path.read_text())
+    hf_config = read_hf_config(config_path)
     if hf_config.get("model_type", "deformable_detr") != "deformable_detr":
         raise UserError(f"{config_path}: model_type is {hf_config.get('model_type')!r}, not 'deformable_detr'")
     config_file, overrides = config_from_hf(hf_config, str(config_path))
     cfg = load_config(config_file, overrides=[*overrides, "pretrained_backbone=false"])
-    model, _, _ = build_model(cfg)
     weights = read_hf_weights(weights_path)
     if not any(key.startswith(("class_embed.", "model.decoder.class_embed.")) for key in weights):
         raise UserError(
             f"{weights_path} has no detection heads (class_embed, bbox_embed): it is a DeformableDetrModel, not a "
             "DeformableDetrForObjectDetection"
         )
+    model, _, _ = build_model(cfg)
     state_dict = from_hf_state_dict(weights, model.state_dict(), not cfg.with_box_refine, str(weights_path))
     names = {int(index): name for index, name in (hf_config.get("id2label") or {}).items()}
     checkpoint = {"model": state_dict, "config": cfg.to_dict(), "category_names": names}

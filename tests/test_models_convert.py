@@ -158,6 +158,28 @@ def test_command_line_reads_pytorch_model_bin(tmp_path, capsys):
         assert torch.equal(back["model"][key], tensor), key
 
 
+class Payload:
+    """Unpickled, it would call ``print``: code the file runs when loaded without weights_only."""
+
+    def __reduce__(self):
+        return print, ("the payload ran",)
+
+
+def test_a_pytorch_model_bin_holding_code_is_refused_as_main_refuses_checkpoints(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps(config_to_hf(tiny_config(*VARIANTS["deformable_detr"]))))
+    torch.save({"class_embed.0.bias": torch.zeros(3), "payload": Payload()}, hf_dir / "pytorch_model.bin")
+    assert main(["convert", "--from-hf", str(hf_dir), "--out", str(tmp_path / "ours.pth")]) == 2
+    out, error = capsys.readouterr()
+    assert error == (
+        f"error: weights file {hf_dir / 'pytorch_model.bin'} holds objects other than tensors and plain Python "
+        "values (builtins.print) and is refused for safety: building them could run code from the file. Give the "
+        "model's model.safetensors, or a pytorch_model.bin holding tensors alone\n"
+    )
+    assert "the payload ran" not in out and not (tmp_path / "ours.pth").exists()
+
+
 # ---- with transformers: outputs of the same weights on the same images
 
 

@@ -103,45 +103,66 @@ def process_is_running(pid: int) -> bool:
     return True
 
 
+CHECKPOINT_SOURCES = (
+    "a checkpoint written by main.py train (e.g. OUTPUT_DIR/checkpoint.pth) or by the original Deformable DETR code"
+)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The checkpoint at ``path``, read with ``weights_only=True`` (``argparse.Namespace`` allowed, for the
-    original implementation's ``args``)."""
+    """The checkpoint at ``path``, read by :func:`load_weights_only`; its ``model`` entry must be a state dict
+    (names to tensors)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist: check resume= / finetune_from=")
-    try:
-        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
-            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-        else:  # torch 2.4
-            torch.serialization.add_safe_globals(ALLOWED_GLOBALS)
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        refused = unsafe_globals(path, error)
-        if refused:
-            raise UserError(
-                f"checkpoint {path} holds objects other than tensors and plain Python values ({', '.join(refused)}) "
-                "and is refused for safety: building them could run code from the file. Use a checkpoint written by "
-                "main.py train or by the original Deformable DETR code"
-            ) from None
-        raise unreadable(path, "its content is not a PyTorch checkpoint") from None
-    except (EOFError, KeyError, RuntimeError, ValueError, AttributeError, IndexError, TypeError) as error:
-        reason = "it is empty" if path.stat().st_size == 0 else describe_read_error(error)
-        raise unreadable(path, reason) from None
+    checkpoint = load_weights_only(path, map_location)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         keys = list(checkpoint)[:10] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise UserError(f"checkpoint {path} has no 'model' entry (found {keys}); expected {CHECKPOINT_SOURCES}")
+    if not is_state_dict(checkpoint["model"]):
+        model = checkpoint["model"]
+        found = "a mapping holding other values" if isinstance(model, Mapping) else f"a {type(model).__name__}"
         raise UserError(
-            f"checkpoint {path} has no 'model' entry (found {keys}); expected a file written by "
-            "main.py train or by the original Deformable DETR code"
+            f"checkpoint {path}: its 'model' entry is {found}, not a state dict (parameter names to tensors); "
+            f"expected {CHECKPOINT_SOURCES}"
         )
     return checkpoint
 
 
-def unreadable(path: Path, reason: str) -> UserError:
-    return UserError(
-        f"{path} is not a readable checkpoint: {reason}. Give a checkpoint written by main.py train (e.g. "
-        "OUTPUT_DIR/checkpoint.pth) or by the original Deformable DETR code; if a crash or an interrupted copy cut "
-        "it short, copy it again or use an earlier checkpointNNNN.pth"
+def is_state_dict(value: Any) -> bool:
+    """Whether ``value`` maps names (str) to tensors, as ``nn.Module.state_dict()`` does."""
+    return isinstance(value, Mapping) and all(
+        isinstance(key, str) and isinstance(tensor, torch.Tensor) for key, tensor in value.items()
+    )
+
+
+def load_weights_only(
+    path: Path,
+    map_location: str | torch.device = "cpu",
+    kind: str = "checkpoint",
+    expected: str = CHECKPOINT_SOURCES,
+) -> Any:
+    """``torch.load(path, weights_only=True)``, ``argparse.Namespace`` allowed (the original implementation's
+    ``args``). A file that holds other objects, or is not in PyTorch's format, raises a :class:`UserError` that
+    names it as the ``kind`` of file it should be and says to give ``expected``; it never suggests unpickling it."""
+    try:
+        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
+            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        torch.serialization.add_safe_globals(ALLOWED_GLOBALS)  # torch 2.4
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = unsafe_globals(path, error)
+        if refused:
+            raise UserError(
+                f"{kind} {path} holds objects other than tensors and plain Python values ({', '.join(refused)}) "
+                f"and is refused for safety: building them could run code from the file. Give {expected}"
+            ) from None
+        reason = "its content is not a PyTorch checkpoint"
+    except (EOFError, KeyError, RuntimeError, ValueError, AttributeError, IndexError, TypeError) as error:
+        reason = "it is empty" if path.stat().st_size == 0 else describe_read_error(error)
+    raise UserError(
+        f"{path} is not a readable {kind}: {reason}. Give {expected}; if a crash or an interrupted copy cut it "
+        "short, copy it again"
     )
 
 
