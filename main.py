@@ -282,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupted:  # engine.train says where and how to resume; elsewhere nothing is kept
-        print(f"error: {interrupted or 'interrupted'}", file=sys.stderr)
+        print(f"error: {str(interrupted) or 'interrupted'}", file=sys.stderr)
         return 130
     finally:
         shutdown_distributed()

@@ -252,14 +252,20 @@ def decoder_figure(view: AttentionView, split: str = "none", names: Mapping[int,
 
 def encoder_figure(view: AttentionView, split: str = "none") -> Figure:
     """A panel per query pixel (per pixel and level / head with ``split``): its reference point and the encoder
-    layer's sampling points coloured by attention weight."""
-    panels = [Panel(f"pixel ({item.pixel[0]:.0f}, {item.pixel[1]:.0f})", item.sampling) for item in view.encoder]
+    layer's sampling points coloured by attention weight; a pixel outside the image shows its nearest cell."""
+    panels = [Panel(_pixel_title(item.pixel, view.image), item.sampling) for item in view.encoder]
     return sampling_figure(
         view.image,
         panels,
         split,
         f"encoder layer {view.encoder_layer}: self-attention (queries on level {view.encoder_query_level})",
     )
+
+
+def _pixel_title(pixel: tuple[float, float], image: Image.Image) -> str:
+    x, y = pixel
+    inside = 0 <= x <= image.width and 0 <= y <= image.height
+    return f"pixel ({x:.0f}, {y:.0f})" + ("" if inside else ": outside, nearest cell")
 
 
 def sampling_record(view: AttentionView, names: Mapping[int, str] | None = None) -> dict:

@@ -6,17 +6,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.attention_view import sample_attention, write_visualization
-from engine.data import (
-    build_config_transforms,
-)
+from engine.data import build_config_transforms
 from engine.dcn_view import deform_layers, write_dcn_visualization
 from engine.prediction import load_image
 from engine.runtime import build_model_on, load_for_inference, say
 from util.config import Config
-from util.distributed import (
-    init_distributed,
-)
-from util.errors import UserError
+from util.distributed import init_distributed
+from util.errors import RunError, UserError
+from util.visualize_points import check_query_level, resolve_layer
+
+
+class VisualizationError(RunError):
+    """Some images could not be read; the others were visualized."""
 
 
 def visualize(
@@ -37,7 +38,13 @@ def visualize(
     finest). With a DCN backbone also ``<stem>_dcn_sampling.png`` and a ``"dcn"`` entry in the JSON: the 729
     points of its last three deformable convolutions for the same query pixels (``engine.dcn_view``), recorded
     in the same forward.
-    Returns the paths written."""
+
+    ``layer`` and ``query_level`` are checked against ``cfg`` before the model is built. An image that cannot be
+    read is skipped and the others are still written, then a :class:`VisualizationError` names the skipped ones
+    (``main.py`` prints it and exits with status 1). Returns the paths written."""
+    resolve_layer(layer, cfg.enc_layers, "encoder")
+    resolve_layer(layer, cfg.dec_layers, "decoder")
+    check_query_level(query_level, cfg.num_feature_levels)
     stems = [Path(path).stem for path in images]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
     if repeated:
@@ -50,11 +57,16 @@ def visualize(
     model, checkpoint, _ = load_for_inference(cfg, "visualize", model, info)
     names = checkpoint.get("category_names")
     transforms = build_config_transforms("val", cfg)
-    written = []
+    written, failures = [], {}
     for path in images:
+        try:
+            image = load_image(path)
+        except UserError as error:  # a missing, unreadable or unsupported image
+            failures[str(path)] = str(error.__cause__ or error)
+            continue
         view = sample_attention(
             model,
-            load_image(path),
+            image,
             transforms,
             threshold=threshold,
             top_k=top_k,
@@ -72,4 +84,10 @@ def visualize(
             f"{view.decoder_layer}, encoder layer {view.encoder_layer}",
         )
     say(info, f"wrote {len(written)} file(s) to {out_dir}")
+    if failures:
+        listed = "; ".join(f"{path}: {reason}" for path, reason in failures.items())
+        raise VisualizationError(
+            f"{len(failures)} of {len(images)} image(s) could not be visualized ({listed}); the other "
+            f"{len(images) - len(failures)} are in {out_dir}"
+        )
     return written

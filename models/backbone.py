@@ -191,7 +191,10 @@ def _timm_backbone(cfg: Config) -> Backbone:
     import timm
 
     if not timm.is_model(cfg.backbone):
-        raise ValueError(f"backbone {cfg.backbone!r} is neither one of {RESNETS} nor a timm model name")
+        raise UserError(
+            f"backbone {cfg.backbone!r} is neither one of {', '.join(RESNETS)} nor a timm model name: set backbone "
+            "to one of them (e.g. --opts backbone=resnet50) or to a name timm.list_models() lists"
+        )
     if cfg.dilation:
         raise ValueError(f"dilation (DC5) is supported for the torchvision ResNets {RESNETS}, not {cfg.backbone!r}")
     pretrained = cfg.pretrained_backbone

@@ -104,16 +104,6 @@ def test_query_level_picks_encoder_queries_on_that_level(tmp_path):
     assert [query["query"] for query in record["encoder"]["queries"]] == [start, start + areas[2] - 1]
 
 
-def test_query_level_beyond_the_model_is_named(tmp_path):
-    with pytest.raises(ValueError, match="query level 4 does not exist: the model has 4 feature level"):
-        run_visualize(tmp_path, "deformable_detr", "--query-level", "4")
-
-
-def test_layer_beyond_the_model_is_named(tmp_path):
-    with pytest.raises(ValueError, match="encoder has 1 layer"):
-        run_visualize(tmp_path, "deformable_detr", "--layer", "1")
-
-
 def test_malformed_point_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main.main(["visualize", "--image", "a.png", "--points", "3;4"])

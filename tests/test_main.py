@@ -383,13 +383,6 @@ def test_the_readme_commands_parse_and_their_configs_load():
         load_config(config, overrides=args.opts)
 
 
-def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    with pytest.raises(RuntimeError, match="device=cpu"):
-        run("train", opts=tiny_overrides(coco_path, tmp_path, "device=cuda"))
-
-
 def test_a_user_error_from_a_data_loader_worker_is_shown_without_the_workers_traceback():
     from torch.utils.data import DataLoader, Dataset
 

@@ -126,10 +126,17 @@ def test_layer_out_of_range_names_the_layer_count():
     assert resolve_layer(-1, 2, "decoder") == 1
 
 
-def test_point_outside_image_is_an_error(padded_batch):
+def test_point_outside_the_image_takes_the_nearest_cell(padded_batch):
     last, valid_ratios = padded_batch
-    with pytest.raises(ValueError, match="outside the 112x80 image"):
-        encoder_query(last["encoder"], valid_ratios, (113.0, 10.0))
+    encoder = last["encoder"]
+
+    def cell(point: tuple[float, float], level: int = 0) -> int:
+        shapes, starts = encoder.spatial_shapes, encoder.level_start_index
+        return cell_query_index(shapes, starts, valid_ratios[1], point, ORIGINAL_SIZE, level)
+
+    assert cell((-100.0, -100.0)) == cell((0.0, 0.0)) == 0
+    assert cell((500.0, 10.0)) == cell((112.0, 10.0))
+    assert cell((50.0, 1e6), level=2) == cell((50.0, 80.0), level=2)
 
 
 def test_query_level_beyond_the_levels_is_an_error(padded_batch):

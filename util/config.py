@@ -326,6 +326,7 @@ VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "save_every": _at_least(0),
     "print_every": _at_least(1),
     "dist_timeout_minutes": (lambda value: value > 0, "> 0"),
+    "seed": _in_range(0, 2**32 - 1, high_included=True),  # NumPy's range; seed + rank seeds torch and Python too
 }
 
 

@@ -42,9 +42,9 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     if not device.startswith("cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise UserError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available here; set device=cpu (e.g. --opts device=cpu)")
+        raise UserError(f"device={device!r} but CUDA is not available here; set device=cpu (e.g. --opts device=cpu)")
     return torch.device(device if ":" in device else f"cuda:{local_rank}")
 
 

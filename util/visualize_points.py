@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from util.errors import UserError
+
 
 @dataclass
 class QuerySampling:
@@ -43,7 +45,7 @@ class QuerySampling:
 def resolve_layer(layer: int, num_layers: int, name: str) -> int:
     """``layer`` (negative counts from the last) as an index in [0, num_layers); the error names ``name``."""
     if not -num_layers <= layer < num_layers:
-        raise ValueError(
+        raise UserError(
             f"layer {layer} does not exist: the {name} has {num_layers} layer(s), "
             f"so layer must be in [{-num_layers}, {num_layers - 1}]"
         )
@@ -103,6 +105,15 @@ def query_sampling(
     )
 
 
+def check_query_level(level: int, num_levels: int) -> None:
+    """Raise a :class:`UserError` unless ``level`` is one of ``num_levels`` feature levels."""
+    if not 0 <= level < num_levels:
+        raise UserError(
+            f"query level {level} does not exist: the model has {num_levels} feature level(s), so the query level "
+            f"must be in [0, {num_levels - 1}]"
+        )
+
+
 def cell_query_index(
     spatial_shapes: torch.Tensor,
     level_start_index: torch.Tensor,
@@ -111,7 +122,8 @@ def cell_query_index(
     image_size: tuple[int, int],
     level: int = 0,
 ) -> int:
-    """The encoder query (an index into the flattened levels) of the level-``level`` cell covering ``pixel``.
+    """The encoder query (an index into the flattened levels) of the level-``level`` cell covering ``pixel``; a
+    pixel outside the image takes the nearest cell (the one covering the nearest point of the image).
 
     Args:
         spatial_shapes: (L, 2) rows (H, W); level_start_index: (L,); valid_ratios: (L, 2) of the image.
@@ -119,13 +131,9 @@ def cell_query_index(
         image_size: (height, width) of the original image.
         level: which level's cell serves as the query (0: the finest).
     """
-    num_levels = spatial_shapes.shape[0]
-    if not 0 <= level < num_levels:
-        raise ValueError(f"query level {level} does not exist: the model has {num_levels} feature level(s)")
+    check_query_level(level, spatial_shapes.shape[0])
     height, width = image_size
-    x, y = pixel
-    if not (0 <= x <= width and 0 <= y <= height):
-        raise ValueError(f"point ({x}, {y}) lies outside the {width}x{height} image")
+    x, y = min(max(pixel[0], 0.0), width), min(max(pixel[1], 0.0), height)
     map_height, map_width = spatial_shapes[level].tolist()
     valid_x, valid_y = valid_ratios[level].tolist()
     valid_width = max(1, round(valid_x * map_width))
