@@ -59,6 +59,37 @@ def test_backends_agree_in_the_module():
     torch.testing.assert_close(_module("cpu")(**inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("half", ["autocast", "module cast"])
+def test_in_bfloat16_the_op_runs_in_float32_so_the_pytorch_backend_has_the_kernels_gradients(half, monkeypatch):
+    """The locations are promoted to float32, so the op runs in float32 under bfloat16 autocast and for a module
+    cast to bfloat16 alike: grid_sample never computes the location gradient in bfloat16 here, and the pytorch
+    backend's gradients are the compiled kernel's (bfloat16's own error, ~7e-2 for sampling_offsets, lies in the
+    linear layers, the same for both)."""
+    import ops.module
+
+    seen = []
+
+    def recording(value, shapes, starts, locations, weights, *args, **kwargs):
+        seen.append((value.dtype, locations.dtype, weights.dtype))
+        return original(value, shapes, starts, locations, weights, *args, **kwargs)
+
+    original = ops.module.ms_deform_attn
+    monkeypatch.setattr(ops.module, "ms_deform_attn", recording)
+    grads = {}
+    for backend in ("pytorch", "cpu"):
+        module, inputs = _module(backend), _inputs()
+        if half == "module cast":
+            module = module.bfloat16()
+            inputs = {key: value.bfloat16() if value.is_floating_point() else value for key, value in inputs.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=half == "autocast"):
+            module(**inputs).float().square().sum().backward()
+        grads[backend] = {name: parameter.grad.float() for name, parameter in module.named_parameters()}
+    assert {dtypes[1] for dtypes in seen} == {torch.float32}  # the op itself then runs in the common dtype float32
+    for name, expected in grads["cpu"].items():
+        difference = (grads["pytorch"][name] - expected).norm() / expected.norm()
+        assert difference < 1e-3, (name, float(difference))
+
+
 def test_padding_mask_hides_padded_values():
     inputs = _inputs()
     mask = torch.zeros(2, inputs["input_flatten"].shape[1], dtype=torch.bool)
