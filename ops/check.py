@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from ops import backend_cache, functional
+from ops import backend_cache, functional, self_check
 from ops import cases as problems
 from ops.reference import reference_ms_deform_attn
 from util.errors import UserError
@@ -57,6 +58,8 @@ CHECK_PROBLEMS = (
     CheckProblem(((8, 8), (4, 4)), batch=1, queries=17, heads=8, channels=32, points=4),
     CheckProblem(((6, 10),), batch=2, queries=5, heads=2, channels=64, points=1),
 )
+# the first-use self-check's problem (ops.self_check): the model's D=32, odd map sizes, a few milliseconds on a GPU
+SELF_CHECK_PROBLEM = CheckProblem(((6, 7), (3, 4)), batch=2, queries=5, heads=2, channels=32, points=3)
 
 
 def make_check_inputs(
@@ -102,21 +105,30 @@ def _output_and_gradients(function, inputs: dict[str, torch.Tensor], grad_seed: 
 QUANTITIES = ("output", "grad value", "grad sampling_locations", "grad attention_weights")
 
 
+def compare_with_reference(
+    function, problem: CheckProblem, device: torch.device, dtype: torch.dtype, seed: int
+) -> dict[str, float]:
+    """The error of ``function`` (called as ``ms_deform_attn`` without ``backend``) against the float64 reference
+    on ``problem``, per quantity (output and each gradient), in units of the dtype's tolerance (<= 1 passes). The
+    reference runs on the same inputs (already rounded to ``dtype``)."""
+    inputs = make_check_inputs(problem, device, dtype, seed)
+    got = _output_and_gradients(function, inputs, grad_seed=seed)
+    expected = _output_and_gradients(reference_ms_deform_attn, inputs, grad_seed=seed)
+    errors = {}
+    for quantity, actual, reference in zip(QUANTITIES, got, expected):
+        scale = reference.abs().max().clamp_min(1e-12)
+        errors[quantity] = float((actual - reference).abs().max() / scale) / TOLERANCES[dtype]
+    return errors
+
+
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """The worst error of ``backend`` against the float64 reference over :data:`CHECK_PROBLEMS`, per quantity
-    (output and each gradient), in units of the dtype's tolerance (<= 1 passes). The reference runs on the same
-    inputs (already rounded to ``dtype``)."""
+    """The worst error of ``backend`` over :data:`CHECK_PROBLEMS`, per quantity, in units of the tolerance."""
     worst = dict.fromkeys(QUANTITIES, 0.0)
-    for seed, problem in enumerate(CHECK_PROBLEMS):
-        inputs = make_check_inputs(problem, device, dtype, seed)
-        got = _output_and_gradients(
-            lambda *args: functional.ms_deform_attn(*args, backend=backend), inputs, grad_seed=seed
-        )
-        expected = _output_and_gradients(reference_ms_deform_attn, inputs, grad_seed=seed)
-        for quantity, actual, reference in zip(QUANTITIES, got, expected):
-            scale = reference.abs().max().clamp_min(1e-12)
-            error = float((actual - reference).abs().max() / scale) / TOLERANCES[dtype]
-            worst[quantity] = max(worst[quantity], error)
+    with self_check.suspended():  # this is the thorough check: the backend itself must run, not a stand-in
+        for seed, problem in enumerate(CHECK_PROBLEMS):
+            function = functools.partial(functional.ms_deform_attn, backend=backend)
+            for quantity, error in compare_with_reference(function, problem, device, dtype, seed).items():
+                worst[quantity] = max(worst[quantity], error)
     return worst
 
 
@@ -176,7 +188,8 @@ def time_backends(
         inputs = problems.make_inputs(TIMING_CASES[case_name], device, dtype)
         floor_ms = problems.floor_bytes(inputs) / bandwidth * 1e3
         for backend in backends:
-            forward_ms, both_ms = problems.time_backend(backend, inputs, repeats, warmup=1)
+            with self_check.suspended():
+                forward_ms, both_ms = problems.time_backend(backend, inputs, repeats, warmup=1)
             timings[backend][case_name] = (forward_ms, both_ms)
             print(
                 f"| {case_name} | {_dtype_name(dtype)} | {backend} | {forward_ms:.3f} | {both_ms:.3f} | "
@@ -220,8 +233,10 @@ def run(
     bandwidth = problems.copy_bandwidth(device, bandwidth_mib * 2**20)
     print(f"measured copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s; floor = forward bytes / bandwidth")
     status = 0
+    wrong_somewhere: set[str] = set()
     for dtype in dtypes:
         correct, kernel_failed = correct_backends(usable, device, dtype)
+        wrong_somewhere.update(backend for backend in usable if backend not in correct)
         if kernel_failed or not correct:
             status = 1
         if not correct:
@@ -237,7 +252,18 @@ def run(
             }
             path = backend_cache.remember(device, dtype, fastest, details)
             print(f'backend="auto" now uses {fastest} for "{backend_cache.cache_key(device, dtype)}" (saved in {path})')
+    if save:
+        _remember_verdicts(device, [b for b in usable if b in self_check.CHECKED_BACKENDS], wrong_somewhere, dtypes)
     return status
+
+
+def _remember_verdicts(device: torch.device, backends: list[str], wrong: set[str], dtypes: list[torch.dtype]) -> None:
+    """Record this check's verdict on the GPU kernels, so that their first-use self-check needs not run again."""
+    checked = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for backend in backends:
+        key = backend_cache.self_check_key(device, backend, self_check.kernel_digest(backend))
+        details = {"checked": checked, "by": "python -m ops.check", "dtypes": [_dtype_name(d) for d in dtypes]}
+        backend_cache.remember_self_check(key, passed=backend not in wrong, details=details)
 
 
 def main(argv: list[str] | None = None) -> int:
