@@ -401,8 +401,8 @@ class KernelSpec:
     gather: str  # pattern of the source lines whose loads gather value rows
     atomics: str  # pattern of the source lines whose RED/ATOM add into the value gradient
     lanes: Callable[[Launch], int]  # lanes that share one value row in a load
-    lane_bytes: Callable[[Launch], int]  # bytes of the row each lane owns (its stride)
-    atomic_lane_bytes: Callable[[Launch], int]
+    lane_bytes: Callable[[Launch], int]  # bytes of the row each lane owns (its stride; 0: the access's width)
+    atomic_lane_bytes: Callable[[Launch], int]  # the same for the value gradient's accumulator
     warps: Callable[[Launch], int]  # warps of the launch
     sample_channels_per_warp: Callable[[Launch], int]
 
@@ -504,8 +504,8 @@ def triton_spec(direction: str, tile: TritonTile) -> KernelSpec:
         gather=r"_gather\(",
         atomics=r"tl\.atomic_add",
         lanes=lambda launch: tile.lanes_per_row,
-        lane_bytes=lambda launch: tile.elements_per_lane * launch.element_size,
-        atomic_lane_bytes=lambda launch: tile.elements_per_lane * launch.accumulate_size,
+        lane_bytes=lambda launch: 0,  # Triton lays each access out for itself: a lane's bytes are contiguous with
+        atomic_lane_bytes=lambda launch: 0,  # the next lane's (0: the instruction's width)
         warps=lambda launch: launch.batch * math.ceil(launch.queries / tile.block_queries) * launch.heads * tile.warps,
         sample_channels_per_warp=lambda launch: tile.block_queries * tile.block_channels // tile.warps * launch.samples,
     )
@@ -598,12 +598,12 @@ def count(
         width = access_width(ins.opcode)
         if ins.opcode.startswith("LDG"):
             if re.search(spec.gather, text):
-                sectors = 32 // lanes * sectors_per_group(lanes, spec.lane_bytes(launch), width)
+                sectors = 32 // lanes * sectors_per_group(lanes, spec.lane_bytes(launch) or width, width)
                 gathered += executions * sectors * 32 * inside
             else:  # locations, weights, shapes: one sector per group of lanes (a broadcast or consecutive lanes)
                 loaded += executions * 32 // lanes * 32
         elif ins.opcode.startswith(("RED", "ATOM")) and re.search(spec.atomics, text):
-            sectors = 32 // lanes * sectors_per_group(lanes, spec.atomic_lane_bytes(launch), width)
+            sectors = 32 // lanes * sectors_per_group(lanes, spec.atomic_lane_bytes(launch) or width, width)
             atomics += executions * sectors * inside
     counts = Counts(
         instructions_per_sample_channel=per_warp * 32 / spec.sample_channels_per_warp(launch),
