@@ -128,6 +128,11 @@ def _check_layout(*tensors: torch.Tensor) -> None:
         raise ValueError("the triton kernels need contiguous inputs (ops.ms_deform_attn makes them so)")
     if not tensors[1].dtype == tensors[2].dtype == torch.int64:
         raise TypeError("the triton kernels need int64 spatial_shapes and level_start_index")
+    if tensors[0][0].numel() > 2**31 - 1:
+        raise ValueError(
+            f"the triton kernels index one batch item of value (S * M * D = {tensors[0][0].numel()} elements) with "
+            'int32, at most 2^31 - 1 elements: use smaller feature maps or backend="pytorch"'
+        )
 
 
 def _on_device(tensor: torch.Tensor):

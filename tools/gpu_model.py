@@ -501,8 +501,8 @@ def triton_spec(direction: str, tile: TritonTile) -> KernelSpec:
         },
         anchors={},
         branches={},
-        gather=r"_gather\(",
-        atomics=r"tl\.atomic_add",
+        gather=r"_gather\(|_backward_corner\(",  # the lines of the kernel that call them
+        atomics=r"_backward_corner\(",
         lanes=lambda launch: tile.lanes_per_row,
         lane_bytes=lambda launch: 0,  # Triton lays each access out for itself: a lane's bytes are contiguous with
         atomic_lane_bytes=lambda launch: 0,  # the next lane's (0: the instruction's width)

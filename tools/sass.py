@@ -38,7 +38,7 @@ DTYPES = ("float", "c10::BFloat16")
 # nominal memory bandwidths in bytes/s (A100 SXM4 80 GB, H100 SXM5)
 BANDWIDTHS = {"A100": 2.039e12, "H100": 3.35e12}
 
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 _LINE = re.compile(r'"([^"]+)", line (\d+)')  # in "//## File ..., line N [inlined at ..., line M]"
