@@ -907,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explain", action="store_true", help="print each kernel's branch decisions")
     args = parser.parse_args(argv)
     cases = [case for case in model_cases() if args.cases is None or case.name in args.cases]
-    rows = []
+    rows, shares = [], {}
     with tempfile.TemporaryDirectory() as scratch:
         workdir = Path(scratch)
         compiled = {arch: cuda_kernels(args.cuda, arch, workdir) for arch in ("80", "90")}
@@ -919,11 +919,16 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_triton:
                 sets.append({arch: triton_kernels(dtype, arch, workdir, queries=300) for arch in ("80", "90")})
             for case in cases:
-                inside = corners_inside(case)
+                inside = shares.setdefault(case.name, corners_inside(case))
                 for kernel_sets in sets:
                     rows += model_rows(kernel_sets, case, dtype, inside, args.explain)
     print("## Speed model (no GPU ran this: counts from the compiled code, rates below)\n")
     print("\n".join(table(rows)))
+    print("\nCases (M=8, D=32, L=P=4; inputs drawn as ops.cases.make_inputs draws them):\n")
+    print("| case | N | S | Lq | corners in the map |\n|---|---:|---:|---:|---:|")
+    for case in cases:
+        launch = launch_of(case, "float32")
+        print(f"| {case.name} | {launch.batch} | {launch.positions} | {launch.queries} | {shares[case.name]:.3f} |")
     print("\nRates assumed (low end of time uses the high rates, high end the low rates):\n")
     print("\n".join(assumptions()))
     return 0
