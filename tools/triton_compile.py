@@ -60,14 +60,14 @@ def ptxas_usage(ptx: str, arch: int) -> str:
     """ptxas -v's "Used N registers" and spill figures for the PTX (the first of triton's ptxas binaries that
     reads its PTX version: triton 3.9 writes PTX 9.4 for sm_90a, which only its ptxas-blackwell reads)."""
     default = Path(triton.knobs.nvidia.ptxas.path)
+    target = re.search(r"^\.target (\w+)", ptx, re.M)  # sm_90a where triton targets it
+    gpu = target.group(1) if target else f"sm_{arch}"
     report = ""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as file:
         file.write(ptx)
         file.flush()
         for ptxas in (default, default.with_name("ptxas-blackwell")):
-            target = re.search(r"^\.target (\w+)", ptx, re.M)  # sm_90a where triton targets it
-            command = [str(ptxas), "-v", f"--gpu-name={target.group(1) if target else f'sm_{arch}'}", file.name]
-            command += ["-o", "/dev/null"]
+            command = [str(ptxas), "-v", f"--gpu-name={gpu}", file.name, "-o", "/dev/null"]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode == 0:
                 report = result.stderr
