@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from ops import build, ms_deform_attn
-from tests.conftest import make_problem, op_args
-from tests.msda_reference import reference_ms_deform_attn
+from tests.conftest import make_edge_problem, make_problem, op_args, reference_with_grads
 from tests.test_ops_functional import CASES, NONDET_TOL
 
 EMULATED_CASES = {
@@ -39,14 +38,6 @@ def _grads_of(op, problem, grad_output, mask=(True, True, True)):
     return op.ms_deform_attn_backward(grad_output, value, shapes, starts, locations, weights, list(mask))
 
 
-def _reference(problem, grad_output):
-    leaves = [
-        problem[n].detach().double().requires_grad_() for n in ("value", "sampling_locations", "attention_weights")
-    ]
-    output = reference_ms_deform_attn(leaves[0], problem["level_shapes"], leaves[1], leaves[2])
-    return output.detach(), torch.autograd.grad(output, leaves, grad_output.double())
-
-
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got.double() - expected).norm() / expected.norm().clamp_min(1e-30))
 
@@ -67,13 +58,25 @@ def test_emulated_cuda_kernels_match_reference(emulated, case, dtype):
     output = emulated.ms_deform_attn_forward(*op_args(problem))
     grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     grad_output = grad_output.to(dtype)
-    expected, expected_grads = _reference(problem, grad_output)
+    expected, expected_grads = reference_with_grads(problem, grad_output)
     assert output.dtype == dtype
     assert _relative_error(output, expected) < TOLERANCE[dtype]  # NaN (a poisoned, unwritten element) fails
     grads = _grads_of(emulated, problem, grad_output)
     for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
         assert got.dtype == dtype and got.shape == want.shape, name
         assert _relative_error(got, want) < 3 * TOLERANCE[dtype], f"gradient of {name}"
+
+
+def test_emulated_samples_on_the_edges_of_the_map_match_reference(emulated):
+    """Pixel coordinates -1 and the size touch nothing (gradients included), just inside them they do."""
+    problem = make_edge_problem()
+    output = emulated.ms_deform_attn_forward(*op_args(problem))
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    expected, expected_grads = reference_with_grads(problem, grad_output)
+    torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+    grads = _grads_of(emulated, problem, grad_output)
+    for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
