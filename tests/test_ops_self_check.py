@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from ops import backend_cache, build, check, functional, ms_deform_attn, self_check
+from ops import backend_cache, build, check, comparison, functional, ms_deform_attn, self_check
 from tests.conftest import make_problem, op_args
 
 CPU = torch.device("cpu")
@@ -64,8 +64,8 @@ def test_emulated_cuda_kernel_with_a_wrong_output_is_replaced_by_pytorch():
 def test_interpreted_triton_kernels_pass_once_per_process(monkeypatch):
     problem = make_problem([(4, 5), (2, 3)], 1, 3, 2, 4, 2, dtype=torch.float32, seed=1)
     calls = []
-    original = check.compare_with_reference
-    monkeypatch.setattr(check, "compare_with_reference", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = comparison.compare_with_reference
+    monkeypatch.setattr(comparison, "compare_with_reference", lambda *a, **k: calls.append(1) or original(*a, **k))
     first = ms_deform_attn(*op_args(problem), backend="triton")
     second = ms_deform_attn(*op_args(problem), backend="triton")
     assert len(calls) == 1 and _remembered("triton") is True
@@ -93,7 +93,7 @@ def test_a_wrong_triton_backend_is_caught_warned_once_and_replaced_by_pytorch(mo
 def test_a_remembered_failure_is_warned_about_and_not_checked_again(monkeypatch):
     key = backend_cache.self_check_key(CPU, "triton", self_check.kernel_digest("triton"))
     backend_cache.remember_self_check(key, passed=False, details={"failure": "output off"})
-    monkeypatch.setattr(check, "compare_with_reference", _crashing)  # must not run
+    monkeypatch.setattr(comparison, "compare_with_reference", _crashing)  # must not run
     with pytest.warns(RuntimeWarning, match="remembered in"):
         assert self_check.confirmed("triton", CPU, _crashing) == "pytorch"
 
