@@ -251,6 +251,39 @@ struct Gradients {
   GlobalPointer<scalar_t> grad_attention_weights;          // (N, Lq, M, L, P)
 };
 
+// The value gradient's layout: in each round (the group's lanes * V channels from round_base), a lane adds V
+// elements as V / A atomics of A consecutive ones, atomic j at channel round_base + (j * lanes + lane) * A. One
+// atomic instruction of a warp then covers lanes * A consecutive elements of a value row per group (8 floats fill
+// one 32-byte sector); in the loads' layout (V consecutive channels per lane) it would spread over lanes * V with
+// V - A of every V elements untouched: 4x the sectors for float32 with sm_80's scalar atomics, 2x for bfloat16 with
+// sm_90's float4 atomics. A lane therefore also holds its output gradient in this layout, read once.
+template <int V, int A, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_in_atomic_layout(GlobalPointer<const scalar_t> grad_output, int round_base,
+                                                      int lanes, int lane, int channels, acc_t (&gradient)[V]) {
+#pragma unroll
+  for (int j = 0; j < V / A; ++j) {
+    const int channel = round_base + (j * lanes + lane) * A;  // A divides D: all A elements inside, or none
+    const Vector<scalar_t, A> part = channel < channels ? load_vector<A>(grad_output + channel) : Vector<scalar_t, A>{};
+#pragma unroll
+    for (int t = 0; t < A; ++t) gradient[j * A + t] = static_cast<acc_t>(part.element[t]);
+  }
+}
+
+// Adds scale * gradient (atomic layout) to the value-gradient row `row` of one corner.
+template <int V, int A, typename acc_t>
+__device__ __forceinline__ void add_in_atomic_layout(GlobalPointer<acc_t> row, int round_base, int lanes, int lane,
+                                                     int channels, acc_t scale, const acc_t (&gradient)[V]) {
+#pragma unroll
+  for (int j = 0; j < V / A; ++j) {
+    const int channel = round_base + (j * lanes + lane) * A;
+    if (channel >= channels) continue;
+    acc_t values[A];
+#pragma unroll
+    for (int t = 0; t < A; ++t) values[t] = scale * gradient[j * A + t];
+    atomic_add<A>(row + channel, values);
+  }
+}
+
 // kSingleRound: every lane owns at most one channel vector (D <= 32 * V), held in registers for all samples.
 // A: accumulator elements per atomic instruction (vector_atomic_width, or 1).
 template <typename scalar_t, int V, bool kSingleRound, int A>
@@ -273,8 +306,15 @@ __device__ __forceinline__ void backward_body(const Problem<scalar_t>& p, const 
   const bool want_sampling = g.grad_attention_weights != nullptr;
   const int chunks = p.channels / V;
   const int rounds = kSingleRound ? 1 : (chunks + p.lanes - 1) / p.lanes;
-  Vector<scalar_t, V> held_grad;  // kSingleRound: this lane's output gradient, read once
-  if (kSingleRound && active && lane < chunks) held_grad = load_vector<V>(grad_output + lane * V);
+  // kSingleRound: this lane's output gradient, read once, in the loads' layout and in the atomics' layout
+  Vector<scalar_t, V> held_grad;
+  acc_t held_grad_for_atomics[V];
+  if (kSingleRound && active) {
+    if (lane < chunks) held_grad = load_vector<V>(grad_output + lane * V);
+    if (grad_value != nullptr) {
+      load_in_atomic_layout<V, A>(grad_output, 0, p.lanes, lane, p.channels, held_grad_for_atomics);
+    }
+  }
   for (int first = 0; first < samples; first += p.lanes) {
     const SampleCorners<acc_t> mine = sample_corners<scalar_t, acc_t>(p, active, first + lane, locations, attention);
     const int count = smaller(p.lanes, samples - first);
@@ -295,26 +335,33 @@ __device__ __forceinline__ void backward_body(const Problem<scalar_t>& p, const 
       acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       for (int round = 0; round < rounds; ++round) {
         const int chunk = round * p.lanes + lane;
-        if (!active || chunk >= chunks) continue;
-        const int channel = chunk * V;
-        const Vector<scalar_t, V> out_grad = kSingleRound ? held_grad : load_vector<V>(grad_output + channel);
-        acc_t go[V];
+        if (want_sampling && active && chunk < chunks) {
+          const int channel = chunk * V;
+          const Vector<scalar_t, V> out_grad = kSingleRound ? held_grad : load_vector<V>(grad_output + channel);
 #pragma unroll
-        for (int i = 0; i < V; ++i) go[i] = static_cast<acc_t>(out_grad.element[i]);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          if (offset[c] < 0) continue;
-          if (want_sampling) {
+          for (int c = 0; c < 4; ++c) {
+            if (offset[c] < 0) continue;
             const Vector<scalar_t, V> corner = load_vector<V>(value + offset[c] + channel);
 #pragma unroll
-            for (int i = 0; i < V; ++i) dot[c] += go[i] * static_cast<acc_t>(corner.element[i]);
+            for (int i = 0; i < V; ++i) {
+              dot[c] += static_cast<acc_t>(out_grad.element[i]) * static_cast<acc_t>(corner.element[i]);
+            }
           }
-          if (grad_value != nullptr && !(MSDA_MUTATION(kDropCorner3Atomic) && c == 3)) {
-            acc_t scattered[V];
+        }
+        if (grad_value != nullptr && active) {
+          const int round_base = round * p.lanes * V;
+          acc_t grad_for_atomics[V];
+          if (kSingleRound) {
 #pragma unroll
-            for (int i = 0; i < V; ++i) scattered[i] = scale[c] * go[i];
+            for (int i = 0; i < V; ++i) grad_for_atomics[i] = held_grad_for_atomics[i];
+          } else {
+            load_in_atomic_layout<V, A>(grad_output, round_base, p.lanes, lane, p.channels, grad_for_atomics);
+          }
 #pragma unroll
-            for (int i = 0; i < V; i += A) atomic_add<A>(grad_value + offset[c] + channel + i, scattered + i);
+          for (int c = 0; c < 4; ++c) {
+            if (offset[c] < 0 || (MSDA_MUTATION(kDropCorner3Atomic) && c == 3)) continue;
+            add_in_atomic_layout<V, A>(grad_value + offset[c], round_base, p.lanes, lane, p.channels, scale[c],
+                                       grad_for_atomics);
           }
         }
       }
