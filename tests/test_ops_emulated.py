@@ -317,3 +317,53 @@ def test_emulated_launch_plan_refuses_a_batch_item_past_int32(emulated):
     with pytest.raises(ValueError, match="indexes one batch item of value"):
         emulated.launch_plan([1, 2**24, 8, 16, 1, 1, 1], 4, 256)  # S * M * D = 2^31
     assert emulated.launch_plan([1, 2**24 - 1, 8, 16, 1, 1, 1], 4, 256)[0] == 4
+
+
+def test_emulation_seed_fixes_the_order_of_lanes_and_blocks_and_a_new_seed_changes_it(emulated):
+    """The order in which atomics add into one value-gradient element follows the seed: the same seed gives the same
+    float32 bits, another seed other bits (a 1x1 level makes every query add into the same rows)."""
+    problem = make_problem([(3, 4), (1, 1)], 2, 12, 2, 8, 4, dtype=torch.float32, seed=6)
+    grad_output = torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(2))
+    previous = emulated.set_seed(1)
+    try:
+        first = _grads_of(emulated, problem, grad_output)[0]
+        assert emulated.last_seed() == 1
+        again = _grads_of(emulated, problem, grad_output)[0]
+        emulated.set_seed(2)
+        other = _grads_of(emulated, problem, grad_output)[0]
+    finally:
+        emulated.set_seed(previous)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    torch.testing.assert_close(first, other)
+
+
+def test_every_output_is_declared_so_the_emulation_poisons_it_and_checks_it_is_written(emulated, small_problem):
+    value, shapes, starts, locations, weights = op_args(small_problem)
+    emulated.ms_deform_attn_forward(value, shapes, starts, locations, weights)
+    assert "output:output" in emulated.last_bindings()
+    grad_output = torch.randn(2, 6, 15, dtype=torch.float64)
+    emulated.ms_deform_attn_backward(grad_output, value, shapes, starts, locations, weights, [True, True, True])
+    bindings = emulated.last_bindings()
+    assert {"grad_value:accumulator", "grad_sampling_locations:output", "grad_attention_weights:output"} <= set(
+        bindings
+    )
+    assert all(binding.endswith(":input") for binding in bindings if not binding.startswith("grad_"))
+
+
+# bytes of a 32-byte sector that one value-gradient atomic instruction of a group fills, for D = 32: every sector
+# whole, except with half types on sm_80 (4 lanes of 4-byte scalar atomics fill half of one)
+FILLED_SECTOR_BYTES = {(torch.float32, 80): 32, (torch.float32, 90): 32, (torch.float64, 80): 32}
+FILLED_SECTOR_BYTES |= {(torch.float64, 90): 32, (torch.bfloat16, 80): 16, (torch.bfloat16, 90): 32}
+
+
+@pytest.mark.parametrize("dtype,sm", sorted(FILLED_SECTOR_BYTES, key=str), ids=str)
+def test_value_gradient_atomics_fill_whole_sectors(emulated, dtype, sm):
+    emulated.set_architecture(sm)
+    problem = make_problem(*CASES["model_like"], dtype=dtype, seed=8)
+    grad_output = torch.randn(2, 10, 8 * 32, generator=torch.Generator().manual_seed(4)).to(dtype)
+    atomics = traffic(access_counts(lambda: _grads_of(emulated, problem, grad_output, (True, False, False))), "atomic")
+    assert atomics.bytes == FILLED_SECTOR_BYTES[dtype, sm] * atomics.sectors
+    width = 4 if (dtype, sm) in {(torch.float32, 90), (torch.bfloat16, 90)} else 1  # float4 atomics on sm_90
+    element_size = 8 if dtype == torch.float64 else 4
+    assert atomics.bytes == atomics.lanes * width * element_size

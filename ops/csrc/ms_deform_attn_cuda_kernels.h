@@ -17,7 +17,8 @@
 // every corner once per sample; the attention-weight and location gradients are linear in the four sums
 // grad_output . corner (one multiply-add per corner and channel), reduced across the group with xor shuffles and
 // written by the lane that owns the sample; the value gradient is scattered with atomics into a float32 (float64)
-// accumulator: float4/float2 vector atomics on sm_90, one atomic per element before. Native half2/bfloat162
+// accumulator: float4/float2 vector atomics on sm_90, one atomic per element before, in a layout of their own
+// (atomic_layout) in which every atomic instruction of a warp fills whole 32-byte sectors. Native half2/bfloat162
 // atomics into half storage would round every partial sum to 8-11 bits, so the accumulator stays float32 and is
 // cast once at the end.
 #pragma once
@@ -251,36 +252,58 @@ struct Gradients {
   GlobalPointer<scalar_t> grad_attention_weights;          // (N, Lq, M, L, P)
 };
 
-// The value gradient's layout: in each round (the group's lanes * V channels from round_base), a lane adds V
-// elements as V / A atomics of A consecutive ones, atomic j at channel round_base + (j * lanes + lane) * A. One
-// atomic instruction of a warp then covers lanes * A consecutive elements of a value row per group (8 floats fill
-// one 32-byte sector); in the loads' layout (V consecutive channels per lane) it would spread over lanes * V with
-// V - A of every V elements untouched: 4x the sectors for float32 with sm_80's scalar atomics, 2x for bfloat16 with
-// sm_90's float4 atomics. A lane therefore also holds its output gradient in this layout, read once.
-template <int V, int A, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_in_atomic_layout(GlobalPointer<const scalar_t> grad_output, int round_base,
-                                                      int lanes, int lane, int channels, acc_t (&gradient)[V]) {
+// Lanes whose A-element atomics fill one 32-byte sector of the accumulator.
+template <typename acc_t, int A>
+constexpr int sector_lanes() {
+  return 32 / static_cast<int>(A * sizeof(acc_t)) > 1 ? 32 / static_cast<int>(A * sizeof(acc_t)) : 1;
+}
+
+// The value gradient's layout for the atomics. In the loads' layout (V consecutive channels per lane) one atomic
+// instruction of a group would spread over lanes * V channels with V - A of every V untouched: 4x the sectors for
+// float32 with sm_80's scalar atomics, 2x for bfloat16 with sm_90's float4 ones. Instead, in each round (the lanes * V
+// channels from round_base), blocks of `block` = min(sector_lanes, lanes) lanes take turns: atomic j of lane l adds
+// the A elements at round_base + ((l / block) * (V / A) + j) * block * A + (l % block) * A, so every atomic
+// instruction of a warp fills whole sectors, and atomic j of a lane lies j * block * A elements after its first: a
+// constant (an immediate offset) when lanes >= sector_lanes. A lane holds its output gradient in this layout too.
+struct AtomicLayout {
+  int first;        // the channel of the lane's atomic 0
+  unsigned inside;  // bit j: atomic j lies inside the D channels
+};
+
+template <int V, int A>
+__device__ __forceinline__ AtomicLayout atomic_layout(int block, int lane, int round_base, int channels) {
+  AtomicLayout layout;
+  layout.first = round_base + ((lane / block) * (V / A) * block + lane % block) * A;
+  layout.inside = 0;
 #pragma unroll
   for (int j = 0; j < V / A; ++j) {
-    const int channel = round_base + (j * lanes + lane) * A;  // A divides D: all A elements inside, or none
-    const Vector<scalar_t, A> part = channel < channels ? load_vector<A>(grad_output + channel) : Vector<scalar_t, A>{};
+    if (layout.first + j * block * A < channels) layout.inside |= 1u << j;  // A divides D: all A inside, or none
+  }
+  return layout;
+}
+
+template <int V, int A, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_in_atomic_layout(GlobalPointer<const scalar_t> first, int block, unsigned inside,
+                                                      acc_t (&gradient)[V]) {
+#pragma unroll
+  for (int j = 0; j < V / A; ++j) {
+    const Vector<scalar_t, A> part = (inside >> j & 1u) ? load_vector<A>(first + j * block * A) : Vector<scalar_t, A>{};
 #pragma unroll
     for (int t = 0; t < A; ++t) gradient[j * A + t] = static_cast<acc_t>(part.element[t]);
   }
 }
 
-// Adds scale * gradient (atomic layout) to the value-gradient row `row` of one corner.
-template <int V, int A, typename acc_t>
-__device__ __forceinline__ void add_in_atomic_layout(GlobalPointer<acc_t> row, int round_base, int lanes, int lane,
-                                                     int channels, acc_t scale, const acc_t (&gradient)[V]) {
+// Adds scale * gradient (atomic layout) to one corner's value-gradient row, from the lane's first channel on;
+// kEveryAtomicInside: no test of `inside` (a branch around each atomic).
+template <int V, int A, bool kEveryAtomicInside, typename acc_t>
+__device__ __forceinline__ void add_in_atomic_layout(GlobalPointer<acc_t> first, int block, unsigned inside,
+                                                     acc_t scale, const acc_t (&gradient)[V]) {
 #pragma unroll
   for (int j = 0; j < V / A; ++j) {
-    const int channel = round_base + (j * lanes + lane) * A;
-    if (channel >= channels) continue;
     acc_t values[A];
 #pragma unroll
     for (int t = 0; t < A; ++t) values[t] = scale * gradient[j * A + t];
-    atomic_add<A>(row + channel, values);
+    if (kEveryAtomicInside || (inside >> j & 1u)) atomic_add<A>(first + j * block * A, values);
   }
 }
 
@@ -306,13 +329,18 @@ __device__ __forceinline__ void backward_body(const Problem<scalar_t>& p, const 
   const bool want_sampling = g.grad_attention_weights != nullptr;
   const int chunks = p.channels / V;
   const int rounds = kSingleRound ? 1 : (chunks + p.lanes - 1) / p.lanes;
+  constexpr int kSectorLanes = sector_lanes<acc_t, A>();
+  const bool whole_blocks = p.lanes >= kSectorLanes;  // the atomics' stride is a constant
+  const int block = whole_blocks ? kSectorLanes : p.lanes;
   // kSingleRound: this lane's output gradient, read once, in the loads' layout and in the atomics' layout
   Vector<scalar_t, V> held_grad;
   acc_t held_grad_for_atomics[V];
+  const AtomicLayout single_layout = atomic_layout<V, A>(block, lane, 0, p.channels);
   if (kSingleRound && active) {
     if (lane < chunks) held_grad = load_vector<V>(grad_output + lane * V);
     if (grad_value != nullptr) {
-      load_in_atomic_layout<V, A>(grad_output, 0, p.lanes, lane, p.channels, held_grad_for_atomics);
+      load_in_atomic_layout<V, A>(grad_output + single_layout.first, block, single_layout.inside,
+                                  held_grad_for_atomics);
     }
   }
   for (int first = 0; first < samples; first += p.lanes) {
@@ -349,19 +377,27 @@ __device__ __forceinline__ void backward_body(const Problem<scalar_t>& p, const 
           }
         }
         if (grad_value != nullptr && active) {
-          const int round_base = round * p.lanes * V;
+          const AtomicLayout layout =
+              kSingleRound ? single_layout : atomic_layout<V, A>(block, lane, round * p.lanes * V, p.channels);
           acc_t grad_for_atomics[V];
           if (kSingleRound) {
 #pragma unroll
             for (int i = 0; i < V; ++i) grad_for_atomics[i] = held_grad_for_atomics[i];
           } else {
-            load_in_atomic_layout<V, A>(grad_output, round_base, p.lanes, lane, p.channels, grad_for_atomics);
+            load_in_atomic_layout<V, A>(grad_output + layout.first, block, layout.inside, grad_for_atomics);
           }
+          // the usual case (the round's lanes * V channels all inside D, lanes >= sector_lanes) with a constant
+          // stride and no tests: immediate address offsets and a multiply per atomic (uniform across the warp)
+          const bool usual = whole_blocks && (round + 1) * p.lanes * V <= p.channels;
 #pragma unroll
           for (int c = 0; c < 4; ++c) {
             if (offset[c] < 0 || (MSDA_MUTATION(kDropCorner3Atomic) && c == 3)) continue;
-            add_in_atomic_layout<V, A>(grad_value + offset[c], round_base, p.lanes, lane, p.channels, scale[c],
-                                       grad_for_atomics);
+            const GlobalPointer<acc_t> first = grad_value + (offset[c] + layout.first);
+            if (usual) {
+              add_in_atomic_layout<V, A, true>(first, kSectorLanes, layout.inside, scale[c], grad_for_atomics);
+            } else {
+              add_in_atomic_layout<V, A, false>(first, block, layout.inside, scale[c], grad_for_atomics);
+            }
           }
         }
       }

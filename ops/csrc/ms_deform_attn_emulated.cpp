@@ -145,13 +145,26 @@ c10::Dict<std::string, int64_t> counters() {
 }
 
 // seed >= 0: every later launch runs in the order this seed gives (as MSDA_EMULATION_SEED does); -1: a fresh seed
-// per launch.
-void set_seed(int64_t seed) {
+// per launch. Returns the setting it replaces (to restore it).
+int64_t set_seed(int64_t seed) {
   const std::lock_guard<std::mutex> lock(emulator_mutex);
   auto& e = msda_emulation::emulator();
-  e.seeded = true;
+  msda_emulation::launch_seed();  // reads MSDA_EMULATION_SEED, if not yet
+  const int64_t previous = e.fixed_seed ? static_cast<int64_t>(e.seed) : -1;
   e.fixed_seed = seed >= 0;
   e.seed = seed >= 0 ? static_cast<uint64_t>(seed) : std::random_device{}();
+  return previous;
+}
+
+// "name:role" of each tensor bound to the last launch, role input, output or accumulator.
+std::vector<std::string> last_bindings() {
+  const std::lock_guard<std::mutex> lock(emulator_mutex);
+  static const char* kRoles[] = {"input", "output", "accumulator"};
+  std::vector<std::string> result;
+  for (const auto& tensor : msda_emulation::emulator().tensors) {
+    result.push_back(tensor.name + ":" + kRoles[static_cast<int>(tensor.role)]);
+  }
+  return result;
 }
 
 int64_t last_seed() { return static_cast<int64_t>(msda_emulation::emulator().launch_seed); }
@@ -202,7 +215,8 @@ MSDA_DEFINE_LIBRARY(MSDA_EMULATED_LIBRARY, m) {
       "Tensor sampling_locations, Tensor attention_weights, bool[3] output_mask=[True, True, True]) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("counters() -> Dict(str, int)", &deformable_detr::counters);
-  m.def("set_seed(int seed) -> ()", &deformable_detr::set_seed);
+  m.def("set_seed(int seed) -> int", &deformable_detr::set_seed);
+  m.def("last_bindings() -> str[]", &deformable_detr::last_bindings);
   m.def("last_seed() -> int", &deformable_detr::last_seed);
   m.def("set_architecture(int sm) -> ()", &deformable_detr::set_architecture);
   m.def("launch_plan(int[] sizes, int element_size, int alignment) -> int[]", &deformable_detr::launch_plan);
