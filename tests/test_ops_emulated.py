@@ -280,7 +280,7 @@ class DeterministicAlgorithms:
         ("past_the_end", r"read of 4 bytes by thread \d+ of block 0 at element 64 of input .64 elements.: outside"),
         ("misaligned", "read of 16 bytes .* at byte 4 of input is misaligned"),
         ("write_race", r"data race on output\[\d+\]: thread \d+ of block 0 writes it and thread \d+ of block 0 wrote"),
-        ("read_write_race", r"data race on output\[\d+\]: thread \d+ of block 0 (reads|writes) it and .* (wrote|read) it"),
+        ("read_write_race", r"data race on output\[\d+\]: thread \d+ of block 0 (reads|writes) it and .* (wrote|read)"),
         ("plain_write_among_atomics", r"data race on total\[0\]: .*not both atomically"),
         ("unwritten", r"output output\[37\] was never written"),
         ("raw_pointer", "turned a raw address into a global pointer"),

@@ -53,7 +53,8 @@ def _outcome(ops, dtype: torch.dtype) -> str:
     """What the emulated forward and backward give on the test problem: MATCHES, the first result that differs
     from the float64 reference, or the emulation's error."""
     problem = make_problem([(5, 7), (3, 2), (1, 1)], 2, 9, 3, 12, 4, dtype=dtype, seed=21)
-    leaves = [problem[n].detach().double().requires_grad_() for n in ("value", "sampling_locations", "attention_weights")]
+    names = ("value", "sampling_locations", "attention_weights")
+    leaves = [problem[name].detach().double().requires_grad_() for name in names]
     expected = reference_ms_deform_attn(
         leaves[0], problem["spatial_shapes"], problem["level_start_index"], leaves[1], leaves[2]
     )
@@ -67,7 +68,7 @@ def _outcome(ops, dtype: torch.dtype) -> str:
         grads = ops.ms_deform_attn_backward(grad_output, *op_args(problem), [True, True, True])
     except RuntimeError as error:
         return str(error)
-    for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
+    for name, got, want in zip(names, grads, expected_grads):
         if not _relative_error(got, want) < 3 * TOLERANCE[dtype]:
             return f"gradient of {name} differs from the reference"
     return MATCHES
