@@ -34,9 +34,13 @@ ARCHITECTURES = [80, 90]  # the value gradient's scalar atomics (sm_80) or vecto
 
 @pytest.fixture(scope="module")
 def emulated():
-    ops = emulated_ops()
-    yield ops
-    ops.set_architecture(90)
+    return emulated_ops()
+
+
+@pytest.fixture(autouse=True)
+def _sm90_unless_chosen(emulated):
+    """Each test starts on sm_90's atomics, whatever the test before it chose."""
+    emulated.set_architecture(90)
 
 
 @pytest.fixture(params=ARCHITECTURES, ids=lambda sm: f"sm{sm}")
