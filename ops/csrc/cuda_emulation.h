@@ -22,8 +22,8 @@
 // Counters: each lane logs its global accesses; at each warp-synchronous point (and at the warp's end) the k-th
 // access of each kind of every lane since the last such point forms one warp instruction, whose distinct 32-byte
 // sectors are counted per (kind, tensor). This is exact for code whose lanes run the same loads, stores and atomics
-// between shuffles; where a branch skips some (a corner outside the map), the sector total is still that of the
-// hardware, as the lanes of different groups of a warp touch different rows.
+// between shuffles; where a branch skips some (a corner outside the map), the instruction count is a lower bound and
+// the sector total still that of the hardware as long as the groups of a warp touch different rows.
 #pragma once
 
 #define MSDA_EMULATION 1
