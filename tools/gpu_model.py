@@ -128,17 +128,29 @@ class Walker:
 
     # -- source lines
 
-    def text(self, ins: sass.Instruction) -> str:
-        if ins.line is None:
-            return ""
-        lines = self._sources.setdefault(ins.line[0], source_lines(ins.line[0]))
-        return lines[ins.line[1] - 1].strip() if 0 < ins.line[1] <= len(lines) else ""
+    def texts(self, ins: sass.Instruction) -> list[tuple[tuple[str, int], str]]:
+        """(frame, source text) of each line of the instruction's inlining chain, innermost first."""
+        found = []
+        for frame in ins.frames or ((ins.line,) if ins.line else ()):
+            lines = self._sources.setdefault(frame[0], source_lines(frame[0]))
+            found.append((frame, lines[frame[1] - 1].strip() if 0 < frame[1] <= len(lines) else ""))
+        return found
+
+    def text(self, ins: sass.Instruction, lookup: Callable[[str], object] | None = None) -> str:
+        """The innermost source line of the instruction that ``lookup`` knows, else its innermost line in the
+        kernel's own file (that of its outermost frame)."""
+        texts = self.texts(ins)
+        if lookup is not None:
+            for _, text in texts:
+                if lookup(text) is not None:
+                    return text
+        return next((text for (file, _), text in texts if file == texts[-1][0][0]), "") if texts else ""
 
     def _loop_of_line(self, ins: sass.Instruction) -> SourceLoop | None:
-        if ins.line is None or self.trips_of(self.text(ins)) is None:
-            return None
-        lines = self._sources.setdefault(ins.line[0], source_lines(ins.line[0]))
-        return SourceLoop(ins.line[0], ins.line[1], loop_extent(lines, ins.line[1]))
+        for (file, number), text in self.texts(ins):
+            if self.trips_of(text) is not None:
+                return SourceLoop(file, number, loop_extent(self._sources[file], number))
+        return None
 
     def _source_loop(self, loop: sass.Loop) -> SourceLoop | None:
         """The source loop of a SASS loop: that of its back edge's line, else of a branch in it that leaves it."""
@@ -150,7 +162,7 @@ class Walker:
         return None
 
     def in_body(self, ins: sass.Instruction, loop: SourceLoop) -> bool:
-        return ins.line is not None and ins.line[0] == loop.file and loop.line < ins.line[1] <= loop.last
+        return any(file == loop.file and loop.line < number <= loop.last for (file, number), _ in self.texts(ins))
 
     # -- control flow
 
@@ -174,7 +186,8 @@ class Walker:
 
     def unroll(self, loop: sass.Loop) -> int:
         source = self.source_loop[loop.start]
-        anchor = self.anchor_of(self.text(self.code[self.index[loop.end]])) if source else None
+        back_edge = self.code[self.index[loop.end]]
+        anchor = self.anchor_of(self.text(back_edge, self.anchor_of)) if source else None
         if anchor is None:
             return 1
         opcode, per_iteration = anchor
@@ -240,7 +253,8 @@ class Walker:
             if source is None:
                 raise ValueError(
                     f"no trip count for the loop at {loop.start:#06x}: its line is "
-                    f"{self.text(self.code[self.index[loop.end]])!r}"
+                    f"{self.text(self.code[self.index[loop.end]])!r} (its inlining chain: "
+                    f"{[text for _, text in self.texts(self.code[self.index[loop.end]])]})"
                 )
             remaining = self.trips_of_loop(source) - done[(source.file, source.line)]
             planned[loop.start] = max(0, remaining // self.unroll(loop))
@@ -256,7 +270,7 @@ class Walker:
     def _decide(self, ins, target, iteration, planned, done, path) -> bool:
         """Whether the conditional branch (or EXIT, target None) ``ins`` is taken by the warp."""
         loop = self.innermost(ins.address)
-        text = self.text(ins)
+        text = self.text(ins, self.rule_of) if self.text(ins, self.rule_of) else self.text(ins, self.trips_of)
         if loop is not None:
             source = self.source_loop[loop.start]
             back = target == loop.start
@@ -422,7 +436,8 @@ def _cuda_lanes(launch: Launch) -> int:
 _CUDA_COMMON = {
     "lanes": _cuda_lanes,
     "lane_bytes": lambda launch: _cuda_vector(launch) * launch.element_size,
-    "atomic_lane_bytes": lambda launch: _cuda_vector(launch) * launch.accumulate_size,
+    # the value gradient's atomics have a layout of their own in which every instruction fills whole sectors
+    "atomic_lane_bytes": lambda launch: 0,
     "warps": lambda launch: math.ceil(launch.batch * launch.queries * launch.heads * _cuda_lanes(launch) / 32),
     "sample_channels_per_warp": lambda launch: 32 // _cuda_lanes(launch) * launch.samples * launch.channels,
 }
@@ -462,7 +477,7 @@ def cuda_specs(label: str, dtype: str) -> list[KernelSpec]:
             # the compiler tests want_sampling once per corner loop: take the copy that loads the corners
             branches={r"for \(int c = 0; c < 4; \+\+c\) \{": "seek:LDG"},
             gather=r"load_vector<V>\(value \+",
-            atomics=r"atomic_add_vector",
+            atomics=r"add_in_atomic_layout|atomic_add",
             **_CUDA_COMMON,
         ),
     ]
@@ -594,15 +609,15 @@ def count(
     gathered = loaded = atomics = 0.0
     for address, executions in path.counts.items():
         ins = by_address[address]
-        text = walker.text(ins)
+        texts = [text for _, text in walker.texts(ins)]
         width = access_width(ins.opcode)
         if ins.opcode.startswith("LDG"):
-            if re.search(spec.gather, text):
+            if any(re.search(spec.gather, text) for text in texts):
                 sectors = 32 // lanes * sectors_per_group(lanes, spec.lane_bytes(launch) or width, width)
                 gathered += executions * sectors * 32 * inside
             else:  # locations, weights, shapes: one sector per group of lanes (a broadcast or consecutive lanes)
                 loaded += executions * 32 // lanes * 32
-        elif ins.opcode.startswith(("RED", "ATOM")) and re.search(spec.atomics, text):
+        elif ins.opcode.startswith(("RED", "ATOM")) and any(re.search(spec.atomics, text) for text in texts):
             sectors = 32 // lanes * sectors_per_group(lanes, spec.atomic_lane_bytes(launch) or width, width)
             atomics += executions * sectors * inside
     counts = Counts(

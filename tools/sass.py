@@ -52,6 +52,7 @@ class Instruction:
     operands: str
     line: tuple[str, int] | None
     predicate: str = ""  # "@P0", "@!P1", "@UP0", ... or "" for an unconditional instruction
+    frames: tuple[tuple[str, int], ...] = ()  # the inlining chain, innermost line first, ``line`` last
 
 
 @dataclass
@@ -89,20 +90,26 @@ def parse_functions(listing: str) -> dict[str, list[Instruction]]:
     """``nvdisasm -c [-g]`` output -> {mangled function name: instructions}, labels as instructions' addresses."""
     functions: dict[str, list[Instruction]] = {}
     current: list[Instruction] | None = None
-    line: tuple[str, int] | None = None
+    frames: tuple[tuple[str, int], ...] = ()
+    fresh = False  # a //## comment came since the last instruction
     for text in listing.splitlines():
         stripped = text.strip()
         if match := _FUNCTION.match(stripped):
-            current, line = functions.setdefault(match.group(1), []), None
+            current, frames, fresh = functions.setdefault(match.group(1), []), (), False
         elif current is None:
             continue
         elif stripped.startswith("//##") and (locations := _LINE.findall(stripped)):
-            line = (locations[-1][0], int(locations[-1][1]))  # the outermost call site: a line of the kernel
+            # "inner, line A inlined at outer, line B": a chain may go on in the next comment from its last frame
+            chain = tuple((file, int(number)) for file, number in locations)
+            frames = frames + chain[1:] if fresh and frames and chain[0] == frames[-1] else chain
+            fresh = True
         elif match := _INSTRUCTION.search(stripped):
             predicate = (match.group(2) or "").strip()
+            line = frames[-1] if frames else None  # the outermost call site: a line of the kernel
             current.append(
-                Instruction(int(match.group(1), 16), match.group(3), match.group(4).strip(), line, predicate)
+                Instruction(int(match.group(1), 16), match.group(3), match.group(4).strip(), line, predicate, frames)
             )
+            fresh = False
     return functions
 
 
