@@ -339,28 +339,30 @@ def forward_outputs(model: nn.Module, batch: Batch, amp: str = "none") -> dict:
     return to_float32(outputs)
 
 
-def non_finite_entries(outputs: Any, name: str = "") -> list[str]:
-    """The tensors of ``outputs`` (nested dicts and lists, e.g. ``aux_outputs.0.pred_boxes``) holding NaN or
-    infinity, each as ``"NAME (n of m values)"``."""
+def floating_tensors(outputs: Any, name: str = "") -> list[tuple[str, torch.Tensor]]:
+    """The floating tensors of ``outputs`` (nested dicts and lists) with their names, e.g.
+    ``aux_outputs.0.pred_boxes``."""
     if isinstance(outputs, torch.Tensor):
-        if not outputs.is_floating_point():
-            return []
-        bad = int((~torch.isfinite(outputs.detach())).sum())
-        return [f"{name} ({bad} of {outputs.numel()} values)"] if bad else []
+        return [(name, outputs.detach())] if outputs.is_floating_point() else []
     if isinstance(outputs, dict):
         items = outputs.items()
     elif isinstance(outputs, (list, tuple)):
         items = enumerate(outputs)
     else:
         return []
-    return [entry for key, value in items for entry in non_finite_entries(value, f"{name}.{key}" if name else str(key))]
+    return [entry for key, value in items for entry in floating_tensors(value, f"{name}.{key}" if name else str(key))]
 
 
 def stop_on_non_finite_outputs(outputs: dict, epoch: int, iteration: int) -> None:
-    """Raise :class:`NonFiniteLossError` on every rank alike when any rank's ``outputs`` hold NaN or infinity."""
-    found = non_finite_entries(outputs)
-    if all_reduce_mean(torch.tensor([float(len(found))], device=outputs["pred_logits"].device)).item() == 0:
+    """Raise :class:`NonFiniteLossError` on every rank alike when any rank's ``outputs`` hold NaN or infinity
+    (one device synchronisation when all are finite)."""
+    tensors = floating_tensors(outputs)
+    bad = torch.stack([(~torch.isfinite(tensor)).sum() for _, tensor in tensors])  # (number of tensors,)
+    if all_reduce_mean(bad.sum().float().reshape(1)).item() == 0:
         return
+    found = [
+        f"{name} ({count} of {tensor.numel()} values)" for (name, tensor), count in zip(tensors, bad.tolist()) if count
+    ]
     where = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "") if found else "on another process"
     raise NonFiniteLossError(
         f"epoch {epoch}, iteration {iteration}: the model's predictions are not finite ({where}); "
