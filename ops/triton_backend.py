@@ -8,8 +8,7 @@ The launches are the torch.library custom ops ``deformable_detr::ms_deform_attn_
 with fake implementations and registered autograd, so gradients flow and ``torch.compile`` traces through them.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: torch 2.4's custom_op cannot read string annotations.
 import contextlib
 import functools
 
@@ -27,7 +26,7 @@ POISON_OUTPUTS = False  # fill outputs with NaN before a launch, so that an elem
 
 @functools.cache
 def _kernels():
-    """The kernel module, or None where triton does not import."""
+    """The kernel module, or None where triton does not import or is older than the kernels need."""
     try:
         from ops import triton_kernels
     except ImportError:
@@ -51,7 +50,7 @@ def _loaded_kernels():
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError(
-            "backend 'triton' needs the triton package (it ships with the CUDA build of torch); "
+            "backend 'triton' needs the triton package, 3.4 or newer (it ships with the CUDA build of torch 2.8+); "
             "install it or pick another backend"
         )
     return kernels
