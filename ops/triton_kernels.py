@@ -17,7 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-if not hasattr(triton, "knobs"):  # triton before 3.4 (torch before 2.8): its interpreter cannot run these kernels
+# triton before 3.4 (torch before 2.8) has no knobs, and its interpreter cannot run these kernels (3.0, 3.2, 3.3 tried)
+if not hasattr(triton, "knobs"):
     raise ImportError(f"the triton kernels need triton 3.4 or newer, this is triton {triton.__version__}")
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # how the kernels below were decorated
 
