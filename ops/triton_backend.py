@@ -8,7 +8,8 @@ The launches are the torch.library custom ops ``deformable_detr::ms_deform_attn_
 with fake implementations and registered autograd, so gradients flow and ``torch.compile`` traces through them.
 """
 
-# No `from __future__ import annotations`: torch 2.4's custom_op cannot read string annotations.
+from __future__ import annotations
+
 import contextlib
 import functools
 
