@@ -31,7 +31,7 @@ POISON_OUTPUTS = False  # fill outputs with NaN before a launch, so that an elem
 
 @functools.cache
 def _kernels():
-    """The kernel module, or None where triton does not import."""
+    """The kernel module, or None where triton does not import or is older than the kernels need."""
     try:
         from ops import triton_kernels
     except ImportError:
@@ -55,7 +55,7 @@ def _loaded_kernels():
     kernels = _kernels()
     if kernels is None:
         raise RuntimeError(
-            "backend 'triton' needs the triton package (it ships with the CUDA build of torch); "
+            "backend 'triton' needs the triton package, 3.4 or newer (it ships with the CUDA build of torch 2.8+); "
             "install it or pick another backend"
         )
     return kernels

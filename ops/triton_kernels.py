@@ -21,6 +21,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# triton before 3.4 (torch before 2.8) has no knobs, and its interpreter cannot run these kernels (3.3's has no
+# get_int1_ty)
+if not hasattr(triton, "knobs"):
+    raise ImportError(f"the triton kernels need triton 3.4 or newer, this is triton {triton.__version__}")
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # how the kernels below were decorated
 
 

@@ -60,6 +60,13 @@ def test_emulated_cuda_kernel_with_a_wrong_output_is_replaced_by_pytorch():
     assert _remembered("cuda") is False
 
 
+def test_in_the_tests_a_kernel_replaced_by_pytorch_is_an_error_not_a_warning():
+    """pyproject.toml's filterwarnings: a kernel test that did not expect the replacement fails, rather than passing
+    on the pytorch backend that ran in the kernel's place."""
+    with pytest.raises(RuntimeWarning, match="the cuda backend disagrees"):
+        self_check.confirmed("cuda", CPU, _crashing)
+
+
 @pytest.mark.skipif(not functional.triton_backend.is_available(), reason="triton cannot run here")
 def test_interpreted_triton_kernels_pass_once_per_process(monkeypatch):
     problem = make_problem([(4, 5), (2, 3)], 1, 3, 2, 4, 2, dtype=torch.float32, seed=1)
