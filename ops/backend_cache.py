@@ -15,12 +15,12 @@ import functools
 import json
 import os
 import platform
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from util.atomic_write import write_text
 from util.errors import UserError
 
 ENV_VAR = "DETR_MSDA_BACKEND"
@@ -119,8 +119,8 @@ def remembered_backend(device: torch.device, dtype: torch.dtype) -> str | None:
 def remember(device: torch.device, dtype: torch.dtype, backend: str, details: dict) -> Path:
     """Record ``backend`` as the choice for this device model, torch and dtype; returns the file written.
 
-    Other entries are kept (a corrupt file is replaced). Written to a temporary file and renamed, so a reader never
-    sees half a file.
+    Other entries are kept (a corrupt file is replaced). Written whole or not at all (``util.atomic_write``), so a
+    reader never sees half a file.
     """
     path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,8 +131,5 @@ def remember(device: torch.device, dtype: torch.dtype, backend: str, details: di
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         choices = {}
     choices[cache_key(device, dtype)] = {"backend": backend, **details}
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as file:
-        json.dump({"version": FORMAT_VERSION, "choices": choices}, file, indent=2, sort_keys=True)
-        file.write("\n")
-    os.replace(file.name, path)
-    return path
+    content = {"version": FORMAT_VERSION, "choices": choices}
+    return write_text(path, json.dumps(content, indent=2, sort_keys=True) + "\n")

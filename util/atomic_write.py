@@ -61,14 +61,20 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
     created); when the block ends, its content replaces ``path`` whole. A failed write raises
     :class:`FileWriteError` or :class:`FileNotWritableError` (see the module docstring); any other exception in the
     block propagates as it is. Either way the temporary is removed and ``path`` is as it was."""
+    with atomic_path(path) as temporary, open(temporary, mode, encoding=None if "b" in mode else encoding) as file:
+        yield file
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """:func:`atomic_write` for a writer that takes a file name (the ONNX exporters): the temporary's path, which
+    the block writes and which then replaces ``path`` whole."""
     path = Path(path)
     temporary = temporary_path(path)
     try:
         make_folder(path.parent)
-        with open(temporary, mode, encoding=None if "b" in mode else encoding) as file:
-            yield file
-            file.flush()
-            os.fsync(file.fileno())
+        yield temporary
+        sync_file(temporary)
         os.replace(temporary, path)
     except BaseException as error:
         remove_quietly(temporary)
@@ -77,6 +83,15 @@ def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-
             raise
         raise write_error(path, reason) from error
     sync_folder(path.parent)
+
+
+def sync_file(path: Path) -> None:
+    """fsync the file at ``path``: its content is on the disk before it is renamed into place."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def make_folder(folder: Path) -> None:
