@@ -1,8 +1,9 @@
-"""A real full disk for the tests: a small tmpfs mounted on a folder (root only; skipped where mount is refused),
-and a file that takes every block left on it."""
+"""A full disk for the tests: a small tmpfs mounted on a folder (root only; skipped where mount is refused) and a
+file that takes every block left on it; and, everywhere, files of ``util.atomic_write`` that run out of space."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -39,3 +40,37 @@ def fill(folder: Path, leave: int = 0) -> Path:
     with open(filler, "wb") as file:
         file.write(b"\0" * max(0, free - leave))
     return filler
+
+
+class FillingFile:
+    """A file object whose writes fail with ENOSPC once ``budget[0]`` bytes are spent, after writing what fits."""
+
+    def __init__(self, file, budget: list[int]):
+        self._file, self._budget = file, budget
+
+    def write(self, data):
+        if len(data) > self._budget[0]:
+            self._file.write(data[: self._budget[0]])
+            self._budget[0] = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._budget[0] -= len(data)
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._file.close()
+
+
+def disk_full_after(monkeypatch: pytest.MonkeyPatch, free_bytes: int) -> None:
+    """Every file ``util.atomic_write`` opens from now on shares ``free_bytes`` of space; a write past it fails
+    with ``ENOSPC``, as on a disk that fills up."""
+    budget = [free_bytes]
+    real_open = open
+    monkeypatch.setattr(
+        "util.atomic_write.open", lambda *args, **kwargs: FillingFile(real_open(*args, **kwargs), budget), raising=False
+    )
