@@ -192,6 +192,16 @@ def test_a_full_disk_while_predicting_names_the_picture(first_run, coco_path, tm
     assert_one_error_line_and_nothing_left(capsys.readouterr().err, picture)
 
 
+def test_a_full_disk_while_visualizing_names_the_figure(first_run, coco_path, tmp_path, monkeypatch, capsys):
+    disk_full_after(monkeypatch, free_bytes=1000)
+    image = next((coco_path / "val2017").iterdir())
+    opts = tiny_overrides(coco_path, tmp_path, f"resume={first_run / 'checkpoint.pth'}")
+    argv = ["visualize", "--config", str(CONFIG), "--image", str(image), "--out", str(tmp_path / "figures")]
+    assert main.main([*argv, "--opts", *opts]) == 1
+    figure = tmp_path / "figures" / f"{image.stem}_detections.png"
+    assert_one_error_line_and_nothing_left(capsys.readouterr().err, figure)
+
+
 def test_an_onnx_export_that_fails_half_way_leaves_nothing(tmp_path, monkeypatch):
     model, _, _ = build_model(tiny_config())
 
