@@ -31,8 +31,8 @@ from torchvision.ops import box_convert
 from datasets.transforms import Transform
 from models.deformable_transformer import valid_ratio
 from ops import AttentionSampling, OffsetSampling, record_sampling
-from util.draw import class_name, draw_detections
 from util.atomic_write import atomic_write, write_json
+from util.draw import class_name, draw_detections
 from util.image_io import to_rgb
 from util.visualize_figures import Panel, sampling_figure
 from util.visualize_points import QuerySampling, cell_query_index, query_sampling, resolve_layer
