@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets import Batch, CocoDetection
-from engine.amp import autocast, build_grad_scaler, prepare_for_training, resolve_amp, to_float32
+from engine.amp import autocast, autocast_dtype, build_grad_scaler, prepare_for_training, resolve_amp, to_float32
 from engine.data import build_eval_loader, build_split, build_train_loader
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
@@ -60,6 +60,7 @@ from engine.run_dir import (
 )
 from engine.runtime import build_model_on, decided_on_main, say
 from models.describe import describe_state_dict
+from ops.functional import resolve_backend
 from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
 from util.config import Config
 from util.distributed import (
@@ -136,7 +137,8 @@ def train(cfg: Config) -> dict[str, float] | None:
         say(
             info,
             f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
-            f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {run.output_dir}",
+            f"process(es), {info.device}, {numerics(cfg, run.amp, info.device)}), evaluating on "
+            f"{len(run.val_set)}; output in {run.output_dir}",
         )
         run_start = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
@@ -406,6 +408,15 @@ def write_record(run: TrainingRun, record: dict) -> None:
     if run.config_changes:
         record, run.config_changes = {**record, "config_changes": run.config_changes}, {}
     append_log(run.output_dir, record)
+
+
+def numerics(cfg: Config, amp: str, device: torch.device) -> str:
+    """What besides the seed fixes a run's numbers (docs/training.md, "Reproducibility"): the precision, the CPU
+    threads and the attention backend ``auto`` resolves to, e.g. ``"bfloat16 autocast, 2 threads, attention cpu"``."""
+    dtype = autocast_dtype(amp)
+    precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return f"{precision}{threads}, attention {resolve_backend(cfg.attention_backend, device, dtype or torch.float32)}"
 
 
 def seed_everything(seed: int) -> None:
