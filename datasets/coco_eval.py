@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -27,6 +26,8 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from util.atomic_write import write_json
 
 # The order of COCOeval.stats.
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -146,8 +147,6 @@ class CocoEvaluator:
         summary is kept in :attr:`summary`."""
         results = self.results()
         if output_path is not None:
-            Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-            with open(output_path, "w", encoding="utf-8") as file:
-                json.dump(results, file)
+            write_json(output_path, results)  # whole or not at all
         metrics, self.summary = evaluate_results(self.coco_gt, results, self.detections.keys(), verbose)
         return metrics

@@ -14,13 +14,14 @@ files (with the same numpy and Pillow): every image draws from its own generator
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from util.atomic_write import atomic_write, write_json
 
 CATEGORY_NAMES = ("circle", "square", "triangle", "star", "cross")
 SPLITS = ("train", "val")
@@ -184,7 +185,9 @@ def generate_split(
         pixels, objects = render_image(rng, height, width, max_objects)
         image_id = index + 1
         file_name = f"{image_id:012d}.{image_format}"
-        Image.fromarray(pixels).save(folder / file_name, **({"quality": 95} if image_format == "jpg" else {}))
+        options = {"format": "JPEG", "quality": 95} if image_format == "jpg" else {"format": "PNG"}
+        with atomic_write(folder / file_name, "wb") as file:
+            Image.fromarray(pixels).save(file, **options)
         images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for item in objects:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **item})
@@ -219,8 +222,7 @@ def generate_shapes_dataset(
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split, count in zip(SPLITS, (num_train, num_val)):
         annotation = generate_split(out, split, count, seed, size, image_format, max_objects)
-        with open(out / "annotations" / f"instances_{split}2017.json", "w", encoding="utf-8") as file:
-            json.dump(annotation, file)
+        write_json(out / "annotations" / f"instances_{split}2017.json", annotation)
     return out
 
 

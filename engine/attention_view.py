@@ -18,7 +18,6 @@ sampled, mapped to the original image's pixels by :mod:`util.visualize_points`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from torchvision.ops import box_convert
 from datasets.transforms import Transform
 from models.deformable_transformer import valid_ratio
 from ops import AttentionSampling, OffsetSampling, record_sampling
+from util.atomic_write import atomic_write, write_json
 from util.draw import class_name, draw_detections
 from util.image_io import to_rgb
 from util.visualize_figures import Panel, sampling_figure
@@ -353,25 +353,27 @@ def write_visualization(
     ``names`` maps labels to class names (``class N`` where missing), as for ``main.py predict``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     detections = view.detections
     path = out_dir / f"{stem}_detections.png"
-    draw_detections(
+    drawn = draw_detections(
         view.image,
         [detection.box.tolist() for detection in detections],
         [detection.label for detection in detections],
         [detection.score for detection in detections],
         names,
-    ).save(path)
+    )
+    with atomic_write(path, "wb") as file:
+        drawn.save(file, format="PNG")
     written = [path]
     splits = ["none"] + (["level"] if by_level else []) + (["head"] if by_head else [])
     for split in splits:
         suffix = "" if split == "none" else f"_by_{split}"
         for part, figure in (("decoder", decoder_figure(view, split, names)), ("encoder", encoder_figure(view, split))):
             path = out_dir / f"{stem}_{part}_sampling{suffix}.png"
-            figure.savefig(path, dpi=100)
+            with atomic_write(path, "wb") as file:
+                figure.savefig(file, dpi=100, format="png")
             written.append(path)
     path = out_dir / f"{stem}_sampling.json"
-    path.write_text(json.dumps(sampling_record(view, names), indent=1))
+    write_json(path, sampling_record(view, names), indent=1)
     written.append(path)
     return written

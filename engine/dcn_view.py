@@ -30,6 +30,7 @@ from torch import nn
 
 from ops import AttentionSampling, DeformConv2d, OffsetSampling
 from ops.deform_roi_pool import deformed_bins, rois_from_boxes
+from util.atomic_write import atomic_write, write_json
 
 TRACED_LAYERS = 3
 PANEL_INCHES = 3.5
@@ -175,9 +176,9 @@ def write_dcn_visualization(
     traces = trace_sampling(records, pixels, resized_size, (image.height, image.width))
     modulated = records[-1].mask is not None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"{stem}_dcn_sampling.png"
-    dcn_figure(image, traces, modulated).savefig(png, dpi=100)
+    with atomic_write(png, "wb") as file:
+        dcn_figure(image, traces, modulated).savefig(file, dpi=100, format="png")
     path = out_dir / f"{stem}_sampling.json"
     record = json.loads(path.read_text()) if path.is_file() else {}
     record["dcn"] = {
@@ -192,7 +193,7 @@ def write_dcn_visualization(
             for trace in traces
         ],
     }
-    path.write_text(json.dumps(record, indent=1))
+    write_json(path, record, indent=1)
     return [png, path]
 
 

@@ -16,6 +16,7 @@ from engine.data import (
     build_split,
 )
 from engine.runtime import build_model_on, load_for_inference, say
+from util.atomic_write import write_json
 from util.config import Config
 from util.distributed import (
     all_gather_object,
@@ -75,8 +76,7 @@ def evaluate(
     metrics = evaluator.evaluate(output_path=output_path)
     print(evaluator.summary, end="", flush=True)
     if output_dir is not None:
-        with open(Path(output_dir) / METRICS_FILE, "w", encoding="utf-8") as file:
-            json.dump(metrics, file, indent=2)
+        write_json(Path(output_dir) / METRICS_FILE, metrics, indent=2)
     return metrics
 
 

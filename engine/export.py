@@ -25,6 +25,7 @@ from torch import nn
 from models import DeformableDETR, build_model
 from models.describe import describe_state_dict
 from ops import MSDeformAttn
+from util.atomic_write import atomic_path
 from util.checkpoint import load_checkpoint, load_model_weights
 from util.config import Config
 from util.errors import UserError
@@ -119,22 +120,24 @@ def export_onnx(
                 # never written: onnxruntime refuses the model); onnxruntime optimises the graph itself anyway
                 optimize=False,
             )
-            program.save(str(path))
+            with atomic_path(path) as temporary:
+                program.save(str(temporary))
         else:
-            torch.onnx.export(
-                wrapped,
-                (example,),
-                str(path),
-                dynamo=False,
-                opset_version=OPSET,
-                input_names=INPUT_NAMES,
-                output_names=OUTPUT_NAMES,
-                dynamic_axes={
-                    "images": {0: "batch", 2: "height", 3: "width"},
-                    "logits": {0: "batch"},
-                    "boxes": {0: "batch"},
-                },
-            )
+            with atomic_path(path) as temporary:
+                torch.onnx.export(
+                    wrapped,
+                    (example,),
+                    str(temporary),
+                    dynamo=False,
+                    opset_version=OPSET,
+                    input_names=INPUT_NAMES,
+                    output_names=OUTPUT_NAMES,
+                    dynamic_axes={
+                        "images": {0: "batch", 2: "height", 3: "width"},
+                        "logits": {0: "batch"},
+                        "boxes": {0: "batch"},
+                    },
+                )
     return path
 
 

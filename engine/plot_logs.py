@@ -18,6 +18,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from engine.run_dir import read_log
+from util.atomic_write import atomic_write
 
 PANELS = (
     ("train_loss", "loss (weighted total)"),
@@ -56,8 +57,8 @@ def plot_logs(runs: Sequence[str | Path], out: str | Path) -> Path:
     axes.flat[0].legend()
     figure.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
+    with atomic_write(out, "wb") as file:
+        figure.savefig(file, dpi=100, format=out.suffix.lstrip(".") or "png")
     return out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from engine.data import (
 )
 from engine.evaluation import detect
 from engine.runtime import build_model_on, load_for_inference, say
+from util.atomic_write import atomic_write, write_json
 from util.config import Config
 from util.distributed import (
     init_distributed,
@@ -89,9 +89,9 @@ def predict_files(
         ]
         results.append({"file": str(path), "detections": detections})
         drawn = draw_detections(image, boxes.tolist(), labels.tolist(), scores.tolist(), names)
-        drawn.save(out_dir / f"{index:03d}_{Path(path).stem}.png")
-    with open(out_dir / PREDICTIONS_FILE, "w", encoding="utf-8") as file:
-        json.dump(results, file, indent=1)
+        with atomic_write(out_dir / f"{index:03d}_{Path(path).stem}.png", "wb") as file:
+            drawn.save(file, format="PNG")
+    write_json(out_dir / PREDICTIONS_FILE, results, indent=1)
     return results, failures
 
 

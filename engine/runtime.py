@@ -23,7 +23,7 @@ from util.distributed import (
     DistributedInfo,
     broadcast_from_main,
 )
-from util.errors import UserError
+from util.errors import RunError, UserError
 
 
 def say(info: DistributedInfo, message: str) -> None:
@@ -33,17 +33,20 @@ def say(info: DistributedInfo, message: str) -> None:
 
 
 def decided_on_main(info: DistributedInfo, decide: Callable[[], Any]) -> Any:
-    """``decide()`` run on rank 0 alone (the rank that reads and writes ``output_dir``); its result, or the
-    :class:`UserError` it raised, on every rank."""
-    outcome = None
+    """``decide()`` run on rank 0 alone (the rank that reads and writes ``output_dir``); its result on every rank,
+    or the :class:`UserError` or :class:`RunError` it raised: itself on rank 0, one of the same kind and message on
+    the others."""
+    outcome, raised = None, None
     if info.is_main:
         try:
-            outcome = (True, decide())
-        except UserError as error:
-            outcome = (False, str(error))
-    succeeded, value = broadcast_from_main(outcome)
-    if not succeeded:
-        raise UserError(value)
+            outcome = ("", decide())
+        except (UserError, RunError) as error:
+            outcome, raised = ("user" if isinstance(error, UserError) else "run", str(error)), error
+    failure, value = broadcast_from_main(outcome)
+    if raised is not None:
+        raise raised
+    if failure:
+        raise (UserError if failure == "user" else RunError)(value)
     return value
 
 

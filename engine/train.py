@@ -1,9 +1,10 @@
 """``main.py train``: the training run, from a resolved config, read top to bottom.
 
-:func:`train` sets the run up (the process, the output folder, model, data, optimizer: :func:`set_up`), resumes or
-fine-tunes (:func:`start_from`), then loops over the epochs. One epoch (:func:`train_epoch`) is seeded, trained
-over the batches (:func:`train_one_epoch`: forward, losses, NaN check, backward, clipping, step, progress), steps
-the learning-rate schedule, is checkpointed, evaluated when due and logged, in that order.
+:func:`train` claims the output folder (:func:`holding_output_dir`), sets the run up (model, data, optimizer:
+:func:`set_up`), resumes or fine-tunes (:func:`start_from`), starts it in the folder, then loops over the epochs.
+One epoch (:func:`train_epoch`) is seeded, trained over the batches (:func:`train_one_epoch`: forward, losses, NaN
+check, backward, clipping, step, progress), steps the learning-rate schedule, is checkpointed, evaluated when due
+and logged, in that order.
 
 Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 
@@ -16,10 +17,15 @@ Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 | ``detections.json`` / ``metrics.json`` | the latest evaluation: COCO results and the 12 COCO metrics |
 | ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s``; |
 | | appended to when the run resumes |
+| ``train.lock`` | while the run goes on: its process id, host and start time (``engine.run_dir``) |
 
-A folder that holds another run is refused unless ``overwrite=true`` (``engine.run_dir``). Each epoch is
-checkpointed before it is evaluated, and its ``log.txt`` record written last: a run that stops in the evaluation
-keeps its training, and when it resumes the missing record is completed by evaluating that checkpoint again.
+The folder is locked for the run, and one that holds another run is refused unless ``overwrite=true``; nothing in
+it changes until the model, the data and the checkpoint loaded and there is work to do (``engine.run_dir``). Every
+file is written whole or not at all (``util.atomic_write``). Each epoch is checkpointed before it is evaluated, and
+its ``log.txt`` record written last: a run that stops in the evaluation keeps its training, and when it resumes the
+missing record is completed by evaluating that checkpoint again. A resumed run keeps the folder's ``config.yaml``;
+the record of the first epoch it trains lists the config keys changed since the checkpoint was written
+(``"config_changes": {"lr": [old, new], ...}``, ``resume`` left out).
 """
 
 from __future__ import annotations
@@ -27,26 +33,35 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from datasets import Batch, CocoDetection
-from engine.amp import autocast, build_grad_scaler, prepare_for_training, resolve_amp, to_float32
+from engine.amp import autocast, autocast_dtype, build_grad_scaler, prepare_for_training, resolve_amp, to_float32
 from engine.data import build_eval_loader, build_split, build_train_loader
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
-from engine.run_dir import CONFIG_FILE, LATEST_CHECKPOINT, append_log, claim_output_dir, reconcile_log
+from engine.run_dir import (
+    LATEST_CHECKPOINT,
+    append_log,
+    claim_output_dir,
+    config_changes,
+    start_run,
+    unlogged_record,
+)
 from engine.runtime import build_model_on, decided_on_main, say
 from models.describe import describe_state_dict
+from ops.functional import resolve_backend
 from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
 from util.config import Config
 from util.distributed import (
@@ -93,33 +108,44 @@ class TrainingRun:
     val_set: CocoDetection
     train_loader: DataLoader
     val_loader: DataLoader
+    config_changes: dict[str, list] = field(default_factory=dict)  # for the first epoch a resumed run logs
 
 
 def train(cfg: Config) -> dict[str, float] | None:
     """Train ``cfg.epochs`` epochs (from ``cfg.resume`` when given), evaluating and checkpointing as configured.
 
     Returns the last evaluation's metrics on rank 0 (None on other ranks, or when no evaluation ran). Raises a
-    :class:`UserError` when ``cfg.output_dir`` holds another run (see ``engine.run_dir``), and a
-    :class:`NonFiniteLossError` naming the last good checkpoint when the loss is no longer finite.
+    :class:`UserError` when ``cfg.output_dir`` is in use by another process or holds another run (see
+    ``engine.run_dir``), and a :class:`NonFiniteLossError` naming the last good checkpoint when the loss is no
+    longer finite.
     """
+    if cfg.resume and cfg.finetune_from:
+        raise UserError(
+            f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
+            f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
+        )
     info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
     seed_everything(cfg.seed + info.rank)
-    with explaining_timeouts(cfg.dist_timeout_minutes):
+    with explaining_timeouts(cfg.dist_timeout_minutes), holding_output_dir(cfg, info):
         run = set_up(cfg, info)
-        start_epoch, metrics = start_from(run)
+        start_epoch, last_record = start_from(run)
+        unlogged = decided_on_main(info, partial(unlogged_record, run.output_dir, cfg.resume, last_record))
+        if start_epoch >= cfg.epochs and unlogged is None:
+            nothing_to_train(run, start_epoch)  # the folder is left as it was
+            return None
+        begin = partial(start_run, run.output_dir, cfg.to_dict(), cfg.resume, cfg.finetune_from, cfg.overwrite)
+        for note in decided_on_main(info, partial(begin, start_epoch=start_epoch)):
+            say(info, note)
+        metrics = validation_metrics(complete_record(run, unlogged)) if unlogged else {}
         if start_epoch >= cfg.epochs:
-            say(
-                info,
-                f"nothing to train: {cfg.resume} already finished epoch {start_epoch - 1} and epochs={cfg.epochs}"
-                f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
-                "train further, or run `main.py eval` to evaluate it",
-            )
+            nothing_to_train(run, start_epoch)
             return (metrics or None) if info.is_main else None
         num_parameters = sum(parameter.numel() for parameter in run.model.parameters() if parameter.requires_grad)
         say(
             info,
             f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
-            f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {run.output_dir}",
+            f"process(es), {info.device}, {numerics(cfg, run.amp, info.device)}), evaluating on "
+            f"{len(run.val_set)}; output in {run.output_dir}",
         )
         run_start = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
@@ -134,21 +160,29 @@ def train(cfg: Config) -> dict[str, float] | None:
     return (metrics or None) if info.is_main else None
 
 
-def set_up(cfg: Config, info: DistributedInfo) -> TrainingRun:
-    """Claim ``cfg.output_dir`` (see ``engine.run_dir``) and write ``config.yaml`` there; build the model on this
-    process's device, the data, the optimizer, its schedule and the gradient scaler. ``resume`` together with
-    ``finetune_from`` is refused before anything is written."""
-    if cfg.resume and cfg.finetune_from:
-        raise UserError(
-            f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
-            f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
-        )
-    output_dir = Path(cfg.output_dir)
-    claim = partial(claim_output_dir, output_dir, cfg.resume, cfg.finetune_from, cfg.overwrite)
-    for note in decided_on_main(info, claim):
+@contextmanager
+def holding_output_dir(cfg: Config, info: DistributedInfo) -> Iterator[None]:
+    """``cfg.output_dir`` claimed for this run while the block runs (``engine.run_dir.claim_output_dir``): rank 0
+    takes its lock, every rank learns the outcome; the lock is released when the block ends, however it ends."""
+    held = []
+
+    def claim() -> str:
+        held.append(claim_output_dir(cfg.output_dir, cfg.resume, cfg.finetune_from, cfg.overwrite))
+        return held[0].note
+
+    note = decided_on_main(info, claim)
+    if note:
         say(info, note)
-    if info.is_main:
-        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
+
+
+def set_up(cfg: Config, info: DistributedInfo) -> TrainingRun:
+    """Build the model on this process's device, the data, the optimizer, its schedule and the gradient scaler;
+    nothing is written."""
     model, criterion, postprocessors = build_model_on(cfg, info)
     amp = resolve_amp(cfg.amp, info.device)
     prepare_for_training(model, amp, info.device)
@@ -159,7 +193,7 @@ def set_up(cfg: Config, info: DistributedInfo) -> TrainingRun:
     return TrainingRun(
         cfg=cfg,
         info=info,
-        output_dir=output_dir,
+        output_dir=Path(cfg.output_dir),
         model=model,
         trained=trained,
         criterion=criterion,
@@ -175,22 +209,22 @@ def set_up(cfg: Config, info: DistributedInfo) -> TrainingRun:
     )
 
 
-def start_from(run: TrainingRun) -> tuple[int, dict[str, float]]:
-    """Resume ``cfg.resume`` or fine-tune from ``cfg.finetune_from`` (when set); returns the first epoch to train
-    and, when the resumed epoch had to be evaluated again, its metrics (else none).
-
-    ``log.txt`` keeps the records of the epochs before the first one alone. When it lacks the resumed checkpoint's
-    epoch (the run stopped in that epoch's evaluation), the checkpoint is evaluated again and the record completed.
-    """
-    cfg, info = run.cfg, run.info
-    if cfg.finetune_from:
+def start_from(run: TrainingRun) -> tuple[int, dict | None]:
+    """Resume ``cfg.resume`` or fine-tune from ``cfg.finetune_from`` (when set); nothing is written. -> (the first
+    epoch to train, the ``log.txt`` record the resumed checkpoint holds of its epoch, without evaluation; None if
+    it has none)."""
+    if run.cfg.finetune_from:
         fine_tune(run)
-    start_epoch, last_record = resume(run) if cfg.resume else (0, None)
-    reconcile = partial(reconcile_log, run.output_dir, cfg.resume, start_epoch, last_record)
-    unlogged, notes = decided_on_main(info, reconcile)
-    for note in notes:
-        say(info, note)
-    return start_epoch, validation_metrics(complete_record(run, unlogged)) if unlogged else {}
+    return resume(run) if run.cfg.resume else (0, None)
+
+
+def nothing_to_train(run: TrainingRun, start_epoch: int) -> None:
+    say(
+        run.info,
+        f"nothing to train: {run.cfg.resume} already finished epoch {start_epoch - 1} and epochs={run.cfg.epochs}"
+        f" (0-based epochs 0..{run.cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
+        "train further, or run `main.py eval` to evaluate it",
+    )
 
 
 def fine_tune(run: TrainingRun) -> None:
@@ -204,13 +238,18 @@ def fine_tune(run: TrainingRun) -> None:
 
 
 def resume(run: TrainingRun) -> tuple[int, dict | None]:
-    """Load ``cfg.resume``: weights, optimizer, schedule and scaler. -> (the first epoch to train, the ``log.txt``
-    record the checkpoint holds of its epoch, without evaluation; None if it has none)."""
+    """Load ``cfg.resume``: weights, optimizer, schedule and scaler; note the config keys changed since it was
+    written (``run.config_changes``). -> (the first epoch to train, the ``log.txt`` record the checkpoint holds of
+    its epoch, without evaluation; None if it has none)."""
     source = run.cfg.resume
     checkpoint = load_checkpoint(source)
     load_model_weights(run.model, checkpoint, source, describe=describe_state_dict)
     start_epoch = restore_training_state(checkpoint, run.optimizer, run.lr_scheduler, run.scaler, source)
     say(run.info, f"resumed from {source}: continuing at epoch {start_epoch} of {run.cfg.epochs}")
+    run.config_changes = config_changes(checkpoint.get("config"), run.cfg.to_dict())
+    if run.config_changes and start_epoch < run.cfg.epochs:
+        changed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in run.config_changes.items())
+        say(run.info, f"config changed since {source}: {changed}")
     return start_epoch, checkpoint.get("log_record") if start_epoch > 0 else None
 
 
@@ -406,7 +445,7 @@ def evaluate_epoch(run: TrainingRun) -> dict[str, float]:
 
 def log_epoch(run: TrainingRun, record: dict) -> None:
     """Append ``record`` to ``log.txt`` and say how the epoch went; call on rank 0."""
-    append_log(run.output_dir, record)
+    write_record(run, record)
     shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
     say(
         run.info,
@@ -421,6 +460,23 @@ def last_good_checkpoint(run: TrainingRun) -> Path | None:
     if latest.is_file():
         return latest
     return Path(run.cfg.resume) if run.cfg.resume else None
+
+
+def write_record(run: TrainingRun, record: dict) -> None:
+    """Append ``record`` to ``log.txt``, with ``config_changes`` when it is the first epoch a resumed run trained
+    after its config changed; call on rank 0."""
+    if run.config_changes:
+        record, run.config_changes = {**record, "config_changes": run.config_changes}, {}
+    append_log(run.output_dir, record)
+
+
+def numerics(cfg: Config, amp: str, device: torch.device) -> str:
+    """What besides the seed fixes a run's numbers (docs/training.md, "Reproducibility"): the precision, the CPU
+    threads and the attention backend ``auto`` resolves to, e.g. ``"bfloat16 autocast, 2 threads, attention cpu"``."""
+    dtype = autocast_dtype(amp)
+    precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    return f"{precision}{threads}, attention {resolve_backend(cfg.attention_backend, device, dtype or torch.float32)}"
 
 
 def seed_everything(seed: int) -> None:

@@ -35,6 +35,7 @@ import torch
 
 from models import PUBLISHED_VARIANTS, Variant, build_model
 from models.describe import describe_state_dict
+from util.atomic_write import atomic_write, write_bytes, write_text
 from util.checkpoint import is_state_dict, load_checkpoint, load_model_weights, load_weights_only
 from util.config import Config, load_config
 from util.errors import UserError
@@ -388,11 +389,11 @@ def convert_to_hf(checkpoint_path: str | Path, cfg: Config, out_dir: str | Path)
     weights = to_hf_state_dict(model.state_dict())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    write_text(out_dir / "config.json", json.dumps(hf_config, indent=2) + "\n")
     try:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
     except ImportError:
-        torch.save(weights, out_dir / PYTORCH_BIN)
+        with atomic_write(out_dir / PYTORCH_BIN, "wb") as file:
+            torch.save(weights, file)
         return out_dir / PYTORCH_BIN
-    save_file(weights, str(out_dir / SAFETENSORS), metadata={"format": "pt"})
-    return out_dir / SAFETENSORS
+    return write_bytes(out_dir / SAFETENSORS, save(weights, metadata={"format": "pt"}))

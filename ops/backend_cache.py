@@ -19,12 +19,12 @@ import functools
 import json
 import os
 import platform
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from util.atomic_write import write_text
 from util.errors import UserError
 
 ENV_VAR = "DETR_MSDA_BACKEND"
@@ -132,17 +132,13 @@ def _read_content(path: Path) -> dict:
 
 
 def _write_section_entry(section: str, key: str, entry: dict) -> Path:
-    """Set ``entry`` under ``key`` in ``section``, keeping every other entry; written to a temporary file and
-    renamed, so that a reader never sees half a file."""
+    """Set ``entry`` under ``key`` in ``section``, keeping every other entry; written whole or not at all
+    (``util.atomic_write``), so that a reader never sees half a file."""
     path = cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     content = _read_content(path)
     content.setdefault(section, {})[key] = entry
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as file:
-        json.dump({"version": FORMAT_VERSION, **content}, file, indent=2, sort_keys=True)
-        file.write("\n")
-    os.replace(file.name, path)
-    return path
+    return write_text(path, json.dumps({"version": FORMAT_VERSION, **content}, indent=2, sort_keys=True) + "\n")
 
 
 def remember(device: torch.device, dtype: torch.dtype, backend: str, details: dict) -> Path:

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.amp import build_grad_scaler
 from engine.optim import build_optimizer
-from engine.train import NonFiniteLossError, checkpoint_due, evaluation_due, train_one_epoch
+from engine.train import NonFiniteLossError, checkpoint_due, evaluation_due, numerics, train_one_epoch
 from models import build_model
 from tests.tiny_training import CONFIG, TINY, tiny_batches
 from util.config import load_config
@@ -122,3 +122,11 @@ def test_the_last_epoch_and_every_eval_every_are_evaluated():
     cfg = dataclasses.replace(load_config(CONFIG, overrides=TINY), epochs=7, eval_every=3)
     assert [epoch for epoch in range(7) if evaluation_due(epoch, cfg)] == [2, 5, 6]
     assert [epoch for epoch in range(7) if evaluation_due(epoch, dataclasses.replace(cfg, eval_every=0))] == [6]
+
+
+def test_the_start_line_names_what_besides_the_seed_fixes_the_numbers():
+    cfg = load_config(CONFIG, overrides=TINY)  # attention_backend=pytorch
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    assert numerics(cfg, "none", cpu) == f"float32, {threads} threads, attention pytorch"
+    assert numerics(cfg, "bfloat16", cpu) == f"bfloat16 autocast, {threads} threads, attention pytorch"

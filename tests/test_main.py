@@ -4,9 +4,12 @@ is never overwritten by accident, its log survives a stop in the evaluation, and
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ from util.checkpoint import load_checkpoint
 from util.config import load_config
 from util.errors import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILES = {"config.yaml", "checkpoint.pth", "checkpoint0000.pth", "log.txt", "detections.json", "metrics.json"}
 
 
@@ -90,6 +94,32 @@ def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_pa
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def without_times(records: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key != "epoch_time_s"} for record in records]
+
+
+@pytest.mark.slow  # one or two trainings, one of them in a new process: 15-40 s on 2 loaded cores
+@pytest.mark.parametrize("amp", ["none", "bfloat16"])
+def test_the_same_seed_in_another_process_gives_the_same_weights_losses_and_ap(amp, first_run, coco_path, tmp_path):
+    """docs/training.md's claim: same seed, machine, thread count and attention backend (here pytorch, the tiny
+    config's) give bit-identical weights, in float32 and in bfloat16 autocast; the other process has its own
+    string hashing (PYTHONHASHSEED), memory layout and oneDNN kernel cache."""
+    if amp == "none":
+        here = first_run  # the tiny config trains in float32
+    else:
+        here = tmp_path / "here"
+        assert run("train", opts=tiny_overrides(coco_path, here, f"amp={amp}")) == 0
+    there = tmp_path / "there"
+    environment = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "main.py", "train", "--config", str(CONFIG), "--opts"]
+    command += tiny_overrides(coco_path, there, f"amp={amp}")
+    subprocess.run(command, cwd=ROOT, env=environment, check=True, capture_output=True)
+    expected, actual = final_weights(here), final_weights(there)
+    assert expected.keys() == actual.keys()
+    assert [name for name in expected if not torch.equal(expected[name], actual[name])] == []
+    assert without_times(log_lines(here)) == without_times(log_lines(there))
 
 
 def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(first_run, coco_path, tmp_path, capsys):

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from util.atomic_write import FileWriteError, remove_stale_temporaries
 from util.checkpoint import (
-    CheckpointWriteError,
     load_checkpoint,
     load_model_weights,
-    remove_stale_temporaries,
     restore_training_state,
     save_checkpoint,
 )
@@ -52,9 +51,11 @@ def test_full_disk_while_saving_names_the_file_and_keeps_the_previous_checkpoint
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", write_half_then_fail)
-    with pytest.raises(CheckpointWriteError) as raised:
+    with pytest.raises(FileWriteError) as raised:
         save_checkpoint(state(2.0), path)
-    assert str(raised.value) == f"no space left on device writing {path}; free space or choose another output_dir"
+    assert str(raised.value) == (
+        f"cannot write {path}: No space left on device; free some space there or write elsewhere"
+    )
     assert isinstance(raised.value, OSError)  # callers that catch OSError still do
     assert load_checkpoint(path)["epoch"] == 1
     assert list(tmp_path.iterdir()) == [path]
@@ -65,7 +66,7 @@ def test_other_write_errors_name_the_file_and_the_reason(tmp_path, monkeypatch):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(torch, "save", fail)
-    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint {tmp_path / 'c.pth'}: Input/output error"):
+    with pytest.raises(FileWriteError, match=f"cannot write {tmp_path / 'c.pth'}: Input/output error"):
         save_checkpoint(state(2.0), tmp_path / "c.pth")
     assert list(tmp_path.iterdir()) == []
 

@@ -1,4 +1,4 @@
-"""Checkpoints written atomically and read without arbitrary unpickling.
+"""Checkpoints written whole or not at all and read without arbitrary unpickling.
 
 A checkpoint is a dict ``{"model", "optimizer", "lr_scheduler", "scaler", "epoch", "config", "category_names",
 "log_record"}`` of tensors and plain Python values, so that ``torch.load(..., weights_only=True)`` reads it. The
@@ -10,8 +10,6 @@ while loading, nothing else. A file that is not a readable checkpoint, or that h
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import pickle
 import re
 from collections.abc import Callable, Mapping
@@ -20,14 +18,10 @@ from typing import Any
 
 import torch
 
-from util.errors import RunError, UserError
+from util.atomic_write import atomic_write
+from util.errors import UserError
 
 ALLOWED_GLOBALS = [argparse.Namespace]  # the original implementation's ``args``
-
-
-def temporary_path(path: Path, pid: int | None = None) -> Path:
-    """The file ``save_checkpoint`` writes before renaming it to ``path``: ``.NAME.PID.tmp`` beside it."""
-    return path.with_name(f".{path.name}.{os.getpid() if pid is None else pid}.tmp")
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
@@ -35,72 +29,16 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` through a temporary file in the same folder, then rename it over ``path``.
+    """Write ``state`` to ``path`` whole or not at all (``util.atomic_write``: a temporary in the same folder,
+    fsynced, renamed over ``path``).
 
-    A crash before the rename leaves the previous file at ``path`` untouched (``os.replace`` is atomic on POSIX
-    and Windows when both names are on one file system). A failed write (a full disk, a read-only folder) raises
-    :class:`CheckpointWriteError` naming ``path`` and the reason, with the previous file intact and the temporary
-    removed.
+    A crash before the rename leaves the previous file at ``path`` untouched. A failed write (a full disk, a
+    read-only folder) raises ``util.atomic_write.FileWriteError`` (or ``FileNotWritableError``) naming ``path`` and
+    the operating system's reason, with the previous file intact and the temporary removed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = temporary_path(path)
-    try:
-        with open(temporary, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write of its zip stream as RuntimeError
-        raise CheckpointWriteError(describe_write_error(error, path)) from error
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-class CheckpointWriteError(RunError, OSError):
-    """A checkpoint could not be written; the message names the file and the reason (``main.py`` prints it)."""
-
-
-def describe_write_error(error: Exception, path: Path) -> str:
-    """What went wrong writing ``path``, and what to do."""
-    errno_code = getattr(error, "errno", None)
-    if errno_code == errno.ENOSPC or "No space left" in str(error):
-        return f"no space left on device writing {path}; free space or choose another output_dir"
-    if errno_code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: {error.strerror}; choose an output_dir you can write to"
-    reason = getattr(error, "strerror", None) or str(error)
-    return f"cannot write checkpoint {path}: {reason}"
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the temporaries that ``save_checkpoint`` left in ``folder`` when its process was killed mid-write.
-
-    Only files named ``.NAME.PID.tmp`` whose process PID no longer runs on this machine are removed: a second
-    run writing into the same folder keeps its file. Returns the paths removed.
-    """
-    removed = []
-    for candidate in sorted(Path(folder).glob(".*.tmp")):
-        match = re.fullmatch(r"\.(.+)\.(\d+)\.tmp", candidate.name)
-        if match and candidate.is_file() and not process_is_running(int(match.group(2))):
-            candidate.unlink(missing_ok=True)
-            removed.append(candidate)
-    return removed
-
-
-def process_is_running(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this machine (``os.kill(pid, 0)`` sends no signal)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except OSError:  # pid out of range
-        return False
-    return True
+    with atomic_write(path, "wb") as file:
+        torch.save(state, file)
+    return Path(path)
 
 
 CHECKPOINT_SOURCES = (
