@@ -52,7 +52,7 @@ demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
 		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions --threshold 0.3
 	$(PYTHON) main.py visualize --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
 		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)/visualize --threshold 0.3
-	$(PYTHON) -m util.plot_logs $(DEMO_OUT)
+	$(PYTHON) -m engine.plot_logs $(DEMO_OUT)
 
 # The demo with a ResNet-18-DCNv2 backbone (configs/demo_shapes_dcn.yaml): train, then draw where its last three
 # deformable convolutions sample (visualize/*_dcn_sampling.png).

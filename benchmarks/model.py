@@ -20,7 +20,6 @@ import torch
 from benchmarks.harness import describe_machine, in_fresh_process
 from models import PUBLISHED_VARIANTS, build_model, published_variant
 from models.inference import prepare_for_inference
-from util.config import load_config
 from util.timing import median_ms
 
 HEIGHT, WIDTH = 800, 1333
@@ -38,7 +37,7 @@ MODES = {
 def measure(variant: str, device_type: str, batch: int, mode: str, repeats: int, warmup: int) -> tuple[float, float]:
     """-> (median forward ms, peak memory MiB) of one variant, batch and mode (a key of ``MODES``)."""
     torch.manual_seed(0)
-    cfg = load_config(published_variant(variant).config_path, overrides=["pretrained_backbone=false"])
+    cfg = published_variant(variant).load_config(["pretrained_backbone=false"])
     device = torch.device(device_type)
     model = build_model(cfg)[0].to(device).eval()
     prepared, autocast = MODES[mode]

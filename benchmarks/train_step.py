@@ -3,7 +3,7 @@
     python -m benchmarks.train_step --config configs/deformable_detr.yaml --size 800 1066 --batch 1
     python -m benchmarks.train_step --config configs/demo_shapes.yaml --size 96 128 --batch 8
 
-One step is what ``engine.training.train_one_epoch`` does per batch: ``forward_losses`` (forward under autocast
+One step is what ``engine.train.train_one_epoch`` does per batch: ``forward_losses`` (forward under autocast
 for ``amp``, the set criterion on float32 outputs), backward, the fused AdamW step of
 ``engine.optim.build_optimizer``. Random weights and images, five random boxes per image, a fixed input size (so
 the step is timed after oneDNN has built its kernels for that size: a real epoch with many image sizes also pays
@@ -19,8 +19,9 @@ import torch
 
 from benchmarks.harness import describe_machine, in_fresh_process
 from datasets import Batch
+from engine.amp import prepare_for_training, resolve_amp
 from engine.optim import build_optimizer
-from engine.training import autocast_dtype, forward_losses, prepare_for_training, resolve_amp
+from engine.train import forward_losses
 from models import build_model
 from util.config import load_config
 from util.timing import median_ms
@@ -38,7 +39,6 @@ def measure(config: str, overrides: list[str], amp: str, batch: int, size: tuple
     criterion.train()
     prepare_for_training(model, amp, device)
     optimizer = build_optimizer(model, cfg)
-    dtype = autocast_dtype(amp)
     targets = [
         {"labels": torch.randint(0, cfg.num_classes, (5,)), "boxes": torch.rand(5, 4) * 0.5 + 0.25}
         for _ in range(batch)
@@ -46,7 +46,7 @@ def measure(config: str, overrides: list[str], amp: str, batch: int, size: tuple
     inputs = Batch(torch.randn(batch, 3, *size), torch.zeros(batch, *size, dtype=torch.bool), targets)
 
     def step() -> None:
-        _, loss = forward_losses(model, criterion, inputs, dtype)
+        _, loss = forward_losses(model, criterion, inputs, amp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -10,12 +10,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from datasets import Batch, CocoDetection, CocoEvaluator, merge_detections
+from engine.amp import autocast
 from engine.data import (
     build_eval_loader,
     build_split,
 )
 from engine.runtime import build_model_on, load_for_inference, say
-from engine.training import autocast_dtype
 from util.config import Config
 from util.distributed import (
     all_gather_object,
@@ -33,8 +33,7 @@ METRICS_FILE = "metrics.json"
 def detect(model: nn.Module, postprocess: nn.Module, batch: Batch, amp: str = "none") -> list[dict[str, torch.Tensor]]:
     """Detections of every image of ``batch``: ``scores`` (K,), ``labels`` (K,), ``boxes`` (K, 4) x0, y0, x1, y1 in
     pixels of the original image (``target["orig_size"]``), on the CPU."""
-    dtype = autocast_dtype(amp)
-    with torch.autocast(batch.images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(amp, batch.images.device):
         outputs = model(batch.images, batch.padding_mask)
     outputs = {key: outputs[key].float() for key in ("pred_logits", "pred_boxes")}
     original_sizes = torch.stack([target["orig_size"] for target in batch.targets])

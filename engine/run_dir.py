@@ -1,4 +1,5 @@
-"""The folder of a training run (``output_dir``): claimed when a run starts, and its ``log.txt``.
+"""The folder of a training run (``output_dir``): claimed when a run starts, and its ``log.txt``, written and read
+here alone.
 
 A run starts in a folder that holds no other run: a second ``main.py train`` into a finished run's folder is
 refused (continue it with ``resume=``, or choose another ``output_dir``, or set ``overwrite=true`` to delete it),
@@ -16,7 +17,6 @@ from pathlib import Path
 from engine.evaluation import DETECTIONS_FILE, METRICS_FILE
 from util.checkpoint import remove_stale_temporaries
 from util.errors import UserError
-from util.plot_logs import read_log
 
 LOG_FILE = "log.txt"
 CONFIG_FILE = "config.yaml"
@@ -69,6 +69,22 @@ def claim_output_dir(
 def append_log(output_dir: str | Path, record: dict) -> None:
     with open(Path(output_dir) / LOG_FILE, "a", encoding="utf-8") as file:
         file.write(json.dumps(record) + "\n")
+
+
+def read_log(path: str | Path) -> list[dict]:
+    """The JSON records of ``log.txt`` (``path`` is the file or its run folder); errors name the line."""
+    path = Path(path)
+    path = path / LOG_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"no training log at {path}")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from error
+    return records
 
 
 def log_before(output_dir: str | Path, epoch: int) -> tuple[list[dict], list[dict]]:

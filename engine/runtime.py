@@ -10,9 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.training import (
-    resolve_amp,
-)
+from engine.amp import resolve_amp
 from models import build_model
 from models.describe import describe_state_dict
 from models.inference import prepare_for_inference

@@ -1,4 +1,9 @@
-"""``main.py train``: the training run, from a resolved config.
+"""``main.py train``: the training run, from a resolved config, read top to bottom.
+
+:func:`train` sets the run up (the process, the output folder, model, data, optimizer: :func:`set_up`), resumes or
+fine-tunes (:func:`start_from`), then loops over the epochs. One epoch (:func:`train_epoch`) is seeded, trained
+over the batches (:func:`train_one_epoch`: forward, losses, NaN check, backward, clipping, step, progress), steps
+the learning-rate schedule, is checkpointed, evaluated when due and logged, in that order.
 
 Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 
@@ -19,9 +24,11 @@ keeps its training, and when it resumes the missing record is completed by evalu
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,41 +38,329 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from datasets import CocoDetection
-from engine.data import (
-    build_eval_loader,
-    build_split,
-    build_train_loader,
-)
+from datasets import Batch, CocoDetection
+from engine.amp import autocast, build_grad_scaler, prepare_for_training, resolve_amp, to_float32
+from engine.data import build_eval_loader, build_split, build_train_loader
 from engine.evaluation import evaluate
 from engine.optim import build_lr_scheduler, build_optimizer
 from engine.run_dir import CONFIG_FILE, LATEST_CHECKPOINT, append_log, claim_output_dir, reconcile_log
 from engine.runtime import build_model_on, decided_on_main, say
-from engine.training import (
-    NonFiniteLossError,
-    build_grad_scaler,
-    prepare_for_training,
-    resolve_amp,
-    train_one_epoch,
-)
 from models.describe import describe_state_dict
-from util.checkpoint import (
-    load_checkpoint,
-    load_model_weights,
-    restore_training_state,
-    save_checkpoint,
-)
+from util.checkpoint import load_checkpoint, load_model_weights, restore_training_state, save_checkpoint
 from util.config import Config
 from util.distributed import (
     DistributedInfo,
+    all_reduce_mean,
     barrier,
     explaining_timeouts,
     init_distributed,
+    is_main_process,
 )
-from util.errors import UserError
-from util.progress import format_duration
+from util.errors import RunError, UserError
+from util.progress import Progress, format_duration
 
 CLASS_HEADS = ("class_embed",)  # the detector's modules sized by num_classes (in the decoder too, two-stage)
+SHOWN = ("loss", "loss_ce", "loss_bbox", "loss_giou", "lr")  # the values the progress line prints
+
+
+class NonFiniteLossError(RunError):
+    """The loss became NaN or infinite; training stops before the step that would spread it to the weights."""
+
+
+@dataclass
+class TrainingRun:
+    """Everything one training process works with."""
+
+    cfg: Config
+    info: DistributedInfo  # this process: rank, world size, device
+    output_dir: Path
+    model: nn.Module  # the detector itself, whose state_dict is saved
+    trained: nn.Module  # the detector, wrapped in DistributedDataParallel with several processes
+    criterion: nn.Module
+    postprocess: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp: str  # cfg.amp resolved for the device ("auto" -> "bfloat16" or "none")
+    train_set: CocoDetection
+    val_set: CocoDetection
+    train_loader: DataLoader
+    val_loader: DataLoader
+
+
+def train(cfg: Config) -> dict[str, float] | None:
+    """Train ``cfg.epochs`` epochs (from ``cfg.resume`` when given), evaluating and checkpointing as configured.
+
+    Returns the last evaluation's metrics on rank 0 (None on other ranks, or when no evaluation ran). Raises a
+    :class:`UserError` when ``cfg.output_dir`` holds another run (see ``engine.run_dir``), and a
+    :class:`NonFiniteLossError` naming the last good checkpoint when the loss is no longer finite.
+    """
+    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
+    seed_everything(cfg.seed + info.rank)
+    with explaining_timeouts(cfg.dist_timeout_minutes):
+        run = set_up(cfg, info)
+        start_epoch, metrics = start_from(run)
+        if start_epoch >= cfg.epochs:
+            say(
+                info,
+                f"nothing to train: {cfg.resume} already finished epoch {start_epoch - 1} and epochs={cfg.epochs}"
+                f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
+                "train further, or run `main.py eval` to evaluate it",
+            )
+            return (metrics or None) if info.is_main else None
+        num_parameters = sum(parameter.numel() for parameter in run.model.parameters() if parameter.requires_grad)
+        say(
+            info,
+            f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
+            f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {run.output_dir}",
+        )
+        run_start = time.perf_counter()
+        for epoch in range(start_epoch, cfg.epochs):
+            record = train_epoch(run, epoch)
+            metrics = validation_metrics(record) or metrics
+        say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
+    return (metrics or None) if info.is_main else None
+
+
+def set_up(cfg: Config, info: DistributedInfo) -> TrainingRun:
+    """Claim ``cfg.output_dir`` (see ``engine.run_dir``) and write ``config.yaml`` there; build the model on this
+    process's device, the data, the optimizer, its schedule and the gradient scaler. ``resume`` together with
+    ``finetune_from`` is refused before anything is written."""
+    if cfg.resume and cfg.finetune_from:
+        raise UserError(
+            f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
+            f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
+        )
+    output_dir = Path(cfg.output_dir)
+    claim = partial(claim_output_dir, output_dir, cfg.resume, cfg.finetune_from, cfg.overwrite)
+    for note in decided_on_main(info, claim):
+        say(info, note)
+    if info.is_main:
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    model, criterion, postprocessors = build_model_on(cfg, info)
+    amp = resolve_amp(cfg.amp, info.device)
+    prepare_for_training(model, amp, info.device)
+    train_set, val_set = build_split("train", cfg), build_split("val", cfg)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    trained = model if info.world_size == 1 else DistributedDataParallel(model, device_ids=device_ids)
+    optimizer = build_optimizer(model, cfg)
+    return TrainingRun(
+        cfg=cfg,
+        info=info,
+        output_dir=output_dir,
+        model=model,
+        trained=trained,
+        criterion=criterion,
+        postprocess=postprocessors["bbox"],
+        optimizer=optimizer,
+        lr_scheduler=build_lr_scheduler(optimizer, cfg),
+        scaler=build_grad_scaler(amp, info.device),
+        amp=amp,
+        train_set=train_set,
+        val_set=val_set,
+        train_loader=build_train_loader(train_set, cfg, info.rank, info.world_size),
+        val_loader=build_eval_loader(val_set, cfg, info.rank, info.world_size),
+    )
+
+
+def start_from(run: TrainingRun) -> tuple[int, dict[str, float]]:
+    """Resume ``cfg.resume`` or fine-tune from ``cfg.finetune_from`` (when set); returns the first epoch to train
+    and, when the resumed epoch had to be evaluated again, its metrics (else none).
+
+    ``log.txt`` keeps the records of the epochs before the first one alone. When it lacks the resumed checkpoint's
+    epoch (the run stopped in that epoch's evaluation), the checkpoint is evaluated again and the record completed.
+    """
+    cfg, info = run.cfg, run.info
+    if cfg.finetune_from:
+        fine_tune(run)
+    start_epoch, last_record = resume(run) if cfg.resume else (0, None)
+    reconcile = partial(reconcile_log, run.output_dir, cfg.resume, start_epoch, last_record)
+    unlogged, notes = decided_on_main(info, reconcile)
+    for note in notes:
+        say(info, note)
+    return start_epoch, validation_metrics(complete_record(run, unlogged)) if unlogged else {}
+
+
+def fine_tune(run: TrainingRun) -> None:
+    """Load the weights of ``cfg.finetune_from``; class heads of another ``num_classes`` keep their initialisation.
+    The optimizer, schedule and epochs start anew."""
+    source = run.cfg.finetune_from
+    checkpoint = load_checkpoint(source)
+    kept = load_model_weights(run.model, checkpoint, source, describe=describe_state_dict, resizable=CLASS_HEADS)
+    fresh = f"; {len(kept)} class-head tensors (another num_classes) keep their initialisation" if kept else ""
+    say(run.info, f"fine-tuning from the weights of {source}{fresh}")
+
+
+def resume(run: TrainingRun) -> tuple[int, dict | None]:
+    """Load ``cfg.resume``: weights, optimizer, schedule and scaler. -> (the first epoch to train, the ``log.txt``
+    record the checkpoint holds of its epoch, without evaluation; None if it has none)."""
+    source = run.cfg.resume
+    checkpoint = load_checkpoint(source)
+    load_model_weights(run.model, checkpoint, source, describe=describe_state_dict)
+    start_epoch = restore_training_state(checkpoint, run.optimizer, run.lr_scheduler, run.scaler, source)
+    say(run.info, f"resumed from {source}: continuing at epoch {start_epoch} of {run.cfg.epochs}")
+    return start_epoch, checkpoint.get("log_record") if start_epoch > 0 else None
+
+
+def complete_record(run: TrainingRun, record: dict) -> dict:
+    """Evaluate again (when due) the epoch of ``record``, a checkpoint's record that ``log.txt`` lacks, and log
+    it; returns the completed record."""
+    epoch, start = record["epoch"], time.perf_counter()
+    say(run.info, f"log.txt has no record of epoch {epoch}, which its checkpoint finished: completing it")
+    record = dict(record)
+    if evaluation_due(epoch, run.cfg):
+        record.update(evaluate_epoch(run))
+    record["epoch_time_s"] = round(record.get("epoch_time_s", 0.0) + time.perf_counter() - start, 2)
+    if run.info.is_main:
+        append_log(run.output_dir, record)
+    return record
+
+
+def train_epoch(run: TrainingRun, epoch: int) -> dict:
+    """Epoch ``epoch`` (0-based), in order: seed, train over the batches, step the schedule, checkpoint, evaluate
+    when due, log. Returns its ``log.txt`` record."""
+    cfg, info = run.cfg, run.info
+    epoch_start = time.perf_counter()
+    seed_everything(epoch_seed(cfg.seed, info.rank, epoch))
+    run.train_loader.batch_sampler.sampler.set_epoch(epoch)
+    try:
+        losses = train_one_epoch(
+            run.trained,
+            run.criterion,
+            run.train_loader,
+            run.optimizer,
+            info.device,
+            epoch,
+            clip_max_norm=cfg.clip_max_norm,
+            amp=run.amp,
+            scaler=run.scaler,
+            print_every=cfg.print_every,
+        )
+    except NonFiniteLossError as error:
+        last = run.output_dir / LATEST_CHECKPOINT
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{error}; {kept}. Lower lr, set clip_max_norm, or turn amp off.") from None
+    record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
+    record.update({f"train_{name}": value for name, value in losses.items()})
+    run.lr_scheduler.step()
+    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
+    if info.is_main:
+        save_epoch(run, epoch, record)  # before the evaluation: a run stopped there keeps the epoch's training
+    barrier()
+    if evaluation_due(epoch, cfg):
+        record.update(evaluate_epoch(run))
+    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
+    if info.is_main:
+        log_epoch(run, record)
+    return record
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    *,
+    clip_max_norm: float = 0.0,
+    amp: str = "none",
+    scaler: torch.amp.GradScaler | None = None,
+    print_every: int = 10,
+) -> dict[str, float]:
+    """Train ``model`` on every batch of ``loader`` once, under autocast for ``amp`` (resolved, see
+    ``engine.amp``).
+
+    Returns the epoch's averages over this process's batches, then over processes: ``loss`` (the weighted
+    total) and every loss of ``criterion`` unweighted (``loss_ce``, ``loss_bbox_0``, ``class_error``, ...).
+    Raises :class:`NonFiniteLossError` (on every rank alike) when the total loss is not finite, before the
+    optimizer step.
+    """
+    model.train()
+    criterion.train()
+    scaler = scaler if scaler is not None else build_grad_scaler("none", device)
+    progress = Progress(len(loader), header=f"epoch {epoch}", every=print_every, enabled=is_main_process(), shown=SHOWN)
+    for iteration, batch in enumerate(loader):
+        batch: Batch = batch.to(device, non_blocking=True)
+        losses, loss = forward_losses(model, criterion, batch, amp)
+        total = all_reduce_mean(loss.detach().reshape(1)).item()
+        if not math.isfinite(total):
+            shown = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items() if name in SHOWN)
+            raise NonFiniteLossError(
+                f"epoch {epoch}, iteration {iteration}: the loss is {total} ({shown}); "
+                "training stopped before the optimizer step"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip_max_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        progress.step(
+            loss=loss.item(),
+            **{name: value.item() for name, value in losses.items()},
+            lr=optimizer.param_groups[0]["lr"],
+        )
+    progress.close()
+    averages = {name: value for name, value in progress.averages().items() if name != "lr"}
+    return mean_over_processes(averages, device)
+
+
+def forward_losses(
+    model: nn.Module, criterion: nn.Module, batch: Batch, amp: str = "none"
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model on ``batch`` under autocast for ``amp``, the criterion on its float32 outputs: -> (every loss of
+    the criterion, the weighted total)."""
+    with autocast(amp, batch.images.device):
+        outputs = model(batch.images, batch.padding_mask)
+    losses = criterion(to_float32(outputs), batch.targets)
+    return losses, criterion.total_loss(losses)
+
+
+def save_epoch(run: TrainingRun, epoch: int, record: dict) -> None:
+    """``checkpoint.pth`` (and ``checkpointNNNN.pth`` when due) after epoch ``epoch``, with ``record``, its
+    ``log.txt`` record so far; call on rank 0."""
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "lr_scheduler": run.lr_scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "epoch": epoch,
+        "config": run.cfg.to_dict(),
+        "category_names": dict(run.train_set.category_names),
+        "log_record": record,
+    }
+    save_checkpoint(state, run.output_dir / LATEST_CHECKPOINT)
+    if checkpoint_due(epoch, run.cfg):
+        save_checkpoint(state, run.output_dir / f"checkpoint{epoch:04d}.pth")
+
+
+def evaluate_epoch(run: TrainingRun) -> dict[str, float]:
+    """The model evaluated on the val split: the ``val_<metric>`` entries of the epoch's record on rank 0, which
+    also writes ``detections.json`` and ``metrics.json``; none on other ranks."""
+    metrics = evaluate(
+        run.model,
+        run.postprocess,
+        run.val_loader,
+        run.val_set,
+        run.info.device,
+        run.output_dir,
+        amp=run.amp,
+        print_every=run.cfg.print_every,
+    )
+    return {f"val_{name}": value for name, value in (metrics or {}).items()}
+
+
+def log_epoch(run: TrainingRun, record: dict) -> None:
+    """Append ``record`` to ``log.txt`` and say how the epoch went; call on rank 0."""
+    append_log(run.output_dir, record)
+    shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
+    say(
+        run.info,
+        f"epoch {record['epoch']} done in {format_duration(record['epoch_time_s'])}: loss "
+        f"{record['train_loss']:.4f}{shown}",
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -87,226 +382,17 @@ def checkpoint_due(epoch: int, cfg: Config) -> bool:
 
 
 def evaluation_due(epoch: int, cfg: Config) -> bool:
+    """Whether epoch ``epoch`` (0-based, just finished) is evaluated: the last one, and every ``eval_every``."""
     finished = epoch + 1
     return finished == cfg.epochs or (cfg.eval_every > 0 and finished % cfg.eval_every == 0)
 
 
-@dataclass
-class TrainingRun:
-    """Everything one training process works with."""
-
-    model: nn.Module  # the detector itself, whose state_dict is saved
-    trained: nn.Module  # the detector, wrapped in DistributedDataParallel with several processes
-    criterion: nn.Module
-    postprocess: nn.Module
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    amp: str  # cfg.amp resolved for the device ("auto" -> "bfloat16" or "none")
-    train_set: CocoDetection
-    val_set: CocoDetection
-    train_loader: DataLoader
-    val_loader: DataLoader
-
-
-def build_training(cfg: Config, info: DistributedInfo) -> TrainingRun:
-    model, criterion, postprocessors = build_model_on(cfg, info)
-    amp = resolve_amp(cfg.amp, info.device)
-    prepare_for_training(model, amp, info.device)
-    train_set, val_set = build_split("train", cfg), build_split("val", cfg)
-    trained = (
-        model
-        if info.world_size == 1
-        else DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    )
-    optimizer = build_optimizer(model, cfg)
-    return TrainingRun(
-        model=model,
-        trained=trained,
-        criterion=criterion,
-        postprocess=postprocessors["bbox"],
-        optimizer=optimizer,
-        lr_scheduler=build_lr_scheduler(optimizer, cfg),
-        scaler=build_grad_scaler(amp, info.device),
-        amp=amp,
-        train_set=train_set,
-        val_set=val_set,
-        train_loader=build_train_loader(train_set, cfg, info.rank, info.world_size),
-        val_loader=build_eval_loader(val_set, cfg, info.rank, info.world_size),
-    )
-
-
-def resume_training(run: TrainingRun, cfg: Config, info: DistributedInfo) -> tuple[int, dict | None]:
-    """Load ``cfg.resume`` or ``cfg.finetune_from`` (when set) into ``run``; returns the first epoch to train and,
-    resuming, the ``log.txt`` record the checkpoint holds of its epoch (without evaluation; None if it has none)."""
-    if cfg.resume and cfg.finetune_from:
-        raise UserError(
-            f"set resume (continue a run) or finetune_from (start a new run from its weights), not "
-            f"both: resume={cfg.resume!r}, finetune_from={cfg.finetune_from!r}"
-        )
-    if cfg.finetune_from:
-        kept = load_model_weights(
-            run.model,
-            load_checkpoint(cfg.finetune_from),
-            cfg.finetune_from,
-            describe=describe_state_dict,
-            resizable=CLASS_HEADS,
-        )
-        fresh = f"; {len(kept)} class-head tensors (another num_classes) keep their initialisation" if kept else ""
-        say(info, f"fine-tuning from the weights of {cfg.finetune_from}{fresh}")
-        return 0, None
-    if not cfg.resume:
-        return 0, None
-    checkpoint = load_checkpoint(cfg.resume)
-    load_model_weights(run.model, checkpoint, cfg.resume, describe=describe_state_dict)
-    start_epoch = restore_training_state(checkpoint, run.optimizer, run.lr_scheduler, run.scaler, cfg.resume)
-    say(info, f"resumed from {cfg.resume}: continuing at epoch {start_epoch} of {cfg.epochs}")
-    return start_epoch, checkpoint.get("log_record") if start_epoch > 0 else None
-
-
-def save_epoch(run: TrainingRun, epoch: int, cfg: Config, output_dir: Path, record: dict) -> None:
-    """``checkpoint.pth`` (and ``checkpointNNNN.pth`` when due) after epoch ``epoch``, with ``record``, its
-    ``log.txt`` record so far; call on rank 0."""
-    state = {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "lr_scheduler": run.lr_scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(),
-        "epoch": epoch,
-        "config": cfg.to_dict(),
-        "category_names": dict(run.train_set.category_names),
-        "log_record": record,
-    }
-    save_checkpoint(state, output_dir / LATEST_CHECKPOINT)
-    if checkpoint_due(epoch, cfg):
-        save_checkpoint(state, output_dir / f"checkpoint{epoch:04d}.pth")
-
-
-def evaluate_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
-    """The ``val_<metric>`` entries of epoch ``epoch``'s record: its evaluation when due (rank 0), else none."""
-    if not evaluation_due(epoch, cfg):
-        return {}
-    metrics = evaluate(
-        run.model,
-        run.postprocess,
-        run.val_loader,
-        run.val_set,
-        info.device,
-        output_dir,
-        amp=run.amp,
-        print_every=cfg.print_every,
-    )
-    return {f"val_{name}": value for name, value in (metrics or {}).items()}
-
-
-def train_epoch(run: TrainingRun, epoch: int, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
-    """Train, checkpoint and (when due) evaluate epoch ``epoch``; returns its ``log.txt`` record."""
-    epoch_start = time.perf_counter()
-    seed_everything(epoch_seed(cfg.seed, info.rank, epoch))
-    run.train_loader.batch_sampler.sampler.set_epoch(epoch)
-    try:
-        losses = train_one_epoch(
-            run.trained,
-            run.criterion,
-            run.train_loader,
-            run.optimizer,
-            info.device,
-            epoch,
-            clip_max_norm=cfg.clip_max_norm,
-            amp=run.amp,
-            scaler=run.scaler,
-            print_every=cfg.print_every,
-        )
-    except NonFiniteLossError as error:
-        last = output_dir / LATEST_CHECKPOINT
-        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"{error}; {kept}. Lower lr, set clip_max_norm, or turn amp off.") from None
-    record = {
-        "epoch": epoch,
-        "lr": run.optimizer.param_groups[0]["lr"],
-        **{f"train_{name}": value for name, value in losses.items()},
-    }
-    run.lr_scheduler.step()
-    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
-    if info.is_main:
-        save_epoch(run, epoch, cfg, output_dir, record)
-    barrier()
-    record.update(evaluate_epoch(run, epoch, cfg, info, output_dir))
-    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
-    return record
-
-
-def complete_record(run: TrainingRun, record: dict, cfg: Config, info: DistributedInfo, output_dir: Path) -> dict:
-    """Evaluate again the epoch of ``record`` (a checkpoint's record that ``log.txt`` lacks) and log it."""
-    epoch, start = record["epoch"], time.perf_counter()
-    say(info, f"log.txt has no record of epoch {epoch}, which its checkpoint finished: completing it")
-    record = {**record, **evaluate_epoch(run, epoch, cfg, info, output_dir)}
-    record["epoch_time_s"] = round(record.get("epoch_time_s", 0.0) + time.perf_counter() - start, 2)
-    if info.is_main:
-        append_log(output_dir, record)
-    return record
-
-
-def log_epoch(record: dict, info: DistributedInfo, output_dir: Path) -> None:
-    """Append ``record`` to ``log.txt`` and say how the epoch went (rank 0)."""
-    if not info.is_main:
-        return
-    append_log(output_dir, record)
-    shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
-    say(
-        info,
-        f"epoch {record['epoch']} done in {format_duration(record['epoch_time_s'])}: loss "
-        f"{record['train_loss']:.4f}{shown}",
-    )
-
-
 def validation_metrics(record: dict) -> dict[str, float]:
+    """The ``val_<metric>`` entries of a ``log.txt`` record, without the prefix."""
     return {name[4:]: value for name, value in record.items() if name.startswith("val_")}
 
 
-def train(cfg: Config) -> dict[str, float] | None:
-    """Train ``cfg.epochs`` epochs (from ``cfg.resume`` when given), evaluating and checkpointing as configured.
-
-    Returns the last evaluation's metrics on rank 0 (None on other ranks, or when no evaluation ran). Raises a
-    :class:`UserError` when ``cfg.output_dir`` holds another run (see ``engine.run_dir``).
-    """
-    info = init_distributed(cfg.device, cfg.dist_timeout_minutes)
-    seed_everything(cfg.seed + info.rank)
-    with explaining_timeouts(cfg.dist_timeout_minutes):
-        return train_epochs(cfg, info, Path(cfg.output_dir))
-
-
-def train_epochs(cfg: Config, info: DistributedInfo, output_dir: Path) -> dict[str, float] | None:
-    for note in decided_on_main(
-        info, lambda: claim_output_dir(output_dir, cfg.resume, cfg.finetune_from, cfg.overwrite)
-    ):
-        say(info, note)
-    if info.is_main:
-        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run = build_training(cfg, info)
-    start_epoch, last_record = resume_training(run, cfg, info)
-    unlogged, notes = decided_on_main(info, lambda: reconcile_log(output_dir, cfg.resume, start_epoch, last_record))
-    for note in notes:
-        say(info, note)
-    metrics = validation_metrics(complete_record(run, unlogged, cfg, info, output_dir)) if unlogged else {}
-    if start_epoch >= cfg.epochs:
-        say(
-            info,
-            f"nothing to train: {cfg.resume} already finished epoch {start_epoch - 1} and epochs={cfg.epochs}"
-            f" (0-based epochs 0..{cfg.epochs - 1}); raise epochs (e.g. --opts epochs={start_epoch + 1}) to "
-            "train further, or run `main.py eval` to evaluate it",
-        )
-        return (metrics or None) if info.is_main else None
-    num_parameters = sum(parameter.numel() for parameter in run.model.parameters() if parameter.requires_grad)
-    say(
-        info,
-        f"training {num_parameters:,} parameters on {len(run.train_set)} images ({info.world_size} "
-        f"process(es), {info.device}), evaluating on {len(run.val_set)}; output in {output_dir}",
-    )
-    run_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        record = train_epoch(run, epoch, cfg, info, output_dir)
-        log_epoch(record, info, output_dir)
-        metrics = validation_metrics(record) or metrics
-    say(info, f"training finished in {format_duration(time.perf_counter() - run_start)}")
-    return (metrics or None) if info.is_main else None
+def mean_over_processes(averages: dict[str, float], device: torch.device) -> dict[str, float]:
+    names = sorted(averages)
+    values = all_reduce_mean(torch.tensor([averages[name] for name in names], dtype=torch.float64, device=device))
+    return dict(zip(names, values.tolist()))

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from models import build_model, published_variant
+from models import PUBLISHED_VARIANTS, Variant, build_model
 from models.describe import describe_state_dict
 from util.checkpoint import load_checkpoint, load_model_weights
 from util.config import Config, load_config
@@ -225,15 +225,6 @@ def config_from_hf(hf_config: Mapping[str, Any], source: str = "config.json") ->
     two_stage, box_refine = bool(get("two_stage", False)), bool(get("with_box_refine", False))
     levels, dilation = int(get("num_feature_levels", 4)), bool(get("dilation", False))
     num_labels = get("num_labels") or len(get("id2label") or {}) or 91
-    variant = (
-        "two_stage"
-        if two_stage
-        else "box_refine"
-        if box_refine
-        else ("single_scale_dc5" if dilation else "single_scale")
-        if levels == 1
-        else "deformable_detr"
-    )
     values = {
         "backbone": _hf_backbone(hf_config, source),
         "dilation": dilation,
@@ -250,10 +241,17 @@ def config_from_hf(hf_config: Mapping[str, Any], source: str = "config.json") ->
         "two_stage": two_stage,
         "num_classes": num_labels,
     }
-    config_file = published_variant(variant).config_path
-    base = load_config(config_file)
+    # the published variant whose config needs the fewest overrides; of those, the one closest to the defaults
+    defaults = Config().to_dict()
+
+    def distance(pair: tuple[Variant, Config]) -> tuple[int, int]:
+        cfg = pair[1]
+        changed = sum(value != defaults[key] for key, value in cfg.to_dict().items())
+        return sum(getattr(cfg, key) != value for key, value in values.items()), changed
+
+    variant, base = min(((variant, variant.load_config()) for variant in PUBLISHED_VARIANTS), key=distance)
     overrides = [f"{key}={json.dumps(value)}" for key, value in values.items() if getattr(base, key) != value]
-    return str(config_file), overrides
+    return str(variant.config_path), overrides
 
 
 def config_to_hf(cfg: Config, category_names: Mapping[int, str] | None = None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from models.variants import PUBLISHED_VARIANTS
+from util.config import Config
 
 _RESNET_DEPTHS = {(2, False): 18, (6, False): 34, (6, True): 50, (23, True): 101}  # (layer3 blocks, bottleneck)
 
@@ -25,8 +26,11 @@ def _backbone(keys: set[str]) -> str:
 def _deformable_stages(keys: set[str]) -> str:
     """`` with DCN in dcn_stages=[...]`` for a ResNet-DCN backbone (layer2..4 are stages 3..5), else ``""``."""
     layers = {key.split(".")[3] for key in keys if key.startswith("backbone.0.body.") and ".conv_offset." in key}
-    stages = sorted(int(layer.removeprefix("layer")) + 1 for layer in layers)
-    return f" with DCN in dcn_stages={stages}" if stages else ""
+    return _dcn_suffix([int(layer.removeprefix("layer")) + 1 for layer in layers])
+
+
+def _dcn_suffix(stages: list[int]) -> str:
+    return f" with DCN in dcn_stages={sorted(stages)}" if stages else ""
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -49,19 +53,26 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
     if class_bias is not None:
         parts.append(f"{int(class_bias.shape[0])} classes")
     description = ", ".join(parts)
-    published_sizes = (
-        level_embed is not None
-        and int(level_embed.shape[1]) == 256
-        and backbone == "ResNet-50"
-        and class_bias is not None
-        and int(class_bias.shape[0]) == 91
-    )
-    if not published_sizes:
+    if level_embed is None or class_bias is None:
         return description
-    # The dilation of DC5 leaves no trace in the weights: both single-scale configs match a single-scale state dict.
+    # What the weights say, as config keys; the dilation of DC5 leaves no trace in them, so both single-scale
+    # configs match a single-scale state dict.
+    found = {
+        "two_stage": two_stage,
+        "with_box_refine": refine,
+        "num_feature_levels": levels,
+        "hidden_dim": int(level_embed.shape[1]),
+        "num_classes": int(class_bias.shape[0]),
+    }
     configs = [
         f"configs/{variant.config}"
-        for variant in PUBLISHED_VARIANTS
-        if (variant.two_stage, variant.with_box_refine, variant.num_feature_levels) == (two_stage, refine, levels)
+        for variant, cfg in ((variant, variant.load_config()) for variant in PUBLISHED_VARIANTS)
+        if _config_backbone(cfg) == backbone and all(getattr(cfg, key) == value for key, value in found.items())
     ]
     return f"{description}: the published variant of {' or '.join(configs)}" if configs else description
+
+
+def _config_backbone(cfg: Config) -> str:
+    """The backbone of ``cfg`` as :func:`_backbone` names one read from weights (``resnet50`` -> ``ResNet-50``)."""
+    name = f"ResNet-{cfg.backbone.removeprefix('resnet')}" if cfg.backbone.startswith("resnet") else cfg.backbone
+    return name + _dcn_suffix(cfg.dcn_stages)

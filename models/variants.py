@@ -1,9 +1,13 @@
-"""The published Deformable DETR variants: one row each, read by ``models.describe``, ``benchmarks.model``, the
-tests and the README's results table.
+"""The published Deformable DETR variants: one row each, read by ``models.describe``, ``models.convert``,
+``benchmarks.model``, the tests and the README's results table.
+
+A row holds only what no config says (its name, title, the original's COCO AP and the file); what the variant is
+(feature levels, dilation, box refinement, two-stage, sizes) is read from its file in configs/::
 
     from models.variants import PUBLISHED_VARIANTS, published_variant
 
     published_variant("two_stage").config_path  # .../configs/deformable_detr_two_stage.yaml
+    published_variant("two_stage").load_config().two_stage  # True
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from util.config import Config, load_config
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """A published variant: ResNet-50, hidden 256, 300 queries, 91 classes (COCO), trained 50 epochs.
+    """A published variant, as the original trained it on COCO.
 
     ``name`` is the key of the original checkpoints' reference (tests/data/checkpoint_keys.json); ``coco_ap``
     is the COCO val2017 box AP the original reports (table 1 of the paper and the original code's checkpoints)."""
@@ -24,68 +30,23 @@ class Variant:
     name: str
     config: str  # the file in configs/
     title: str
-    num_feature_levels: int
-    dilation: bool
-    with_box_refine: bool
-    two_stage: bool
     coco_ap: float
 
     @property
     def config_path(self) -> Path:
         return CONFIG_DIR / self.config
 
+    def load_config(self, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+        """The variant's config file read by ``util.config.load_config``, then ``overrides``."""
+        return load_config(self.config_path, overrides)
+
 
 PUBLISHED_VARIANTS: tuple[Variant, ...] = (
-    Variant(
-        name="single_scale",
-        config="deformable_detr_single_scale.yaml",
-        title="single scale",
-        num_feature_levels=1,
-        dilation=False,
-        with_box_refine=False,
-        two_stage=False,
-        coco_ap=39.4,
-    ),
-    Variant(
-        name="single_scale_dc5",
-        config="deformable_detr_single_scale_dc5.yaml",
-        title="single scale, DC5",
-        num_feature_levels=1,
-        dilation=True,
-        with_box_refine=False,
-        two_stage=False,
-        coco_ap=41.5,
-    ),
-    Variant(
-        name="deformable_detr",
-        config="deformable_detr.yaml",
-        title="multi-scale",
-        num_feature_levels=4,
-        dilation=False,
-        with_box_refine=False,
-        two_stage=False,
-        coco_ap=44.5,
-    ),
-    Variant(
-        name="box_refine",
-        config="deformable_detr_box_refine.yaml",
-        title="+ iterative box refinement",
-        num_feature_levels=4,
-        dilation=False,
-        with_box_refine=True,
-        two_stage=False,
-        coco_ap=46.2,
-    ),
-    Variant(
-        name="two_stage",
-        config="deformable_detr_two_stage.yaml",
-        title="+ two-stage",
-        num_feature_levels=4,
-        dilation=False,
-        with_box_refine=True,
-        two_stage=True,
-        coco_ap=46.9,
-    ),
+    Variant("single_scale", "deformable_detr_single_scale.yaml", "single scale", coco_ap=39.4),
+    Variant("single_scale_dc5", "deformable_detr_single_scale_dc5.yaml", "single scale, DC5", coco_ap=41.5),
+    Variant("deformable_detr", "deformable_detr.yaml", "multi-scale", coco_ap=44.5),
+    Variant("box_refine", "deformable_detr_box_refine.yaml", "+ iterative box refinement", coco_ap=46.2),
+    Variant("two_stage", "deformable_detr_two_stage.yaml", "+ two-stage", coco_ap=46.9),
 )
 
 

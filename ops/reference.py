@@ -1,8 +1,9 @@
-"""A float64 multi-scale deformable attention that shares no code with the backends, for ``python -m ops.check``.
+"""The float64 multi-scale deformable attention that the backends are checked against (the tests and
+``python -m ops.check``); it shares no code with them and does not use ``grid_sample``.
 
 All levels, points and the four bilinear corners are handled at once: every corner becomes a row of value
-(its level's start plus ``y * W + x``), gathered in one call; ``grid_sample`` is not used. Differentiable through
-autograd. Memory grows as N * Lq * M * L * P * 4 * D, so it is meant for small problems.
+(its level's start plus ``y * W + x``), gathered in one call. Differentiable through autograd. Memory grows as
+N * Lq * M * L * P * 4 * D, so it is meant for small problems.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def reference_ms_deform_attn(
         sampling_locations: (N, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights: (N, Lq, M, L, P).
 
     Returns:
-        (N, Lq, M * D) float64. Location (x, y) samples pixel (x * W - 0.5, y * H - 0.5) bilinearly with zeros
-        outside the map; on an integer coordinate the location gradient is the one-sided one from above.
+        (N, Lq, M * D) float64. Location (x, y) samples pixel (w, h) = (x * W - 0.5, y * H - 0.5) bilinearly with
+        zeros outside the map; on an integer coordinate the location gradient is the one-sided one from above.
+        A sample with h or w <= -1 or >= the size, or NaN, touches no pixel and contributes nothing, gradients
+        included (at exactly -1 the one-sided gradient would otherwise reach pixel 0).
     """
     value, sampling_locations, attention_weights = (
         tensor.double().cpu() for tensor in (value, sampling_locations, attention_weights)
@@ -43,6 +46,11 @@ def reference_ms_deform_attn(
     start = level_start_index.long().cpu().view(1, 1, 1, -1, 1, 1)
     x = sampling_locations[..., 0:1] * width - 0.5  # (N, Lq, M, L, P, 1) pixel column
     y = sampling_locations[..., 1:2] * height - 0.5
+    touches = ((x > -1) & (x < width) & (y > -1) & (y < height)).detach()  # False for NaN too
+    # a sample that touches nothing is moved to pixel 0 with weight 0, so that no NaN or infinity of it reaches
+    # the output or a gradient
+    x, y = torch.where(touches, x, 0.0), torch.where(touches, y, 0.0)
+    attention_weights = torch.where(touches[..., 0], attention_weights, 0.0)
     x_low, y_low = x.detach().floor(), y.detach().floor()
     x_frac, y_frac = x - x_low, y - y_low
     dx = torch.tensor(_CORNER_DX, dtype=torch.float64)

@@ -59,6 +59,25 @@ def make_problem(
     return problem
 
 
+def make_edge_problem(device: str = "cpu", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random values and weights, with every sample on an edge of the op's definition: in each level, each pair of
+    pixel coordinates (h, w) from -1 and the size (touching no pixel), just inside them, the first and last pixel
+    centres and half a pixel outside them. The sizes are powers of two, so every coordinate is exact."""
+    level_shapes = [(2, 4), (4, 8)]
+    problem = make_problem(level_shapes, batch=1, queries=49, heads=2, channels=3, points=1, seed=seed)
+    for level, (height, width) in enumerate(level_shapes):
+        rows, columns = (
+            torch.tensor([-1, -1 + 1 / 16, -0.5, 0, size - 1, size - 1 / 16, size], dtype=torch.float64)
+            for size in (height, width)
+        )
+        h, w = torch.meshgrid(rows, columns, indexing="ij")  # 7 x 7 = 49 queries
+        locations = torch.stack([(w.flatten() + 0.5) / width, (h.flatten() + 0.5) / height], -1)  # (49, 2) as (x, y)
+        problem["sampling_locations"][0, :, :, level, 0] = locations[:, None]
+    for name in ("value", "sampling_locations", "attention_weights", "spatial_shapes", "level_start_index"):
+        problem[name] = problem[name].to(device)
+    return problem
+
+
 def op_args(problem: dict) -> tuple:
     return tuple(
         problem[name]
@@ -79,16 +98,16 @@ def run_with_grads(backend: str, problem: dict, grad_output: torch.Tensor | None
 
 
 def reference_with_grads(problem: dict, grad_output: torch.Tensor) -> tuple:
-    """(output, gradients) of tests/msda_reference.py on the problem's inputs, in float64 on the CPU."""
-    from tests.msda_reference import reference_ms_deform_attn
+    """(output, gradients) of the float64 reference (ops/reference.py) on the problem's inputs, on the CPU."""
+    from ops.reference import reference_ms_deform_attn
 
     leaves = [
         problem[n].detach().double().cpu().requires_grad_()
         for n in ("value", "sampling_locations", "attention_weights")
     ]
-    output = reference_ms_deform_attn(leaves[0], problem["level_shapes"], leaves[1], leaves[2])
+    output = reference_ms_deform_attn(leaves[0], problem["spatial_shapes"], problem["level_start_index"], *leaves[1:])
     grads = torch.autograd.grad(output, leaves, grad_output.double().cpu())
-    return output, grads
+    return output.detach(), grads
 
 
 def assert_compiled_matches_eager(backend: str, problem: dict) -> None:

@@ -1,4 +1,5 @@
-"""engine.run_dir: a run's folder is never taken over by accident, and its log keeps one record per epoch."""
+"""engine.run_dir: a run's folder is never taken over by accident, and its log keeps one record per epoch and is
+read back with broken lines named."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from engine.run_dir import append_log, claim_output_dir, reconcile_log
+from engine.run_dir import append_log, claim_output_dir, read_log, reconcile_log
 from util.errors import UserError
 
 
@@ -82,3 +83,20 @@ def test_the_record_of_an_epoch_that_stopped_in_its_evaluation_is_found(tmp_path
     assert reconcile_log(output_dir, checkpoint, 3, record) == (None, [])
     # resumed from a checkpoint elsewhere: this folder's log starts at the next epoch
     assert reconcile_log(tmp_path / "other", checkpoint, 3, record) == (None, [])
+
+
+def test_the_log_reads_back_from_the_file_or_its_folder(tmp_path):
+    output_dir = finished_run(tmp_path / "run")
+    expected = [{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "train_loss": 1.0}]
+    assert read_log(output_dir) == read_log(output_dir / "log.txt") == expected
+
+
+def test_a_line_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_log(tmp_path)
+
+
+def test_a_missing_log_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        read_log(tmp_path / "nowhere")

@@ -14,7 +14,7 @@ import torch
 
 import engine.train
 import main
-from engine.training import NonFiniteLossError
+from engine.train import NonFiniteLossError
 from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
 from util.checkpoint import load_checkpoint
 from util.config import load_config
@@ -105,8 +105,10 @@ def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(fi
 
 def test_resume_and_finetune_from_together_are_refused(first_run, coco_path, tmp_path, capsys):
     path = first_run / "checkpoint.pth"
-    assert run("train", opts=tiny_overrides(coco_path, tmp_path, f"resume={path}", f"finetune_from={path}")) == 2
+    output_dir = tmp_path / "run"
+    assert run("train", opts=tiny_overrides(coco_path, output_dir, f"resume={path}", f"finetune_from={path}")) == 2
     assert "not both" in capsys.readouterr().err
+    assert not output_dir.exists()  # refused before the folder was claimed
 
 
 def test_eval_of_a_checkpoint_of_another_variant_names_both(first_run, coco_path, tmp_path, capsys):
@@ -274,6 +276,49 @@ def test_out_of_range_value_exits_2_before_anything_is_built(override, monkeypat
     assert f"error: config key '{key}' in --opts {override} must be >= " in capsys.readouterr().err
 
 
+# Config mistakes, each one error line and exit status 2 before anything is built: (files written into a
+# folder, the first one given as --config, or None for the published config; --opts; the message, {dir}: the folder).
+CONFIG_MISTAKES = {
+    "infinite lr": (None, ["lr=1e400"], "config key 'lr' in --opts lr=1e400 must be a finite number, got inf"),
+    "nan weight_decay": (
+        None,
+        ["weight_decay=.nan"],
+        "config key 'weight_decay' in --opts weight_decay=.nan must be a finite number, got nan",
+    ),
+    "nan in a file": (
+        {"run.yaml": "clip_max_norm: .nan\n"},
+        [],
+        "config key 'clip_max_norm' in {dir}/run.yaml must be a finite number, got nan",
+    ),
+    "key twice": (
+        {"run.yaml": "lr: 1.0e-4\nepochs: 3\nlr: 2.0e-4\n"},
+        [],
+        "{dir}/run.yaml is not valid YAML: line 3, column 1: key 'lr' stated twice (first on line 1); keep one",
+    ),
+    "base cycle": (
+        {"run.yaml": "_base_: base.yaml\n", "base.yaml": "_base_: run.yaml\n"},
+        ["epochs=1"],
+        "{dir}/base.yaml: its _base_ chain comes back to a file of its own "
+        "({dir}/run.yaml -> {dir}/base.yaml -> {dir}/run.yaml); remove one of these _base_ lines",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_MISTAKES))
+def test_a_config_mistake_is_one_error_line_and_exit_status_2(case, tmp_path, monkeypatch, capsys):
+    files, opts, message = CONFIG_MISTAKES[case]
+    for name, text in (files or {}).items():
+        (tmp_path / name).write_text(text)
+    config = tmp_path / next(iter(files)) if files else CONFIG
+
+    def must_not_run(cfg):
+        raise AssertionError("training started with an invalid config")
+
+    monkeypatch.setattr(main, "train", must_not_run)
+    assert main.main(["train", "--config", str(config), "--opts", *opts]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(dir=tmp_path)}\n"
+
+
 def test_missing_config_file_exits_2(tmp_path, capsys):
     assert main.main(["eval", "--config", str(tmp_path / "nothing.yaml")]) == 2
     assert "nothing.yaml does not exist" in capsys.readouterr().err
@@ -331,10 +376,11 @@ def readme_commands() -> list[list[str]]:
 
 def test_the_readme_commands_parse_and_their_configs_load():
     commands = readme_commands()
-    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize", "export"}
+    assert {arguments[0] for arguments in commands} == {"train", "eval", "predict", "visualize", "export", "convert"}
     for arguments in commands:
         args = main.build_parser().parse_args(main.glue_point_values(arguments))
-        load_config(Path(__file__).resolve().parents[1] / args.config, overrides=args.opts)
+        config = Path(__file__).resolve().parents[1] / args.config if args.config else None
+        load_config(config, overrides=args.opts)
 
 
 def test_cuda_device_without_cuda_is_explained(coco_path, tmp_path):

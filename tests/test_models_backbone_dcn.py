@@ -1,15 +1,13 @@
 """The ResNet-DCN backbone: which convolutions become deformable, pretrained weights, the step-0 features, the
-offset predictors' optimizer group, the configs and the errors."""
+offset predictors' optimizer group and the errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torchvision
-import yaml
 
 from engine.optim import OFFSET_GROUP, build_optimizer
-from models import CONFIG_DIR
 from models.backbone import build_backbone
 from ops.deform_conv import DeformConv2d
 from tests.tiny_model import tiny_config
@@ -107,17 +105,3 @@ def test_dcn_stages_outside_3_to_5_name_the_key():
 def test_dcn_with_a_timm_backbone_is_an_error():
     with pytest.raises(UserError, match="dcn_stages needs a torchvision ResNet"):
         build_backbone(tiny_config("backbone=mobilenetv3_small_100", "dcn_stages=[5]"))
-
-
-def test_dcn_configs():
-    full = yaml.safe_load((CONFIG_DIR / "deformable_detr_dcn.yaml").read_text())
-    assert full == {
-        "_base_": "deformable_detr.yaml",
-        "dcn_stages": [3, 4, 5],
-        "dcn_modulated": True,
-        "lr_offset_mult": 0.1,
-    }
-    demo = yaml.safe_load((CONFIG_DIR / "demo_shapes.yaml").read_text())
-    demo_dcn = yaml.safe_load((CONFIG_DIR / "demo_shapes_dcn.yaml").read_text())
-    added = {"dcn_stages": [3, 4, 5], "dcn_modulated": True, "lr_offset_mult": 0.1}
-    assert demo_dcn == {**demo, **added, "output_dir": "outputs/demo_shapes_dcn"}

@@ -107,6 +107,8 @@ def test_config_picks_the_variant_and_its_overrides():
     assert config_file.endswith("deformable_detr_two_stage.yaml") and overrides == []  # num_queries: the proposals
     config_file, overrides = config_from_hf({"num_feature_levels": 1, "dilation": True, "id2label": {"0": "a"}})
     assert config_file.endswith("deformable_detr_single_scale_dc5.yaml") and overrides == ["num_classes=1"]
+    config_file, overrides = config_from_hf({"two_stage": True, "num_feature_levels": 3})  # closest: the defaults
+    assert config_file.endswith("/deformable_detr.yaml") and overrides == ["num_feature_levels=3", "two_stage=true"]
 
 
 @pytest.mark.parametrize(

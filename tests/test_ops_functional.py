@@ -9,15 +9,16 @@ import torch
 
 from ops import available_backends, functional, ms_deform_attn
 from ops.build import KernelBuildError
+from ops.reference import reference_ms_deform_attn
 from tests.conftest import (
     assert_compiled_matches_eager,
+    make_edge_problem,
     make_problem,
     op_args,
     reference_with_grads,
     relative_error,
     run_with_grads,
 )
-from tests.msda_reference import reference_ms_deform_attn
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = ["pytorch", "cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -47,6 +48,17 @@ def test_float64_forward_and_gradients_match_reference(backend, case):
     torch.testing.assert_close(output.cpu(), expected, rtol=1e-10, atol=1e-10)
     for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_samples_on_the_edges_of_the_map_match_reference(backend):
+    """Pixel coordinates -1 and the size touch nothing (gradients included), just inside them they do."""
+    problem = make_edge_problem(device=DEVICE[backend])
+    output, grads, grad_output = run_with_grads(backend, problem)
+    expected, expected_grads = reference_with_grads(problem, grad_output)
+    torch.testing.assert_close(output.cpu(), expected, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -141,7 +153,7 @@ def test_autocast_promotes_to_the_common_dtype(small_problem):
         output = ms_deform_attn(value.bfloat16(), shapes, starts, locations.float(), weights.float())
     assert output.dtype == torch.float32
     expected = reference_ms_deform_attn(
-        value.bfloat16().double(), small_problem["level_shapes"], locations.float().double(), weights.float().double()
+        value.bfloat16().double(), shapes, starts, locations.float().double(), weights.float().double()
     )
     assert relative_error(output, expected) < 1e-5
 

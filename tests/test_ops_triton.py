@@ -23,6 +23,7 @@ pytest.importorskip("triton")
 from ops import available_backends, functional, ms_deform_attn, triton_backend
 from tests.conftest import (
     assert_compiled_matches_eager,
+    make_edge_problem,
     make_problem,
     op_args,
     reference_with_grads,
@@ -62,6 +63,16 @@ def test_triton_float64_forward_and_gradients_match_reference(case):
     torch.testing.assert_close(output.cpu(), expected, rtol=1e-10, atol=1e-10)
     for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+def test_triton_samples_on_the_edges_of_the_map_match_reference():
+    """Pixel coordinates -1 and the size touch nothing (gradients included), just inside them they do."""
+    problem = make_edge_problem(device=DEVICE)
+    output, grads, grad_output = run_with_grads("triton", problem)
+    expected, expected_grads = reference_with_grads(problem, grad_output)
+    torch.testing.assert_close(output.cpu(), expected, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(("value", "sampling_locations", "attention_weights"), grads, expected_grads):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12, msg=f"gradient of {name}")
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
@@ -166,3 +177,10 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     assert len(lines) == 6, completed.stdout
     backward = [line for line in lines if line.startswith("ms_deform_attn_backward_kernel")]
     assert backward and all(re.search(r"(atom|red)\.global[.\w]*add", line) for line in backward), backward
+
+
+def test_triton_refuses_a_batch_item_too_large_for_int32_offsets():
+    value = torch.empty(1, 2**28, 8, 1, device="meta")  # S * M * D = 2^31 elements: one past the int32 range
+    shapes = torch.empty(1, 2, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="int32"):
+        triton_backend._check_layout(value, shapes, shapes[:, 0], value, value)

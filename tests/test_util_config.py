@@ -1,13 +1,14 @@
-"""util.config: defaults, _base_ inheritance, overrides, and errors that name the key."""
+"""util.config: defaults, _base_ chains, overrides, and errors that name the key, the file and the line."""
 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from util.config import Config, load_config
+from util.config import FLOAT_KEYS, Config, load_config
 from util.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -134,8 +135,11 @@ def test_value_out_of_range_in_a_file_names_the_file(tmp_path):
         load_config(tmp_path / "run.yaml")
 
 
-def test_hidden_dim_not_a_multiple_of_nheads_names_both_origins():
-    with pytest.raises(UserError, match=r"hidden_dim \(256, from .*deformable_detr\.yaml\).*nheads \(3, from --opts"):
+def test_hidden_dim_not_a_multiple_of_nheads_names_both_origins(tmp_path):
+    (tmp_path / "run.yaml").write_text("hidden_dim: 128\n")
+    with pytest.raises(UserError, match=r"hidden_dim \(128, from .*run\.yaml\).*nheads \(3, from --opts nheads=3\)"):
+        load_config(tmp_path / "run.yaml", overrides=["nheads=3"])
+    with pytest.raises(UserError, match=r"hidden_dim \(256, from the defaults\)"):
         load_config(CONFIGS / "deformable_detr.yaml", overrides=["nheads=3"])
 
 
@@ -144,12 +148,90 @@ def test_every_shipped_config_is_valid():
         load_config(path)
 
 
-def test_base_of_a_base_is_refused(tmp_path):
-    (tmp_path / "a.yaml").write_text("nheads: 4\n")
+def test_a_chain_of_three_bases_resolves_each_path_relative_to_the_file_that_names_it(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "runs" / "small").mkdir(parents=True)
+    (tmp_path / "shared" / "model.yaml").write_text("hidden_dim: 128\nnheads: 4\nenc_layers: 3\n")
+    (tmp_path / "shared" / "train.yaml").write_text("_base_: model.yaml\nnheads: 2\nlr: 1.0e-3\n")
+    (tmp_path / "runs" / "small.yaml").write_text("_base_: ../shared/train.yaml\nenc_layers: 1\n")
+    (tmp_path / "runs" / "small" / "run.yaml").write_text("_base_: ../small.yaml\nepochs: 3\n")
+    cfg = load_config(tmp_path / "runs" / "small" / "run.yaml")
+    assert (cfg.hidden_dim, cfg.nheads, cfg.enc_layers, cfg.lr, cfg.epochs) == (128, 2, 1, 1e-3, 3)
+
+
+def test_a_value_from_the_far_end_of_a_chain_is_named_with_its_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("batch_size: 0\n")
     (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
     (tmp_path / "c.yaml").write_text("_base_: b.yaml\n")
-    with pytest.raises(UserError, match="one level"):
+    with pytest.raises(UserError, match=r"'batch_size' in .*a\.yaml must be >= 1"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_base_cycle_names_its_files_in_order(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("_base_: ./a.yaml\n")
+    (tmp_path / "run.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(UserError, match=r"c\.yaml: its _base_ chain comes back to a file of its own") as error:
+        load_config(tmp_path / "run.yaml")
+    files = [f"{tmp_path / name}" for name in ("a.yaml", "b.yaml", "c.yaml", "./a.yaml")]
+    assert f"({' -> '.join(files)})" in str(error.value)
+    assert "run.yaml ->" not in str(error.value)  # run.yaml leads into the cycle but is not part of it
+
+
+def test_a_file_that_is_its_own_base_is_a_cycle(tmp_path):
+    (tmp_path / "self.yaml").write_text("_base_: self.yaml\n")
+    with pytest.raises(UserError, match=r"self\.yaml -> .*self\.yaml\); remove one of these _base_ lines"):
+        load_config(tmp_path / "self.yaml")
+
+
+def test_a_missing_base_deep_in_a_chain_names_the_file_that_asks_for_it(tmp_path):
+    (tmp_path / "b.yaml").write_text("_base_: gone/a.yaml\n")
+    (tmp_path / "c.yaml").write_text("_base_: b.yaml\n")
+    with pytest.raises(UserError, match=r"b\.yaml: its _base_ file .*gone/a\.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_base_that_is_not_a_file_name_is_refused(tmp_path):
+    (tmp_path / "run.yaml").write_text("_base_: [a.yaml, b.yaml]\n")
+    with pytest.raises(UserError, match=r"run\.yaml: _base_ must name one file .*got \['a\.yaml', 'b\.yaml'\]"):
+        load_config(tmp_path / "run.yaml")
+
+
+def test_a_key_stated_twice_names_the_key_the_file_and_the_second_line(tmp_path):
+    (tmp_path / "twice.yaml").write_text("lr: 1.0e-4\nepochs: 3\nlr: 2.0e-4\n")
+    with pytest.raises(UserError, match=r"twice\.yaml is not valid YAML: line 3, column 1: key 'lr' stated twice "):
+        load_config(tmp_path / "twice.yaml")
+
+
+def test_a_key_stated_twice_on_one_line_is_refused(tmp_path):
+    (tmp_path / "flow.yaml").write_text("{epochs: 3, epochs: 4}\n")
+    with pytest.raises(UserError, match=r"line 1, column 13: key 'epochs' stated twice \(first on line 1\)"):
+        load_config(tmp_path / "flow.yaml")
+
+
+def test_a_key_twice_in_an_override_value_is_refused():
+    with pytest.raises(UserError, match=r"--opts coco_path=\{a: 1, a: 2\}: the value is not valid YAML .*'a' stated"):
+        load_config(overrides=["coco_path={a: 1, a: 2}"])
+
+
+def test_every_float_key_is_checked_for_finite_values():
+    assert {"lr", "lr_offset_mult", "position_embedding_scale", "dist_timeout_minutes"} <= set(FLOAT_KEYS)
+    for key in FLOAT_KEYS:
+        with pytest.raises(UserError, match=f"'{key}' in --opts {key}=.inf must be a finite number, got inf"):
+            load_config(overrides=[f"{key}=.inf"])
+
+
+@pytest.mark.parametrize("text, shown", [("1e400", "inf"), ("-1e400", "-inf"), (".nan", "nan"), (".NaN", "nan")])
+def test_a_non_finite_override_is_refused(text, shown):
+    with pytest.raises(UserError, match=f"'lr' in --opts lr={re.escape(text)} must be a finite number, got {shown}$"):
+        load_config(overrides=[f"lr={text}"])
+
+
+def test_a_non_finite_value_in_a_file_names_the_file(tmp_path):
+    (tmp_path / "run.yaml").write_text("weight_decay: .nan\n")
+    with pytest.raises(UserError, match=r"'weight_decay' in .*run\.yaml must be a finite number, got nan"):
+        load_config(tmp_path / "run.yaml")
 
 
 def test_to_dict_round_trips():

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from datasets import Batch
 from datasets.shapes import generate_shapes_dataset
 from util.config import Config, load_config
 
@@ -50,3 +53,16 @@ def tiny_overrides(coco_path: Path, output_dir: Path, *extra: str) -> list[str]:
 
 def tiny_training_config(coco_path: Path, output_dir: Path, *extra: str) -> Config:
     return load_config(CONFIG, overrides=tiny_overrides(coco_path, output_dir, *extra))
+
+
+def tiny_batches(count: int = 2) -> list[Batch]:
+    """``count`` batches of two random 64-pixel images: one with two boxes, one with none."""
+    generator = torch.Generator().manual_seed(0)
+    targets = [
+        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+    ]
+    return [
+        Batch(torch.randn(2, 3, 64, 64, generator=generator), torch.zeros(2, 64, 64, dtype=torch.bool), targets)
+        for _ in range(count)
+    ]

@@ -1,7 +1,8 @@
-"""Flat YAML configs with one level of ``_base_`` inheritance and ``key=value`` overrides.
+"""Flat YAML configs with ``_base_`` inheritance and ``key=value`` overrides.
 
 Keys are named like the original Deformable DETR command-line flags. Every key has a default in :class:`Config`;
-a key that is not there, in a file or an override, is an error that names it::
+a key that is not there, in a file or an override, is an error that names it. A file names at most one
+``_base_`` (relative to itself), which may name its own, to any depth; each file states only what differs::
 
     cfg = load_config("configs/deformable_detr.yaml", overrides=["hidden_dim=128", "two_stage=true"])
     cfg.hidden_dim  # 128
@@ -120,7 +121,8 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The defaults, then the ``_base_`` file of ``path`` (relative to ``path``), then ``path``, then ``overrides``.
+    """The defaults, then the chain of ``_base_`` files of ``path`` (each relative to the file naming it) from the
+    farthest to the nearest, then ``path``, then ``overrides``.
 
     Args:
         path: a YAML file of flat ``key: value`` pairs, or None for the defaults alone.
@@ -128,9 +130,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             ``two_stage=true``).
 
     Raises:
-        UserError: a missing file or a YAML syntax error (naming the file and line); a key that :class:`Config`
-            does not have (naming it, where it came from, and the keys it resembles); a value of the wrong type or
-            out of its range (see ``VALID_VALUES``); an override without ``=``.
+        UserError: a missing file, a YAML syntax error or a key stated twice in one mapping (naming the file and
+            line); a ``_base_`` chain that comes back to a file of its own (naming the files of the cycle); a key
+            that :class:`Config` does not have (naming it, where it came from, and the keys it resembles); a value
+            of the wrong type, not finite, or out of its range (see ``VALID_VALUES``); an override without ``=``.
     """
     values: dict[str, tuple[Any, str]] = {}
     if path is not None:
@@ -153,7 +156,7 @@ def _parse_override(override: str) -> tuple[str, Any]:
     if not separator or not key.strip():
         raise UserError(f"--opts {override!r} must look like key=value (e.g. lr=1e-4)")
     try:
-        return key.strip(), yaml.safe_load(text) if text.strip() else ""
+        return key.strip(), _load_yaml(text) if text.strip() else ""
     except yaml.YAMLError as error:
         raise UserError(f"--opts {override}: the value is not valid YAML ({_yaml_problem(error)})") from None
 
@@ -164,27 +167,62 @@ def _unknown_key_message(key: Any, origin: str, known: list[str]) -> str:
     return f"unknown config key {key!r} in {origin}; {hint}every key, with its default, is in util/config.py (Config)"
 
 
-def _read_with_base(path: Path) -> dict[str, tuple[Any, str]]:
-    """Key -> (value, where it came from); the file's own keys win over its base's."""
+def _read_with_base(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, tuple[Any, str]]:
+    """Key -> (value, where it came from) of ``path`` and its ``_base_`` chain; a file's own keys win over its
+    base's. ``chain``: the files that named ``path`` as their base, nearest last."""
     own = _read_yaml(path)
+    chain = (*chain, path)
     values: dict[str, tuple[Any, str]] = {}
     if BASE_KEY in own:
-        base_path = path.parent / str(own.pop(BASE_KEY))
+        named = own.pop(BASE_KEY)
+        if not isinstance(named, str) or not named:
+            raise UserError(f"{path}: {BASE_KEY} must name one file (relative to {path}), got {named!r}")
+        base_path = path.parent / named
         if not base_path.is_file():
             raise UserError(f"{path}: its {BASE_KEY} file {base_path} does not exist (the path is relative to {path})")
-        base = _read_yaml(base_path)
-        if BASE_KEY in base:
-            raise UserError(f"{base_path}: a _base_ file cannot have a _base_ of its own (one level only)")
-        values.update({key: (value, str(base_path)) for key, value in base.items()})
+        seen = [file.resolve() for file in chain]
+        if base_path.resolve() in seen:
+            cycle = [*chain[seen.index(base_path.resolve()) :], base_path]
+            raise UserError(
+                f"{path}: its {BASE_KEY} chain comes back to a file of its own ({' -> '.join(map(str, cycle))}); "
+                f"remove one of these {BASE_KEY} lines"
+            )
+        values.update(_read_with_base(base_path, chain))
     values.update({key: (value, str(path)) for key, value in own.items()})
     return values
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping stating a key twice is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_lines: dict[Any, int] = {}  # key -> the line that states it first (1-based)
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor" merges by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = first_lines.get(key)
+            except TypeError:  # an unhashable key: the safe loader's own error names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} stated twice (first on line {first}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            first_lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist (see configs/ for the published ones)")
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        content = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {_yaml_problem(error)}") from None
     if not isinstance(content, dict):
@@ -291,14 +329,25 @@ VALID_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# Keys of float values (lists of floats too), each refused unless finite: YAML reads .inf and .nan, and 1e400 as inf.
+FLOAT_KEYS: tuple[str, ...] = tuple(
+    key for key, hint in typing.get_type_hints(Config).items() if float in (typing.get_args(hint) or (hint,))
+)
+
+
 def validate_config(cfg: Config, origins: Mapping[str, str] | None = None) -> None:
-    """Raise :class:`UserError` for the first value of ``cfg`` outside its range (``VALID_VALUES``) or keys that
-    disagree, naming the key and where its value came from (``origins``: key -> file or ``--opts ...``)."""
+    """Raise :class:`UserError` for the first value of ``cfg`` that is not finite (``FLOAT_KEYS``) or outside its
+    range (``VALID_VALUES``), or keys that disagree, naming the key and where its value came from (``origins``:
+    key -> file or ``--opts ...``)."""
     origins = origins or {}
 
     def where(key: str) -> str:
         return origins.get(key, "the defaults")
 
+    for key in FLOAT_KEYS:
+        value = getattr(cfg, key)
+        if not all(math.isfinite(item) for item in (value if isinstance(value, list) else [value])):
+            raise UserError(f"config key {key!r} in {where(key)} must be a finite number, got {value!r}")
     for key, (is_valid, accepted) in VALID_VALUES.items():
         value = getattr(cfg, key)
         if not is_valid(value):

@@ -1,24 +1,23 @@
 """Loss and AP curves of training runs, from their ``log.txt``.
 
-    python -m util.plot_logs outputs/demo_shapes [outputs/other_run ...] [--out curves.png]
+    python -m engine.plot_logs outputs/demo_shapes [outputs/other_run ...] [--out curves.png]
 
 Draws, per run, the training loss and its three final-layer parts (``loss_ce``, ``loss_bbox``, ``loss_giou``)
 against the epoch, and the validation AP and AP50 of the epochs that were evaluated. The PNG goes to
-``--out``, by default ``curves.png`` in the first run's folder.
+``--out``, by default ``curves.png`` in the first run's folder. It draws on a ``matplotlib.figure.Figure`` of its
+own, without pyplot: importing or calling it leaves matplotlib's backend as it was.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; no display needed
-import matplotlib.pyplot as plt
+from engine.run_dir import read_log
 
 PANELS = (
     ("train_loss", "loss (weighted total)"),
@@ -30,25 +29,10 @@ PANELS = (
 )
 
 
-def read_log(path: str | Path) -> list[dict]:
-    """The JSON records of ``log.txt`` (``path`` is the file or its run folder); errors name the line."""
-    path = Path(path)
-    path = path / "log.txt" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"no training log at {path}")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not a JSON record ({error})") from error
-    return records
-
-
 def plot_logs(runs: Sequence[str | Path], out: str | Path) -> Path:
     """Draw the :data:`PANELS` of every run in ``runs`` into one PNG at ``out``."""
-    figure, axes = plt.subplots(2, 3, figsize=(14, 7.5))
+    figure = Figure(figsize=(14, 7.5))
+    axes = figure.subplots(2, 3)
     for run in runs:
         records = read_log(run)
         for axis, (key, title) in zip(axes.flat, PANELS):
@@ -74,12 +58,11 @@ def plot_logs(runs: Sequence[str | Path], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100)
-    plt.close(figure)
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m util.plot_logs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.plot_logs", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run folders (or their log.txt)")
     parser.add_argument("--out", default=None, help="PNG file (default: RUN/curves.png of the first run)")
     return parser

@@ -1,40 +1,21 @@
-"""engine.training: one epoch changes the weights, non-finite losses stop before the step, autocast runs."""
+"""engine.train: one epoch changes the weights, non-finite losses stop before the step, autocast runs; the epochs
+that are checkpointed and evaluated."""
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from datasets import Batch
+from engine.amp import build_grad_scaler
 from engine.optim import build_optimizer
-from engine.training import (
-    NonFiniteLossError,
-    autocast_dtype,
-    build_grad_scaler,
-    prepare_for_training,
-    resolve_amp,
-    to_float32,
-    train_one_epoch,
-)
+from engine.train import NonFiniteLossError, checkpoint_due, evaluation_due, train_one_epoch
 from models import build_model
-from tests.tiny_training import CONFIG, TINY
+from tests.tiny_training import CONFIG, TINY, tiny_batches
 from util.config import load_config
-
-
-def tiny_batches(count: int = 2) -> list[Batch]:
-    generator = torch.Generator().manual_seed(0)
-    targets = [
-        {"labels": torch.tensor([1, 4]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
-        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
-    ]
-    return [
-        Batch(torch.randn(2, 3, 64, 64, generator=generator), torch.zeros(2, 64, 64, dtype=torch.bool), targets)
-        for _ in range(count)
-    ]
 
 
 class NanCriterion(nn.Module):
@@ -91,12 +72,6 @@ def test_bfloat16_autocast_trains_with_finite_losses(tiny):
     assert math.isfinite(averages["loss"])
 
 
-def test_unknown_amp_mode_is_named():
-    assert autocast_dtype("float16") is torch.float16
-    with pytest.raises(ValueError, match="amp must be one of"):
-        autocast_dtype("fp8")
-
-
 @pytest.mark.parametrize(("init_scale", "steps"), [(2.0**10, True), (2.0**100, False)])
 def test_float16_gradient_scaling_steps_or_skips_with_the_fused_optimizer(tiny, init_scale, steps):
     model, criterion, cfg = tiny
@@ -122,36 +97,13 @@ def test_float16_gradient_scaling_steps_or_skips_with_the_fused_optimizer(tiny, 
         assert not any(changed) and scaler.get_scale() < init_scale
 
 
-def test_auto_amp_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
-    cpu = torch.device("cpu")
-    for native, expected in ((True, "bfloat16"), (False, "none")):
-        monkeypatch.setattr("engine.training.native_bfloat16", lambda device, native=native: native)
-        assert resolve_amp("auto", cpu) == expected
-    assert resolve_amp("float16", cpu) == "float16"  # a named mode is kept as it is
-    monkeypatch.undo()
-    assert resolve_amp("auto", torch.device("cuda")) == "none"
+def test_checkpoints_are_kept_every_save_every_epochs_and_before_the_lr_drop():
+    cfg = dataclasses.replace(load_config(CONFIG, overrides=TINY), save_every=3, lr_drop=5)
+    assert [epoch for epoch in range(10) if checkpoint_due(epoch, cfg)] == [2, 4, 5, 8]
+    assert not any(checkpoint_due(epoch, dataclasses.replace(cfg, save_every=0)) for epoch in range(10))
 
 
-def test_bfloat16_training_stores_the_backbone_channels_last_and_computes_the_same_step(tiny):
-    """channels-last changes the memory layout only: the same batch gives the same losses and gradients (up to
-    bfloat16 rounding, which the layouts' different summation orders expose)."""
-    model, criterion, _ = tiny
-    fast = copy.deepcopy(model)
-    prepare_for_training(fast, "bfloat16", torch.device("cpu"))
-    conv = fast.backbone[0].body.layer2[0].conv1.weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
-    assert not model.backbone[0].body.layer2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    (batch,) = tiny_batches(1)
-    losses = []
-    for network in (model, fast):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs = network(batch.images, batch.padding_mask)
-        loss = criterion.total_loss(criterion(to_float32(outputs), batch.targets))
-        loss.backward()
-        losses.append(loss.item())
-    assert losses[1] == pytest.approx(losses[0], rel=2e-2)
-    gradient, fast_gradient = model.input_proj[0][0].weight.grad, fast.input_proj[0][0].weight.grad
-    assert torch.nn.functional.cosine_similarity(gradient.flatten(), fast_gradient.flatten(), dim=0) > 0.99
-
-    prepare_for_training(model, "none", torch.device("cpu"))  # float32: the layout is left alone
-    assert not model.backbone[0].body.layer2[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+def test_the_last_epoch_and_every_eval_every_are_evaluated():
+    cfg = dataclasses.replace(load_config(CONFIG, overrides=TINY), epochs=7, eval_every=3)
+    assert [epoch for epoch in range(7) if evaluation_due(epoch, cfg)] == [2, 5, 6]
+    assert [epoch for epoch in range(7) if evaluation_due(epoch, dataclasses.replace(cfg, eval_every=0))] == [6]
