@@ -67,7 +67,9 @@ def _build(kind: str, sources: list[Path], verbose: bool, defines: tuple[str, ..
             extra_cflags=[
                 "-O3",
                 "-fopenmp",
-                "-fno-trapping-math",
+                # lets the CPU kernel's selections vectorise (ms_deform_attn_cpu_sampling.h); not for CUDA, whose
+                # extension name does not carry its flags (checkouts sharing a cache would rebuild it in turn)
+                *(["-fno-trapping-math"] if kind != "cuda" else []),
                 *vector_flags,
                 *(f"-D{define}" for define in defines),
             ],
