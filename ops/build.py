@@ -31,15 +31,23 @@ class KernelBuildError(RuntimeError):
 
 
 def _cpu_vector_flags() -> list[str]:
-    """AVX2 and FMA where this CPU has them (twice the vector width of the x86-64 baseline)."""
+    """The vector instructions to compile the CPU kernel for: those this CPU has, as torch reports them at run
+    time. AVX-512 (with its native bfloat16 instructions where present) selects the AVX-512 loops of
+    ``ms_deform_attn_cpu_avx512.h``; AVX2 and FMA double the x86-64 baseline's width for the portable loops."""
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "DEFAULT")()
-    return ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    if capability == "AVX512":
+        flags = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+        if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+            flags.append("-mavx512bf16")
+        return flags
+    return ["-mavx2", "-mfma"] if capability == "AVX2" else []
 
 
 def _extension_name(kind: str, flags: list[str]) -> str:
     # The torch version and the vector flags are part of the name: a build against another torch's headers, or
     # for a CPU with other instructions (a cache shared by a cluster's nodes), must not be reused.
-    suffix = "_avx2" if flags else ""
+    widest = [flag.removeprefix("-m") for flag in flags if flag in ("-mavx2", "-mavx512f", "-mavx512bf16")]
+    suffix = f"_{widest[-1]}" if widest else ""
     return f"deformable_detr_msda_{kind}{suffix}_" + re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
 
 
@@ -56,7 +64,15 @@ def _build(kind: str, sources: list[Path], verbose: bool, defines: tuple[str, ..
             name=_extension_name(kind, vector_flags),
             sources=[str(source) for source in sources],
             extra_include_paths=[str(CSRC)],
-            extra_cflags=["-O3", "-fopenmp", *vector_flags, *(f"-D{define}" for define in defines)],
+            extra_cflags=[
+                "-O3",
+                "-fopenmp",
+                # lets the CPU kernel's selections vectorise (ms_deform_attn_cpu_sampling.h); not for CUDA, whose
+                # extension name does not carry its flags (checkouts sharing a cache would rebuild it in turn)
+                *(["-fno-trapping-math"] if kind != "cuda" else []),
+                *vector_flags,
+                *(f"-D{define}" for define in defines),
+            ],
             extra_ldflags=["-fopenmp"],
             extra_cuda_cflags=["-O3", "-lineinfo"],
             with_cuda=kind == "cuda",

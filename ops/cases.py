@@ -1,5 +1,6 @@
 """The problems ``python -m ops.check`` times and ``python -m benchmarks.msda`` reports: the attention's shapes in
-Deformable DETR, inputs sampled as the model samples, the memory floor, and the timing of one backend.
+Deformable DETR, inputs sampled as the model samples, the memory floors of the forward and the backward, and the
+timing of one backend.
 
 M=8 heads, D=32 channels, P=4 points; ``encoder`` and ``decoder`` at a 512x512 image, ``coco_encoder`` at 800x1333.
 """
@@ -63,12 +64,24 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
     return tensors
 
 
-def floor_bytes(inputs: dict[str, torch.Tensor]) -> int:
-    """Bytes that must cross memory at least once: the three floating inputs read, the output written."""
+def _elements(inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(elements of value, sampling_locations and attention_weights together, elements of the output)."""
     value = inputs["value"]
-    output_elements = value.shape[0] * inputs["attention_weights"].shape[1] * value.shape[2] * value.shape[3]
-    read = sum(inputs[name].numel() for name in ("value", "sampling_locations", "attention_weights"))
-    return (read + output_elements) * value.element_size()
+    output = value.shape[0] * inputs["attention_weights"].shape[1] * value.shape[2] * value.shape[3]
+    return sum(inputs[name].numel() for name in ("value", "sampling_locations", "attention_weights")), output
+
+
+def floor_bytes(inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes the forward must move at least once: the three floating inputs read, the output written."""
+    floating, output = _elements(inputs)
+    return (floating + output) * inputs["value"].element_size()
+
+
+def backward_floor_bytes(inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes the backward must move at least once: grad_output and the three floating inputs read, their three
+    gradients written (each of its input's size and dtype)."""
+    floating, output = _elements(inputs)
+    return (output + 2 * floating) * inputs["value"].element_size()
 
 
 def copy_bandwidth(device: torch.device, size_bytes: int = 256 * 2**20) -> float:
@@ -95,6 +108,8 @@ def time_backend(backend: str, inputs: dict[str, torch.Tensor], repeats: int, wa
 
     def forward_backward() -> None:
         nonlocal grad
+        for leaf in leaves.values():
+            leaf.grad = None  # as a training step's zero_grad: no accumulation into earlier gradients timed
         output = ms_deform_attn(*args, backend=backend)
         if grad is None:
             grad = torch.randn_like(output)

@@ -3,7 +3,10 @@
 //
 // Layouts (all contiguous): value (N, S, M, D); spatial_shapes (L, 2) int64 (H, W); level_start_index (L,) int64;
 // sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (N, Lq, M, L, P);
-// output (N, Lq, M * D). Half and bfloat16 accumulate in float32.
+// output (N, Lq, M * D). Half and bfloat16 are stored as such and accumulate in float32.
+//
+// Both kernels first locate all samples of a query at once (ms_deform_attn_cpu_sampling.h), then run over the
+// channels of each sample's four corner rows. D = 32 (the model's) is compiled with its size known.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,20 +15,103 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bilinear.h"
 #include "checks.h"
+#include "ms_deform_attn_cpu_avx512.h"
+#include "ms_deform_attn_cpu_sampling.h"
+
+#ifndef DETR_MSDA_HAVE_AVX512
+#define DETR_MSDA_HAVE_AVX512 0
+#endif
 
 namespace deformable_detr {
 namespace {
 
-// Points the four corners of a sample at their value rows; a corner outside the map reads `zeros`.
-template <typename scalar_t, typename acc_t>
-inline void corner_rows(const BilinearCorners<acc_t>& corners, const scalar_t* level_value, int64_t row_stride,
-                        const scalar_t* zeros, const scalar_t* rows[4]) {
-  for (int c = 0; c < 4; ++c) {
-    rows[c] = corners.position[c] >= 0 ? level_value + corners.position[c] * row_stride : zeros;
+// The inner loops a call runs: the portable ones (plain C++ the compiler vectorises), the AVX-512 ones, or the
+// AVX-512 ones with the native bfloat16 instructions; each only where this build has it (ops/build.py compiles for
+// what torch reports of the CPU). DETR_MSDA_CPU_KERNEL=portable or =avx512 asks for less than the build's best
+// (tests and comparisons), read at every call.
+enum class Path { kPortable, kAvx512, kAvx512Bfloat16 };
+
+Path chosen_path() {
+#if DETR_MSDA_HAVE_AVX512
+  const Path best = avx512::kHasNativeBfloat16 ? Path::kAvx512Bfloat16 : Path::kAvx512;
+#else
+  const Path best = Path::kPortable;
+#endif
+  const char* requested = std::getenv("DETR_MSDA_CPU_KERNEL");
+  const std::string name = requested == nullptr ? "" : requested;
+  if (name.empty() || name == "auto") return best;
+  if (name == "portable") return Path::kPortable;
+  if (name == "avx512") return std::min(best, Path::kAvx512);
+  TORCH_CHECK_VALUE(false, "DETR_MSDA_CPU_KERNEL must be auto, avx512 or portable, got '", name, "'");
+}
+
+// Whether the AVX-512 loops cover scalar_t rows of kChannels channels (0: D known at run time only).
+template <typename scalar_t, int kChannels>
+constexpr bool kAvx512Covers = DETR_MSDA_HAVE_AVX512 && kChannels > 0 &&
+                               ((std::is_same_v<scalar_t, float> && kChannels % 16 == 0) ||
+                                (std::is_same_v<scalar_t, c10::BFloat16> && kChannels % 32 == 0));
+
+// D of the kernel: the compile-time kChannels, or the run-time channels when kChannels is 0.
+template <int kChannels>
+inline int64_t channel_count(const Sizes& s) {
+  return kChannels > 0 ? kChannels : s.channels;
+}
+
+template <typename scalar_t, int kChannels>
+void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<scalar_t>>& levels,
+                     const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
+                     const Sizes& s, Path path, int64_t begin, int64_t end) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t channels = channel_count<kChannels>(s);
+  const int64_t row_stride = s.heads * channels;
+  const int64_t head_samples = s.levels * s.points;
+  const int64_t query_samples = s.heads * head_samples;
+  SampleGeometry<acc_t> geometry(query_samples);
+  CornerRows<const scalar_t> corners(query_samples);
+  const acc_t* weights[4] = {geometry.scaled[0].data(), geometry.scaled[1].data(), geometry.scaled[2].data(),
+                             geometry.scaled[3].data()};
+  const std::vector<scalar_t> zeros(channels, scalar_t(0));
+  std::vector<acc_t> accumulator(channels);
+  for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
+    const int64_t first_sample = batch_query * query_samples;
+    locate_samples<false>(sampling_locations + 2 * first_sample, attention_weights + first_sample, 0, query_samples,
+                          levels, geometry);
+    const scalar_t* value_batch = value + (batch_query / s.queries) * s.positions * row_stride;
+    corner_rows<true>(geometry, levels, 0, query_samples, value_batch, row_stride, 0, zeros.data(), corners.rows);
+    for (int64_t head = 0; head < s.heads; ++head) {
+      const int64_t first = head * head_samples, last = first + head_samples;
+      scalar_t* __restrict__ out = output + (batch_query * s.heads + head) * channels;
+#if DETR_MSDA_HAVE_AVX512
+      if constexpr (kAvx512Covers<scalar_t, kChannels>) {
+        if (path != Path::kPortable) {
+          avx512::forward_head<kChannels>(corners.rows, weights, first, last, out, path == Path::kAvx512Bfloat16);
+          continue;
+        }
+      }
+#endif
+      acc_t* __restrict__ sum = accumulator.data();
+      std::fill(sum, sum + channels, acc_t(0));
+      for (int64_t i = first; i < last; ++i) {
+        const scalar_t *r0 = corners.rows[0][i], *r1 = corners.rows[1][i], *r2 = corners.rows[2][i],
+                       *r3 = corners.rows[3][i];
+        const acc_t w0 = weights[0][i], w1 = weights[1][i], w2 = weights[2][i], w3 = weights[3][i];
+#pragma omp simd
+        for (int64_t d = 0; d < channels; ++d) {
+          sum[d] += (w0 * static_cast<acc_t>(r0[d]) + w1 * static_cast<acc_t>(r1[d])) +
+                    (w2 * static_cast<acc_t>(r2[d]) + w3 * static_cast<acc_t>(r3[d]));
+        }
+      }
+#pragma omp simd
+      for (int64_t d = 0; d < channels; ++d) out[d] = static_cast<scalar_t>(sum[d]);
+    }
   }
 }
 
@@ -33,139 +119,279 @@ template <typename scalar_t>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
                     const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
                     const Sizes& s) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row_stride = s.heads * s.channels;  // distance between two positions of one head in value
+  const SampleLevels<at::opmath_type<scalar_t>> levels(spatial_shapes, level_start_index, s);
+  const Path path = chosen_path();
   const int64_t grain = std::max<int64_t>(1, 2048 / (s.heads * s.levels * s.points));
   at::parallel_for(0, s.batch * s.queries, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> accumulator(s.channels);
-    const std::vector<scalar_t> zeros(s.channels, scalar_t(0));
-    for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
-      const int64_t batch = batch_query / s.queries;
-      for (int64_t head = 0; head < s.heads; ++head) {
-        std::fill(accumulator.begin(), accumulator.end(), acc_t(0));
-        const int64_t sample_base = (batch_query * s.heads + head) * s.levels * s.points;
-        for (int64_t level = 0; level < s.levels; ++level) {
-          if (!level_in_bounds(spatial_shapes, level_start_index, level, s.positions)) continue;
-          const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
-          const scalar_t* level_value =
-              value + ((batch * s.positions + level_start_index[level]) * s.heads + head) * s.channels;
-          for (int64_t point = 0; point < s.points; ++point) {
-            const int64_t sample = sample_base + level * s.points + point;
-            BilinearCorners<acc_t> corners;
-            if (!bilinear_corners<acc_t>(sampling_locations[2 * sample], sampling_locations[2 * sample + 1],
-                                         height, width, corners)) {
-              continue;
-            }
-            const acc_t attention = attention_weights[sample];
-            const scalar_t* rows[4];
-            corner_rows(corners, level_value, row_stride, zeros.data(), rows);
-            const acc_t w0 = attention * corners.weight[0], w1 = attention * corners.weight[1];
-            const acc_t w2 = attention * corners.weight[2], w3 = attention * corners.weight[3];
-            acc_t* __restrict__ sum = accumulator.data();
-#pragma omp simd
-            for (int64_t d = 0; d < s.channels; ++d) {
-              sum[d] += w0 * static_cast<acc_t>(rows[0][d]) + w1 * static_cast<acc_t>(rows[1][d]) +
-                                w2 * static_cast<acc_t>(rows[2][d]) + w3 * static_cast<acc_t>(rows[3][d]);
-            }
-          }
-        }
-        scalar_t* out = output + (batch_query * s.heads + head) * s.channels;
-        for (int64_t d = 0; d < s.channels; ++d) out[d] = static_cast<scalar_t>(accumulator[d]);
-      }
+    if (s.channels == 32) {
+      forward_queries<scalar_t, 32>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
+                                    end);
+    } else {
+      forward_queries<scalar_t, 0>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
+                                   end);
     }
   });
 }
 
-// Work is split by (batch, head), and also by level when that gives too few tasks for the threads: the value
-// rows a task scatters into belong to it alone, so the scatter needs no atomics, and the location and weight
-// gradients of each sample are written once. The split and the order of the additions into a row do not depend
-// on the thread count, so the results are bitwise deterministic. One pass over the channels does the gathers, the
-// reductions and the scatter; kGradValue / kGradSampling drop the scatter / the gathers and reductions that
-// nobody asked for. A sample wholly outside its map is skipped: its gradients stay exactly 0.
-template <typename scalar_t, bool kGradValue, bool kGradSampling>
-void backward_kernel(const scalar_t* grad_output, const scalar_t* value, const int64_t* spatial_shapes,
-                     const int64_t* level_start_index, const scalar_t* sampling_locations,
-                     const scalar_t* attention_weights, at::opmath_type<scalar_t>* grad_value,
-                     scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights, const Sizes& s) {
+// The tensors of the backward (grad_value, grad_sampling_locations, grad_attention_weights null if not asked for).
+template <typename scalar_t>
+struct BackwardPointers {
+  const scalar_t* grad_output;
+  const scalar_t* value;
+  const scalar_t* sampling_locations;
+  const scalar_t* attention_weights;
+  scalar_t* grad_value;
+  scalar_t* grad_sampling_locations;
+  scalar_t* grad_attention_weights;
+};
+
+// Asks for the `bytes` at `data` to be brought into the cache (kWrite: to be written).
+template <bool kWrite = false>
+inline void prefetch(const void* data, int64_t bytes) {
+  const char* first = static_cast<const char*>(data);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset, kWrite ? 1 : 0, 3);
+}
+
+template <typename acc_t>
+void zero_rows(acc_t* rows, int64_t count, int64_t stride, int64_t channels) {
+  for (int64_t row = 0; row < count; ++row) std::fill(rows + row * stride, rows + row * stride + channels, acc_t(0));
+}
+
+// Stores `count` float32 rows of `channels` (stride `channels`) rounded into scalar_t rows of stride `out_stride`.
+template <typename scalar_t, int kChannels>
+void store_rows(const float* rows, int64_t count, int64_t channels, scalar_t* out, int64_t out_stride, Path path) {
+  for (int64_t row = 0; row < count; ++row) {
+    const float* __restrict__ source = rows + row * channels;
+    scalar_t* __restrict__ target = out + row * out_stride;
+#if DETR_MSDA_HAVE_AVX512
+    if constexpr (kAvx512Covers<scalar_t, kChannels> && std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (path != Path::kPortable) {
+        for (int64_t d = 0; d < kChannels; d += 16) {
+          const __m512 values = _mm512_loadu_ps(source + d);
+          if (path == Path::kAvx512Bfloat16) {
+            avx512::store_bfloat16<true>(target + d, values);
+          } else {
+            avx512::store_bfloat16<false>(target + d, values);
+          }
+        }
+        continue;
+      }
+    }
+#endif
+#pragma omp simd
+    for (int64_t d = 0; d < channels; ++d) target[d] = static_cast<scalar_t>(source[d]);
+  }
+}
+
+// One backward task: the gradients of head `head` of batch item `batch`, levels [first_level, last_level). The
+// task owns the grad_value rows of those levels and head: it accumulates into them without atomics, in an order
+// that does not depend on the thread count (the results are bitwise deterministic), in grad_value itself for
+// float32 and float64, in a float32 buffer of the task's rows for half precision (stored rounded at the end).
+// kGradValue / kGradSampling drop the scatter / the dot products that nobody asked for.
+template <typename scalar_t, int kChannels, bool kGradValue, bool kGradSampling>
+void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_shapes,
+                   const int64_t* level_start_index, const SampleLevels<at::opmath_type<scalar_t>>& levels,
+                   const Sizes& s, Path path, int64_t batch, int64_t head, int64_t first_level, int64_t last_level,
+                   std::vector<at::opmath_type<scalar_t>>& buffer) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t row_stride = s.heads * s.channels;
+  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;  // accumulate in grad_value itself
+  const int64_t channels = channel_count<kChannels>(s);
+  const int64_t row_stride = s.heads * channels;
+  const int64_t first_sample = (head * s.levels + first_level) * s.points;  // of a query's M * L * P samples
+  const int64_t count = (last_level - first_level) * s.points;
+  const int64_t query_samples = s.heads * s.levels * s.points;
+  // the positions of the task's levels (valid levels only: the others are never touched)
+  int64_t first_position = s.positions, last_position = 0;
+  for (int64_t level = first_level; level < last_level; ++level) {
+    if (!level_in_bounds(spatial_shapes, level_start_index, level, s.positions)) continue;
+    first_position = std::min(first_position, level_start_index[level]);
+    last_position = std::max(last_position,
+                             level_start_index[level] + spatial_shapes[2 * level] * spatial_shapes[2 * level + 1]);
+  }
+  if (first_position >= last_position) return;  // no valid level: grad_value stays zero, samples are skipped
+  const int64_t head_base = batch * s.positions * row_stride + head * channels;
+  acc_t* accumulate = nullptr;
+  int64_t accumulate_stride = 0;
+  if constexpr (kGradValue) {
+    if constexpr (kInPlace) {
+      accumulate = p.grad_value + head_base + first_position * row_stride;
+      accumulate_stride = row_stride;
+    } else {
+      buffer.resize((last_position - first_position) * channels);
+      accumulate = buffer.data();
+      accumulate_stride = channels;
+    }
+    zero_rows(accumulate, last_position - first_position, accumulate_stride, channels);
+  }
+  const bool vectorised = kAvx512Covers<scalar_t, kChannels> && path != Path::kPortable;
+  SampleGeometry<acc_t> geometry(count);
+  CornerRows<const scalar_t> value_rows(count);
+  CornerRows<acc_t> grad_rows(count);
+  const acc_t* scaled[4] = {geometry.scaled[0].data(), geometry.scaled[1].data(), geometry.scaled[2].data(),
+                            geometry.scaled[3].data()};
+  const std::vector<scalar_t> zeros(channels, scalar_t(0));
+  std::vector<acc_t> discard(channels);  // gradient sink of corners outside the map
+  std::vector<acc_t> grad_out(channels), dot_columns[4];
+  acc_t* dots[4];
+  for (int c = 0; c < 4; ++c) dot_columns[c].resize((count + 3) / 4 * 4), dots[c] = dot_columns[c].data();
+  const scalar_t* attention = nullptr;
+  for (int64_t query = 0; query < s.queries; ++query) {
+    const int64_t batch_query = batch * s.queries + query;
+    const int64_t sample_offset = batch_query * query_samples + first_sample;
+    // A task reads one head's slice of every query, 1 KB apart in the model's layout: too far apart for the
+    // hardware prefetchers, so ask for the slices of a query kAhead queries on.
+    constexpr int64_t kAhead = 8;
+    if (query + kAhead < s.queries) {
+      const int64_t ahead = sample_offset + kAhead * query_samples;
+      prefetch(p.grad_output + ((batch_query + kAhead) * s.heads + head) * channels, channels * sizeof(scalar_t));
+      prefetch(p.sampling_locations + 2 * ahead, 2 * count * sizeof(scalar_t));
+      prefetch(p.attention_weights + ahead, count * sizeof(scalar_t));
+      if constexpr (kGradSampling) {
+        prefetch<true>(p.grad_sampling_locations + 2 * ahead, 2 * count * sizeof(scalar_t));
+        prefetch<true>(p.grad_attention_weights + ahead, count * sizeof(scalar_t));
+      }
+    }
+    attention = p.attention_weights + sample_offset;
+    locate_samples<true>(p.sampling_locations + 2 * sample_offset, attention, first_sample, count, levels,
+                         geometry);
+    if constexpr (kGradSampling) {
+      corner_rows<false>(geometry, levels, first_sample, count, p.value + head_base, row_stride, 0, zeros.data(),
+                         value_rows.rows);
+    }
+    if constexpr (kGradValue) {
+      corner_rows<false>(geometry, levels, first_sample, count, accumulate, accumulate_stride, first_position,
+                         discard.data(), grad_rows.rows);
+    }
+    const scalar_t* grad_out_row = p.grad_output + (batch_query * s.heads + head) * channels;
+#if DETR_MSDA_HAVE_AVX512
+    if constexpr (kAvx512Covers<scalar_t, kChannels>) {
+      if (vectorised) {
+        const avx512::GradRow<scalar_t, kChannels> grad(grad_out_row);
+        if (path == Path::kAvx512Bfloat16) {
+          avx512::backward_head<true, kGradValue, kGradSampling>(grad, value_rows.rows, grad_rows.rows, scaled,
+                                                                 count, dots);
+        } else {
+          avx512::backward_head<false, kGradValue, kGradSampling>(grad, value_rows.rows, grad_rows.rows, scaled,
+                                                                  count, dots);
+        }
+      }
+    }
+#endif
+    if (!vectorised) {
+      acc_t* __restrict__ g = grad_out.data();
+#pragma omp simd
+      for (int64_t d = 0; d < channels; ++d) g[d] = static_cast<acc_t>(grad_out_row[d]);
+      for (int64_t i = 0; i < count; ++i) {
+        for (int c = 0; c < 4; ++c) {
+          if constexpr (kGradValue) {
+            // corners outside the map all write `discard`: one corner at a time
+            acc_t* __restrict__ target = grad_rows.rows[c][i];
+            const acc_t scale = scaled[c][i];
+#pragma omp simd
+            for (int64_t d = 0; d < channels; ++d) target[d] += scale * g[d];
+          }
+          if constexpr (kGradSampling) {
+            const scalar_t* __restrict__ row = value_rows.rows[c][i];
+            acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < channels; ++d) dot += g[d] * static_cast<acc_t>(row[d]);
+            dots[c][i] = dot;
+          }
+        }
+      }
+    }
+    if constexpr (kGradSampling) {
+      // d out / d attention = sum_c w_c <g, v_c>; d out / d w (pixel column) = attention * ((1 - dh) (<g, v1> -
+      // <g, v0>) + dh (<g, v3> - <g, v2>)), and d w / d x = W; likewise for h and y. Corners outside the map have
+      // v_c = 0, so <g, v_c> = 0; a sample that touches nothing gets exactly 0.
+      const acc_t* __restrict__ dot0 = dots[0];
+      const acc_t* __restrict__ dot1 = dots[1];
+      const acc_t* __restrict__ dot2 = dots[2];
+      const acc_t* __restrict__ dot3 = dots[3];
+      const acc_t* __restrict__ weight0 = geometry.weight[0].data();
+      const acc_t* __restrict__ weight1 = geometry.weight[1].data();
+      const acc_t* __restrict__ weight2 = geometry.weight[2].data();
+      const acc_t* __restrict__ weight3 = geometry.weight[3].data();
+      const acc_t* __restrict__ frac_h = geometry.frac_h.data();
+      const acc_t* __restrict__ frac_w = geometry.frac_w.data();
+      const int32_t* __restrict__ corners = geometry.corners.data();
+      const acc_t* __restrict__ width = levels.width.data() + first_sample;
+      const acc_t* __restrict__ height = levels.height.data() + first_sample;
+      const scalar_t* __restrict__ sample_attention = attention;
+      scalar_t* __restrict__ grad_attention = p.grad_attention_weights + sample_offset;
+      scalar_t* __restrict__ grad_location = p.grad_sampling_locations + 2 * sample_offset;
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) {
+        const acc_t a = static_cast<acc_t>(sample_attention[i]), dh = frac_h[i], dw = frac_w[i];
+        const acc_t by_attention = weight0[i] * dot0[i] + weight1[i] * dot1[i] + weight2[i] * dot2[i] +
+                                   weight3[i] * dot3[i];
+        const acc_t by_w = (acc_t(1) - dh) * (dot1[i] - dot0[i]) + dh * (dot3[i] - dot2[i]);
+        const acc_t by_h = (acc_t(1) - dw) * (dot2[i] - dot0[i]) + dw * (dot3[i] - dot1[i]);
+        const acc_t by_x = a * by_w * width[i], by_y = a * by_h * height[i];
+        const bool touches = corners[i] != 0;
+        grad_attention[i] = static_cast<scalar_t>(touches ? by_attention : acc_t(0));
+        grad_location[2 * i] = static_cast<scalar_t>(touches ? by_x : acc_t(0));
+        grad_location[2 * i + 1] = static_cast<scalar_t>(touches ? by_y : acc_t(0));
+      }
+    }
+  }
+  if constexpr (kGradValue && !kInPlace) {
+    store_rows<scalar_t, kChannels>(accumulate, last_position - first_position, channels,
+                                    p.grad_value + head_base + first_position * row_stride, row_stride, path);
+  }
+}
+
+// Work is split by (batch, head), and also by level when that gives too few tasks for the threads.
+template <typename scalar_t, bool kGradValue, bool kGradSampling>
+void backward_kernel(const BackwardPointers<scalar_t>& p, const int64_t* spatial_shapes,
+                     const int64_t* level_start_index, const Sizes& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const SampleLevels<acc_t> levels(spatial_shapes, level_start_index, s);
+  const Path path = chosen_path();
   const int64_t level_groups = s.batch * s.heads >= 2 * at::get_num_threads() ? 1 : s.levels;
   const int64_t levels_per_group = (s.levels + level_groups - 1) / level_groups;
   at::parallel_for(0, s.batch * s.heads * level_groups, 1, [&](int64_t begin, int64_t end) {
-    const std::vector<scalar_t> zeros(s.channels, scalar_t(0));
-    std::vector<acc_t> discard(s.channels);  // gradient sink of corners outside the map
+    std::vector<acc_t> buffer;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first_level = (task % level_groups) * levels_per_group;
       const int64_t last_level = std::min(s.levels, first_level + levels_per_group);
       const int64_t head = (task / level_groups) % s.heads;
       const int64_t batch = task / (level_groups * s.heads);
-      for (int64_t query = 0; query < s.queries; ++query) {
-        const int64_t batch_query_head = (batch * s.queries + query) * s.heads + head;
-        const scalar_t* grad_out = grad_output + batch_query_head * s.channels;
-        for (int64_t level = first_level; level < last_level; ++level) {
-          if (!level_in_bounds(spatial_shapes, level_start_index, level, s.positions)) continue;
-          const int64_t height = spatial_shapes[2 * level], width = spatial_shapes[2 * level + 1];
-          const int64_t level_offset =
-              ((batch * s.positions + level_start_index[level]) * s.heads + head) * s.channels;
-          const scalar_t* level_value = value + level_offset;
-          acc_t* level_grad = kGradValue ? grad_value + level_offset : nullptr;
-          for (int64_t point = 0; point < s.points; ++point) {
-            const int64_t sample = (batch_query_head * s.levels + level) * s.points + point;
-            BilinearCorners<acc_t> corners;
-            if (!bilinear_corners<acc_t>(sampling_locations[2 * sample], sampling_locations[2 * sample + 1],
-                                         height, width, corners)) {
-              continue;
-            }
-            const acc_t attention = attention_weights[sample];
-            const acc_t w0 = corners.weight[0], w1 = corners.weight[1], w2 = corners.weight[2],
-                        w3 = corners.weight[3];
-            if constexpr (kGradValue) {
-              acc_t* grad_rows[4];
-              for (int c = 0; c < 4; ++c) {
-                grad_rows[c] =
-                    corners.position[c] >= 0 ? level_grad + corners.position[c] * row_stride : discard.data();
-              }
-              acc_t *g0 = grad_rows[0], *g1 = grad_rows[1], *g2 = grad_rows[2], *g3 = grad_rows[3];
-              const acc_t s0 = attention * w0, s1 = attention * w1, s2 = attention * w2, s3 = attention * w3;
-#pragma omp simd
-              for (int64_t d = 0; d < s.channels; ++d) {
-                const acc_t g = static_cast<acc_t>(grad_out[d]);
-                g0[d] += s0 * g;  // distinct rows, except corners outside the map that all write `discard`
-                g1[d] += s1 * g;
-                g2[d] += s2 * g;
-                g3[d] += s3 * g;
-              }
-            }
-            if constexpr (kGradSampling) {
-              const scalar_t* rows[4];
-              corner_rows(corners, level_value, row_stride, zeros.data(), rows);
-              const scalar_t *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3];
-              const acc_t dh = corners.frac_h, dw = corners.frac_w;
-              acc_t grad_attention = 0, grad_h = 0, grad_w = 0;
-#pragma omp simd reduction(+ : grad_attention, grad_h, grad_w)
-              for (int64_t d = 0; d < s.channels; ++d) {
-                const acc_t g = static_cast<acc_t>(grad_out[d]);
-                const acc_t v0 = r0[d], v1 = r1[d], v2 = r2[d], v3 = r3[d];
-                grad_attention += g * (w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3);
-                grad_w += g * ((acc_t(1) - dh) * (v1 - v0) + dh * (v3 - v2));
-                grad_h += g * ((acc_t(1) - dw) * (v2 - v0) + dw * (v3 - v1));
-              }
-              grad_attention_weights[sample] = static_cast<scalar_t>(grad_attention);
-              // d(w)/d(x) = W and d(h)/d(y) = H for w = x * W - 0.5, h = y * H - 0.5
-              grad_sampling_locations[2 * sample] = static_cast<scalar_t>(attention * grad_w * width);
-              grad_sampling_locations[2 * sample + 1] = static_cast<scalar_t>(attention * grad_h * height);
-            }
-          }
-        }
+      if (first_level >= last_level) continue;
+      if (s.channels == 32) {
+        backward_task<scalar_t, 32, kGradValue, kGradSampling>(p, spatial_shapes, level_start_index, levels, s,
+                                                                path, batch, head, first_level, last_level, buffer);
+      } else {
+        backward_task<scalar_t, 0, kGradValue, kGradSampling>(p, spatial_shapes, level_start_index, levels, s,
+                                                               path, batch, head, first_level, last_level, buffer);
       }
     }
   });
+}
+
+// True when the levels tile value's S positions in order, as ops.validation requires: then the backward tasks
+// write every row of grad_value, which need not be zeroed first.
+bool levels_tile_positions(const int64_t* spatial_shapes, const int64_t* level_start_index, const Sizes& s) {
+  int64_t next = 0;
+  for (int64_t level = 0; level < s.levels; ++level) {
+    if (level_start_index[level] != next || spatial_shapes[2 * level] <= 0 || spatial_shapes[2 * level + 1] <= 0) {
+      return false;
+    }
+    next += spatial_shapes[2 * level] * spatial_shapes[2 * level + 1];
+  }
+  return next == s.positions;
+}
+
+void check_index_range(const Sizes& s) {
+  TORCH_CHECK_VALUE(s.positions < std::numeric_limits<int32_t>::max(),
+                    "the CPU kernel of ms_deform_attn takes at most 2^31 - 1 positions, value has ", s.positions);
 }
 
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_index_range(s);
   at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
@@ -182,36 +408,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
     std::array<bool, 3> output_mask) {
   const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  check_index_range(s);
   const at::Tensor grad = grad_output.contiguous();
   TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({s.batch, s.queries, s.heads * s.channels}),
                     "grad_output must be (N, Lq, M * D), got ", grad.sizes());
   TORCH_CHECK_TYPE(grad.scalar_type() == value.scalar_type(), "grad_output must have value's dtype");
   const bool want_value = output_mask[0];
   const bool want_sampling = output_mask[1] || output_mask[2];
-  const auto accumulate_type = at::toOpMathType(value.scalar_type());
   const at::Tensor nothing = at::empty({0}, value.options());
-  at::Tensor grad_value = want_value ? at::zeros(value.sizes(), value.options().dtype(accumulate_type)) : at::Tensor();
-  at::Tensor grad_sampling_locations = want_sampling ? at::zeros_like(sampling_locations) : at::Tensor();
-  at::Tensor grad_attention_weights = want_sampling ? at::zeros_like(attention_weights) : at::Tensor();
+  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
+  const int64_t* starts = level_start_index.data_ptr<int64_t>();
+  // Rows no level covers (only with a layout ops.validation rejects) are never written: zero them up front.
+  at::Tensor grad_value = !want_value ? at::Tensor()
+                          : levels_tile_positions(shapes, starts, s) ? at::empty_like(value)
+                                                                     : at::zeros_like(value);
+  at::Tensor grad_sampling_locations = want_sampling ? at::empty_like(sampling_locations) : at::Tensor();
+  at::Tensor grad_attention_weights = want_sampling ? at::empty_like(attention_weights) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto kernel) {
-      kernel(grad.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-             level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
-             attention_weights.data_ptr<scalar_t>(), want_value ? grad_value.data_ptr<acc_t>() : nullptr,
-             want_sampling ? grad_sampling_locations.data_ptr<scalar_t>() : nullptr,
-             want_sampling ? grad_attention_weights.data_ptr<scalar_t>() : nullptr, s);
-    };
+    const BackwardPointers<scalar_t> pointers{
+        grad.data_ptr<scalar_t>(),
+        value.data_ptr<scalar_t>(),
+        sampling_locations.data_ptr<scalar_t>(),
+        attention_weights.data_ptr<scalar_t>(),
+        want_value ? grad_value.data_ptr<scalar_t>() : nullptr,
+        want_sampling ? grad_sampling_locations.data_ptr<scalar_t>() : nullptr,
+        want_sampling ? grad_attention_weights.data_ptr<scalar_t>() : nullptr};
     if (want_value && want_sampling) {
-      run(backward_kernel<scalar_t, true, true>);
+      backward_kernel<scalar_t, true, true>(pointers, shapes, starts, s);
     } else if (want_value) {
-      run(backward_kernel<scalar_t, true, false>);
+      backward_kernel<scalar_t, true, false>(pointers, shapes, starts, s);
     } else if (want_sampling) {
-      run(backward_kernel<scalar_t, false, true>);
+      backward_kernel<scalar_t, false, true>(pointers, shapes, starts, s);
     }
   });
-  return {want_value ? grad_value.to(value.scalar_type()) : nothing,
-          output_mask[1] ? grad_sampling_locations : nothing, output_mask[2] ? grad_attention_weights : nothing};
+  return {want_value ? grad_value : nothing, output_mask[1] ? grad_sampling_locations : nothing,
+          output_mask[2] ? grad_attention_weights : nothing};
 }
 
 }  // namespace
