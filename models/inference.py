@@ -24,6 +24,8 @@ The images stay float32 (as the data pipeline makes them): the backbone casts th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torchvision
 from torch import nn
@@ -154,6 +156,45 @@ class FusedResidualBlock(nn.Module):
         return fused.conv2d(x, last, relu=True, residual=identity)
 
 
+class FusedEncoderLayer(nn.Module):
+    """A :class:`models.deformable_encoder.DeformableEncoderLayer` for inference, the same computation: its children
+    (``self_attn``, ``norm1``, ``linear1``, ``linear2``, ``norm2``: the same state-dict keys) run with both residual
+    sums inside the matrix products of ``output_proj`` and ``linear2`` (:func:`ops.fused.linear`), the feed-forward
+    over blocks of ``FEED_FORWARD_ROWS`` tokens (its (rows, 1024) activation stays in cache instead of an (S, 1024)
+    tensor allocated, and paged in, anew in every layer)."""
+
+    FEED_FORWARD_ROWS = 2048
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.self_attn, self.norm1, self.norm2 = layer.self_attn, layer.norm1, layer.norm2
+        self.linear1, self.linear2 = layer.linear1, layer.linear2
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        pos: torch.Tensor,
+        reference_points: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+        padding_mask: torch.Tensor | None,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """src, pos (N, S, C); reference_points (N, S, L, 2) -> (N, S, C), as the layer it replaces."""
+        attention = self.self_attn
+        sampled = attention.sample(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask, level_shapes
+        )
+        src = self.norm1(fused.linear(sampled, attention.output_proj.weight, attention.output_proj.bias, residual=src))
+        blocks = src.flatten(0, 1).split(self.FEED_FORWARD_ROWS)
+        return torch.cat([self.feed_forward(block) for block in blocks]).view(src.shape)
+
+    def feed_forward(self, src: torch.Tensor) -> torch.Tensor:
+        """(rows, C) -> norm2(src + linear2(relu(linear1(src)))) (rows, C)"""
+        hidden = fused.linear(src, self.linear1.weight, self.linear1.bias, relu=True)
+        return self.norm2(fused.linear(hidden, self.linear2.weight, self.linear2.bias, residual=src))
+
+
 def _folded_resnet_block(module: nn.Module) -> bool:
     norms = [getattr(module, f"bn{index}", None) for index in (1, 2, 3)]
     return (
@@ -166,7 +207,8 @@ def _folded_resnet_block(module: nn.Module) -> bool:
 def fuse_layers(model: nn.Module) -> int:
     """Put the ReLUs and residual sums of a detector's folded ResNet blocks and stem inside their convolutions, and
     the transformer's linear layers (bias, the feed-forward's ReLU) on :mod:`ops.fused`, in place; returns how many
-    modules were replaced. Modules in :data:`FLOAT32_MODULES` and ``nn.MultiheadAttention``'s are left alone."""
+    modules were replaced, and the encoder's layers by :class:`FusedEncoderLayer`. Modules in
+    :data:`FLOAT32_MODULES` and ``nn.MultiheadAttention``'s are left alone."""
     replaced = 0
     body = model.backbone[0].body
     if isinstance(getattr(body, "conv1", None), nn.Conv2d) and isinstance(getattr(body, "bn1", None), nn.Identity):
@@ -188,7 +230,10 @@ def fuse_layers(model: nn.Module) -> int:
             if relu:
                 module.activation = nn.Identity()
             replaced += 1
-    return replaced
+    layers = model.transformer.encoder.layers
+    for index, layer in enumerate(layers):
+        layers[index] = FusedEncoderLayer(layer)
+    return replaced + len(layers)
 
 
 def _to_float32(module: nn.Module, args: tuple) -> tuple:

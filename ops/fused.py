@@ -22,16 +22,22 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
+def inference_only(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on ``tensors`` (None is skipped) records no gradient and is not being traced or exported: it
+    may then write in place or call ops that have no derivative."""
+    gradient = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
+    return not gradient and not _tracing()
+
+
 def onednn_runs(*tensors: torch.Tensor | None) -> bool:
     """Whether the fused oneDNN ops can take ``tensors`` (the input, the weight, ...; None is skipped): all on the
-    CPU in one dtype, float32 or bfloat16, none needing a gradient, oneDNN built in, nothing being traced."""
+    CPU in one dtype, float32 or bfloat16, oneDNN built in, and :func:`inference_only`."""
     present = [tensor for tensor in tensors if tensor is not None]
     return (
         all(tensor.device.type == "cpu" and tensor.dtype == present[0].dtype for tensor in present)
         and present[0].dtype in ONEDNN_DTYPES
         and torch.backends.mkldnn.is_available()
-        and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in present))
-        and not _tracing()
+        and inference_only(*present)
     )
 
 
