@@ -129,8 +129,11 @@ class MSDeformAttn(RecordsSampling, nn.Module):
                 raise ValueError(
                     f"input_padding_mask must be (N, S) = ({batch}, {positions}), got {tuple(input_padding_mask.shape)}"
                 )
-            if value.device.type != "cpu" or input_padding_mask.any():  # on the CPU, skip the pass when unpadded
-                value = value.masked_fill_(input_padding_mask[..., None], 0.0)  # in place: the projection's output
+            # in place: the projection's own output; skipped when nothing is padded where that costs no sync or
+            # data-dependent branch (the CPU, not tracing)
+            cpu_inference = value.device.type == "cpu" and fused.inference_only(value)
+            if not cpu_inference or input_padding_mask.any():
+                value = value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(batch, positions, heads, self.d_model // heads)
         offsets, logits = self.project_query(query)
         # Locations in float32 at least: a bfloat16 coordinate in [0, 1] resolves only 1/256 of the map. The weights
