@@ -4,8 +4,7 @@ The exported graph takes ``images`` (B, 3, H, W) float32, normalised with ImageN
 ``main.py predict``, any B and any H, W of at least :func:`min_image_side` pixels, all images of a batch unpadded,
 and returns ``logits`` (B, Q, num_classes) before sigmoid and ``boxes`` (B, Q, 4) as cx, cy, w, h in [0, 1] of
 the image: the two inputs of ``models.PostProcess``. Multi-scale deformable attention is exported through its
-gather formulation (the ``pytorch`` backend, :mod:`ops.pytorch_backend`: ONNX Gather and MatMul; a DCN backbone's
-deformable convolutions through GridSample, opset 16 and later).
+``grid_sample`` formulation (the ``pytorch`` backend: ONNX GridSample, opset 16 and later).
 
 Two exporters of ``torch.onnx``:
 
@@ -31,7 +30,7 @@ from util.config import Config
 from util.errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
-OPSET = 18  # GridSample (DCN) needs 16; 18 is the dynamo exporter's lowest
+OPSET = 18  # GridSample needs 16; 18 is the dynamo exporter's lowest
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["logits", "boxes"]
 

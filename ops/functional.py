@@ -173,13 +173,13 @@ def ms_deform_attn(
         attention_weights: (N, Lq, M, L, P).
         backend: "auto" (``DETR_MSDA_BACKEND`` if set, else the fastest found by ``python -m ops.check`` on this
             device, else the compiled kernel for the tensors' device, else pytorch with one warning; see
-            :func:`resolve_backend`), "pytorch" (gathers, :mod:`ops.pytorch_backend`), "cpu" (C++ kernel), "cuda"
-            (CUDA kernel) or
+            :func:`resolve_backend`), "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel) or
             "triton" (Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
             The first use of "cuda" or "triton" on a device checks the kernel against the float64 reference and
             runs "pytorch" instead if it disagrees (:mod:`ops.self_check`; ``DETR_MSDA_SELF_CHECK=0``: no check).
-        level_shapes: ``spatial_shapes`` as L pairs of Python (or symbolic) ints, or None; no backend needs them
-            now (the pytorch backend reads ``spatial_shapes`` as a tensor, which keeps exported sizes dynamic).
+        level_shapes: ``spatial_shapes`` as L pairs of Python (or symbolic) ints, for the pytorch backend; None
+            reads them from ``spatial_shapes``. Pass the feature maps' own sizes when exporting with dynamic image
+            sizes: values read from a tensor become constants (or unbacked symbols) in the exported graph.
 
     Returns:
         (N, Lq, M * D) in the inputs' dtype; differentiable in value, sampling_locations and attention_weights.
@@ -212,7 +212,7 @@ def ms_deform_attn(
             level_shapes,
         )
         return output.to(out_dtype)
-    validate_inputs(
+    checked_shapes = validate_inputs(
         value,
         spatial_shapes,
         level_start_index,
@@ -228,7 +228,10 @@ def ms_deform_attn(
     if not _is_compiling():  # a GPU kernel that never ran on this device is checked first (ops.self_check)
         chosen = self_check.confirmed(chosen, value.device, functools.partial(_run_kernel, chosen))
     if chosen == "pytorch":
-        return ms_deform_attn_pytorch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        level_shapes = level_shapes if level_shapes is not None else checked_shapes
+        if level_shapes is None:  # traced by torch.compile, or a CUDA graph capture of tensors not checked before
+            level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
+        return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     return _run_kernel(chosen, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 

@@ -1,61 +1,55 @@
-"""Multi-scale deformable attention in plain PyTorch: bilinear sampling as four gathers (one per corner of every
-sampled pixel) from the flattened value, each weighted and summed by a batched matrix product.
+"""Multi-scale deformable attention in plain PyTorch, through ``torch.nn.functional.grid_sample``.
 
-Runs on any device and dtype and exports cleanly to ONNX (``Gather`` and ``MatMul``, which onnxruntime and OpenVINO
-run faster than ``GridSample``); the compiled kernels are faster still.
+Runs on any device and dtype that ``grid_sample`` supports and exports cleanly; the compiled kernels are faster.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
-CORNERS = ((0, 0), (1, 0), (0, 1), (1, 1))  # (dx, dy) of the four pixels around a sampling point
+import torch
+import torch.nn.functional as F
 
 
 def ms_deform_attn_pytorch(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    level_shapes: Sequence[tuple[int, int]],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Sample every level's four corners by index and sum them with the bilinear and attention weights.
+    """Sample every level with ``grid_sample`` and sum with the attention weights.
 
     Args:
         value: (N, S, M, D), the levels flattened one after another, row-major.
-        spatial_shapes: (L, 2) int64, rows (H, W), sum(H * W) == S; level_start_index: (L,) int64. Read as tensors,
-            so that an exported graph keeps the image size dynamic.
+        level_shapes: L pairs (H, W) with sum(H * W) == S.
         sampling_locations: (N, Lq, M, L, P, 2) as (x, y) normalised to [0, 1].
         attention_weights: (N, Lq, M, L, P).
 
     Returns:
-        (N, Lq, M * D). A corner outside its map contributes exactly 0 (not weight * 0: NaN for an infinite
-        weight), as do all corners of a NaN location.
+        (N, Lq, M * D).
     """
-    batch, positions, heads, channels = value.shape
+    batch, _, heads, channels = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
-    dtype = torch.promote_types(sampling_locations.dtype, torch.float32)  # pixel indices exact up to 2 ** 24
-    # (N * M * S, D): row (n * M + m) * S + s
-    rows = value.transpose(1, 2).reshape(batch * heads * positions, channels)
-    first_row = torch.arange(batch * heads, device=value.device).view(batch, 1, heads, 1, 1) * positions
-    first_row = first_row + level_start_index.view(1, 1, 1, levels, 1)  # (N, 1, M, L, 1)
-    height = spatial_shapes[:, 0].to(dtype).view(levels, 1)
-    width = spatial_shapes[:, 1].to(dtype).view(levels, 1)
-    # location (x, y) in [0, 1] samples pixel (x * W - 0.5, y * H - 0.5), as grid_sample with align_corners=False
-    x = sampling_locations[..., 0].to(dtype) * width - 0.5  # (N, Lq, M, L, P)
-    y = sampling_locations[..., 1].to(dtype) * height - 0.5
-    left, top = x.floor(), y.floor()
-    # a sample at or beyond pixel -1 or the size touches nothing: no gradient either (False for NaN)
-    touches = (x > -1) & (x < width) & (y > -1) & (y < height)
-    right_share, bottom_share = x - left, y - top
-    output = value.new_zeros(batch, queries, heads, 1, channels)
-    for dx, dy in CORNERS:
-        column, row = left + dx, top + dy
-        inside = touches & (column >= 0) & (column < width) & (row >= 0) & (row < height)
-        share = (right_share if dx else 1 - right_share) * (bottom_share if dy else 1 - bottom_share)
-        weight = torch.where(inside, share * attention_weights.to(dtype), torch.zeros_like(share))
-        offset = torch.where(inside, row * width + column, torch.zeros_like(share)).to(torch.int64)
-        index = (first_row + offset).flatten(-2)  # (N, Lq, M, L * P)
-        corner = rows[index.flatten()].view(batch, queries, heads, levels * points, channels)
-        output = output + weight.flatten(-2).unsqueeze(-2).to(value.dtype) @ corner
-    return output.view(batch, queries, heads * channels)
+    value_per_level = value.split([height * width for height, width in level_shapes], dim=1)
+    # grid_sample with align_corners=False samples pixel (x * W - 0.5, y * H - 0.5) for x in [0, 1]
+    grids = 2 * sampling_locations - 1
+    sampled, touched = [], []
+    for level, (height, width) in enumerate(level_shapes):
+        # (N, H*W, M, D) -> (N*M, D, H, W)
+        level_value = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels, height, width)
+        # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
+        level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(
+            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (N*M, D, Lq, P)
+        # The bilinear weight that falls inside the map: 0 for a sample wholly outside it (and for a NaN location).
+        # Sampled from a map of ones rather than compared with (H, W), so that an export keeps the sizes symbolic.
+        inside = torch.ones_like(level_value[:, :1])
+        touched.append(F.grid_sample(inside, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    # A sample wholly outside its map contributes exactly 0, as the compiled kernels skip it (not weight * 0: NaN
+    # for an infinite weight).
+    weights = torch.where(torch.stack(touched, dim=-2).flatten(-2) > 0, weights, torch.zeros_like(weights))
+    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
+    return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous()
