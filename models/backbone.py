@@ -112,7 +112,7 @@ class Joiner(nn.Sequential):
         levels = self[0](images, padding_mask)
         features = [feature for feature, _ in levels]
         masks = [mask for _, mask in levels]
-        positions = [self.position_encoding(mask).to(feature.dtype) for feature, mask in levels]
+        positions = [self.position_encoding(mask, feature.dtype) for feature, mask in levels]
         return features, masks, positions
 
 

@@ -44,6 +44,7 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = nn.ReLU()
         self.dropout3 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout4 = nn.Dropout(dropout)
@@ -75,7 +76,7 @@ class DeformableDecoderLayer(nn.Module):
             level_shapes=level_shapes,
         )
         tgt = self.norm1(tgt + self.dropout1(attended))
-        return self.norm3(tgt + self.dropout4(feed_forward(tgt, self.linear1, self.linear2, self.dropout3)))
+        return self.norm3(tgt + self.dropout4(feed_forward(self, tgt, self.dropout3)))
 
 
 class DeformableDecoder(nn.Module):

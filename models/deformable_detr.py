@@ -169,7 +169,7 @@ class DeformableDETR(nn.Module):
             mask = resize_mask(padding_mask, src.shape[-2:])
             srcs.append(src)
             masks.append(mask)
-            positions.append(self.backbone.position_encoding(mask).to(src.dtype))
+            positions.append(self.backbone.position_encoding(mask, src.dtype))
         return srcs, masks, positions
 
     def _predictions(self, transformed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

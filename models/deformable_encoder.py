@@ -15,12 +15,13 @@ def with_position(tensor: torch.Tensor, position: torch.Tensor | None) -> torch.
     return tensor if position is None else tensor + position
 
 
-def feed_forward(tensor: torch.Tensor, linear1: nn.Linear, linear2: nn.Linear, dropout: nn.Dropout) -> torch.Tensor:
-    """linear2(dropout(relu(linear1(x)))): the feed-forward of every encoder and decoder layer, before its residual.
+def feed_forward(layer: nn.Module, tensor: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
+    """linear2(dropout(activation(linear1(x)))) of ``layer``: the feed-forward of every encoder and decoder layer,
+    before its residual; the activation a ReLU (``models.inference`` fuses it into ``linear1``).
 
     (The linears sit directly under each layer in the original checkpoints, hence a function, not a module.)
     """
-    return linear2(dropout(linear1(tensor).relu()))
+    return layer.linear2(dropout(layer.activation(layer.linear1(tensor))))
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -44,6 +45,7 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = nn.ReLU()
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout3 = nn.Dropout(dropout)
@@ -70,7 +72,7 @@ class DeformableEncoderLayer(nn.Module):
             level_shapes=level_shapes,
         )
         src = self.norm1(src + self.dropout1(attended))
-        return self.norm2(src + self.dropout3(feed_forward(src, self.linear1, self.linear2, self.dropout2)))
+        return self.norm2(src + self.dropout3(feed_forward(self, src, self.dropout2)))
 
 
 class DeformableEncoder(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -32,14 +33,33 @@ class PositionEmbeddingSine(nn.Module):
         num_pos_feats: channels per axis; the output has 2 * num_pos_feats channels (y first, then x).
         temperature: base of the frequencies.
         scale: the normalised coordinates are multiplied by it (2 * pi by default).
+
+    The encoding depends on the padding mask alone: with ``cache_size`` > 0 (set by
+    ``models.inference.prepare_for_inference`` on the CPU) the last ``cache_size`` encodings are kept, keyed by the
+    mask's content and the dtype, and a mask seen before costs a hash of its bytes instead of the sines.
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi) -> None:
         super().__init__()
         self.num_pos_feats, self.temperature, self.scale = num_pos_feats, temperature, scale
+        self.cache_size = 0
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
-    def forward(self, padding_mask: torch.Tensor) -> torch.Tensor:
-        """padding_mask (B, H, W) bool, True on padding -> (B, 2 * num_pos_feats, H, W) float32."""
+    def forward(self, padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """padding_mask (B, H, W) bool, True on padding -> (B, 2 * num_pos_feats, H, W) in ``dtype``."""
+        if self.cache_size == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self.encode(padding_mask).to(dtype)
+        key = (padding_mask.device, dtype, tuple(padding_mask.shape), padding_mask.cpu().numpy().tobytes())
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        encoding = self._cache[key] = self.encode(padding_mask).to(dtype)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return encoding
+
+    def encode(self, padding_mask: torch.Tensor) -> torch.Tensor:
+        """padding_mask (B, H, W) bool -> (B, 2 * num_pos_feats, H, W) float32, computed."""
         valid = ~padding_mask
         y_embed = valid.cumsum(1, dtype=torch.float32)
         x_embed = valid.cumsum(2, dtype=torch.float32)

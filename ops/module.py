@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ops import fused
 from ops.functional import BACKENDS, ms_deform_attn
 from ops.sampling_record import AttentionSampling, RecordsSampling
 
@@ -40,6 +41,9 @@ class MSDeformAttn(RecordsSampling, nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
+        # sampling_offsets and attention_weights as one matrix (merge_query_projections); not in the state dict
+        self.register_buffer("query_weight", None, persistent=False)
+        self.register_buffer("query_bias", None, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -88,6 +92,29 @@ class MSDeformAttn(RecordsSampling, nn.Module):
             sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1] of each padded level and
             attention_weights (N, Lq, M, L, P), summing to 1 over levels and points.
         """
+        sampled = self.sample(
+            query,
+            reference_points,
+            input_flatten,
+            input_spatial_shapes,
+            input_level_start_index,
+            input_padding_mask,
+            level_shapes,
+        )
+        return self.output_proj(sampled)
+
+    def sample(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: torch.Tensor | None = None,
+        level_shapes: Sequence[tuple[int, int]] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` without the output projection (same arguments): the weighted samples of every head,
+        (N, Lq, M * D) in the value's dtype (float32 at least under autocast)."""
         batch, queries, _ = query.shape
         positions = input_flatten.shape[1]
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
@@ -102,22 +129,19 @@ class MSDeformAttn(RecordsSampling, nn.Module):
                 raise ValueError(
                     f"input_padding_mask must be (N, S) = ({batch}, {positions}), got {tuple(input_padding_mask.shape)}"
                 )
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+            # in place: the projection's own output; skipped when nothing is padded where that costs no sync or
+            # data-dependent branch (the CPU, not tracing)
+            cpu_inference = value.device.type == "cpu" and fused.inference_only(value)
+            if not cpu_inference or input_padding_mask.any():
+                value = value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(batch, positions, heads, self.d_model // heads)
-        # Locations in float32 at least: a bfloat16 coordinate in [0, 1] resolves only 1/256 of the map.
-        offsets = self.sampling_offsets(query).view(batch, queries, heads, levels, points, 2)
-        offsets = offsets.to(torch.promote_types(offsets.dtype, torch.float32))
-        attention_weights = self.attention_weights(query).view(batch, queries, heads, levels * points)
-        attention_weights = attention_weights.softmax(-1).view(batch, queries, heads, levels, points)
-        reference = reference_points[:, :, None, :, None, :]  # (N, Lq, 1, L, 1, 2 or 4)
-        if reference_points.shape[-1] == 2:
-            # offsets are in pixels of each level: divide by (W, H)
-            level_sizes = input_spatial_shapes.flip(-1).to(offsets.dtype)[None, None, None, :, None, :]
-            sampling_locations = reference + offsets / level_sizes
-        elif reference_points.shape[-1] == 4:
-            sampling_locations = reference[..., :2] + offsets / points * reference[..., 2:] * 0.5
-        else:
-            raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {reference_points.shape[-1]}")
+        offsets, logits = self.project_query(query)
+        # Locations in float32 at least: a bfloat16 coordinate in [0, 1] resolves only 1/256 of the map. The weights
+        # too: the op runs in its inputs' common dtype.
+        dtype = torch.promote_types(offsets.dtype, torch.float32)
+        attention_weights = logits.softmax(-1, dtype=dtype).view(batch, queries, heads, levels, points)
+        sampling_locations = self.sampling_locations(offsets, reference_points, input_spatial_shapes)
+        sampling_locations = sampling_locations.view(batch, queries, heads, levels, points, 2)
         if self.sampling_recorder is not None:
             self.sampling_recorder(
                 AttentionSampling(
@@ -129,7 +153,7 @@ class MSDeformAttn(RecordsSampling, nn.Module):
                     input_padding_mask,
                 )
             )
-        output = ms_deform_attn(
+        return ms_deform_attn(
             value,
             input_spatial_shapes,
             input_level_start_index,
@@ -138,4 +162,59 @@ class MSDeformAttn(RecordsSampling, nn.Module):
             backend=self.backend,
             level_shapes=level_shapes,
         )
-        return self.output_proj(output)
+
+    def project_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (N, Lq, C) -> sampling offsets (N, Lq, M, L * P * 2) in pixels of each level (x, y last) and
+        attention logits (N, Lq, M, L * P): one matrix product once :meth:`merge_query_projections` has run."""
+        if self.query_weight is None:
+            offsets, logits = self.sampling_offsets(query), self.attention_weights(query)
+        else:
+            projected = fused.linear(query, self.query_weight, self.query_bias)
+            sizes = [self.sampling_offsets.out_features, self.attention_weights.out_features]
+            offsets, logits = projected.split(sizes, -1)
+        return offsets.unflatten(-1, (self.n_heads, -1)), logits.unflatten(-1, (self.n_heads, -1))
+
+    def merge_query_projections(self) -> None:
+        """Concatenate the weights of ``sampling_offsets`` and ``attention_weights`` (both read the query) into one
+        matrix, used by :meth:`project_query` from now on: for inference (``models.inference``). The merged copy is
+        kept outside the state dict, whose keys stay the original's, and does not follow later changes of the two
+        linears."""
+        with torch.no_grad():
+            self.query_weight = torch.cat([self.sampling_offsets.weight, self.attention_weights.weight])
+            self.query_bias = torch.cat([self.sampling_offsets.bias, self.attention_weights.bias])
+
+    def sampling_locations(
+        self, offsets: torch.Tensor, reference_points: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        """Where each point samples, (x, y) in [0, 1] of its padded level (eq. 3 of the paper).
+
+        Args:
+            offsets: (N, Lq, M, L * P * 2) from :meth:`project_query`.
+            reference_points: (N, Lq, L, 2) points, the offsets then in pixels of each level, or (N, Lq, L, 4)
+                boxes (cx, cy, w, h), the offsets then in units of the box size * 0.5 / P.
+            spatial_shapes: (L, 2) rows (H, W).
+
+        Returns:
+            (N, Lq, M, L * P * 2) in float32 at least: reference + offsets * scale, each factor laid out along the
+            last dimension (the broadcast then runs in contiguous rows of L * P * 2), computed in place in the
+            offsets cast to float32 when no gradient is recorded (half the time of a new tensor at 800 x 1333).
+        """
+        corner, points = reference_points.shape[-1], self.n_points
+        dtype = torch.promote_types(offsets.dtype, torch.float32)
+        reference_points = reference_points.to(dtype)
+
+        def per_point(per_level: torch.Tensor) -> torch.Tensor:  # (..., L, 2) -> (..., 1, L * P * 2)
+            expanded = per_level.unsqueeze(-2).expand(*per_level.shape[:-1], points, 2)
+            return expanded.flatten(-3).unsqueeze(-2)
+
+        if corner == 2:
+            scale = per_point(1 / spatial_shapes.flip(-1).to(dtype)).squeeze(0)  # offsets are pixels: / (W, H)
+        elif corner == 4:
+            scale = per_point(reference_points[..., 2:] * (0.5 / points))
+        else:
+            raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {corner}")
+        centre = per_point(reference_points[..., :2])
+        if not fused.inference_only(offsets, reference_points):
+            return torch.addcmul(centre, offsets, scale)
+        located = offsets.to(dtype, memory_format=torch.contiguous_format, copy=True)
+        return torch.addcmul(centre, located, scale, out=located)

@@ -1,0 +1,98 @@
+"""Linear layers and convolutions with their bias, ReLU and residual sum in one oneDNN call, for inference on the CPU.
+
+``F.linear`` on the CPU writes the bias into its output before the matrix product, and a ``relu`` or a residual
+``+`` after it is one more pass over the output each, as slow in bfloat16 as the product itself for the
+feed-forward's (S, 1024) activations. oneDNN applies them in the product's epilogue: ``torch.ops.mkldnn``'s
+``_linear_pointwise`` and ``_convolution_pointwise``, the ops that ``torch.compile``'s freezing passes emit, called
+here directly. Each function falls back to the plain ops, same result, where oneDNN cannot run them: another device,
+a dtype other than float32 and bfloat16, a torch built without oneDNN, an autograd graph to record (the fused ops
+have no derivative), and while a graph is traced or exported (the plain ops are what an exporter knows).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+def inference_only(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on ``tensors`` (None is skipped) records no gradient and is not being traced or exported: it
+    may then write in place or call ops that have no derivative."""
+    gradient = torch.is_grad_enabled() and any(tensor is not None and tensor.requires_grad for tensor in tensors)
+    return not gradient and not _tracing()
+
+
+def onednn_runs(*tensors: torch.Tensor | None) -> bool:
+    """Whether the fused oneDNN ops can take ``tensors`` (the input, the weight, ...; None is skipped): all on the
+    CPU in one dtype, float32 or bfloat16, oneDNN built in, and :func:`inference_only`."""
+    present = [tensor for tensor in tensors if tensor is not None]
+    return (
+        all(tensor.device.type == "cpu" and tensor.dtype == present[0].dtype for tensor in present)
+        and present[0].dtype in ONEDNN_DTYPES
+        and torch.backends.mkldnn.is_available()
+        and inference_only(*present)
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    relu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``relu(x @ weight.T + bias)`` (``relu``) or ``residual + x @ weight.T + bias`` (``residual``, of the output's
+    shape), in one oneDNN call where it runs (see :func:`onednn_runs`).
+
+    Args:
+        x: (..., K); weight: (N, K); bias: (N,) or None.
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    if relu and residual is not None:
+        raise ValueError("linear fuses a ReLU or a residual sum, not both")
+    if not onednn_runs(x, weight, bias, residual):
+        output = F.linear(x, weight, bias)
+        if residual is not None:
+            return residual + output
+        return output.relu_() if relu else output
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+def conv2d(
+    x: torch.Tensor, conv: nn.Module, *, relu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``conv(x)``, plus ``residual`` (the output's shape) when given, then a ReLU when ``relu``: one oneDNN call
+    where it runs (see :func:`onednn_runs`; an ``nn.Conv2d`` with zero padding: any other module, e.g. a
+    ``DeformConv2d``, runs as it is, followed by the plain sum and ReLU).
+
+    Args:
+        x: (B, C_in, H, W); conv: the convolution module.
+
+    Returns:
+        (B, C_out, H', W'), channels-last when x is.
+    """
+    runs = isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    if not (runs and onednn_runs(x, conv.weight, conv.bias, residual)):
+        output = nn.Conv2d.forward(conv, x) if isinstance(conv, nn.Conv2d) else conv(x)  # a subclass may call here
+        if residual is not None:
+            output = output + residual
+        return output.relu_() if relu else output
+    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    unary = "relu" if relu else None
+    if residual is not None:
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, conv.weight, conv.bias, *geometry, "add", 1.0, unary, [], None
+        )
+    return torch.ops.mkldnn._convolution_pointwise(x, conv.weight, conv.bias, *geometry, unary or "none", [], "")
