@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from engine.attention_view import sample_attention, write_visualization
 from engine.data import (
     build_config_transforms,
 )
+from engine.dcn_view import deform_layers, write_dcn_visualization
 from engine.prediction import load_image
 from engine.runtime import build_model_on, load_for_inference, say
 from util.config import Config
@@ -15,8 +17,6 @@ from util.distributed import (
     init_distributed,
 )
 from util.errors import UserError
-from util.visualize import sample_attention, write_visualization
-from util.visualize_dcn import record_deform_sampling, write_dcn_visualization
 
 
 def visualize(
@@ -33,9 +33,10 @@ def visualize(
 ) -> list[Path]:
     """Where ``cfg.resume`` looks in each of ``images``: writes ``out_dir/<stem>_detections.png``,
     ``<stem>_decoder_sampling.png``, ``<stem>_encoder_sampling.png`` and ``<stem>_sampling.json`` (see
-    ``util.visualize.write_visualization``); the encoder queries are cells of level ``query_level`` (0: the
+    ``engine.attention_view.write_visualization``); the encoder queries are cells of level ``query_level`` (0: the
     finest). With a DCN backbone also ``<stem>_dcn_sampling.png`` and a ``"dcn"`` entry in the JSON: the 729
-    points of its last three deformable convolutions for the same query pixels (``util.visualize_dcn``).
+    points of its last three deformable convolutions for the same query pixels (``engine.dcn_view``), recorded
+    in the same forward.
     Returns the paths written."""
     stems = [Path(path).stem for path in images]
     repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
@@ -51,20 +52,20 @@ def visualize(
     transforms = build_config_transforms("val", cfg)
     written = []
     for path in images:
-        with record_deform_sampling(model) as dcn_records:  # a DCN backbone's offsets and masks, if it has one
-            view = sample_attention(
-                model,
-                load_image(path),
-                transforms,
-                threshold=threshold,
-                top_k=top_k,
-                points=points,
-                layer=layer,
-                query_level=query_level,
-            )
+        view = sample_attention(
+            model,
+            load_image(path),
+            transforms,
+            threshold=threshold,
+            top_k=top_k,
+            points=points,
+            layer=layer,
+            query_level=query_level,
+        )
         written += write_visualization(view, out_dir, Path(path).stem, names, by_level, by_head)
+        dcn_layers = deform_layers(model, view.records)  # a DCN backbone's offsets and masks, if it has one
         pixels = [query.pixel for query in view.encoder]
-        written += write_dcn_visualization(dcn_records, pixels, view.image, view.resized_size, out_dir, Path(path).stem)
+        written += write_dcn_visualization(dcn_layers, pixels, view.image, view.resized_size, out_dir, Path(path).stem)
         say(
             info,
             f"{path}: {len(view.detections)} detection(s) at or above {threshold}; decoder layer "

@@ -59,12 +59,10 @@ class DeformableDecoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
-        return_sampling: bool = False,
         level_shapes: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    ) -> torch.Tensor:
         """tgt, query_pos (N, Q, C); reference_points (N, Q, L, 2 or 4) on the padded levels; memory (N, S, C)
-        -> (N, Q, C) and, with ``return_sampling``, {"sampling_locations": (N, Q, M, L, P, 2),
-        "attention_weights": (N, Q, M, L, P)}."""
+        -> (N, Q, C)."""
         query = key = with_position(tgt, query_pos)
         attended = self.self_attn(query, key, tgt, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(attended))
@@ -75,16 +73,10 @@ class DeformableDecoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             memory_padding_mask,
-            return_sampling=return_sampling,
             level_shapes=level_shapes,
         )
-        sampling = None
-        if return_sampling:
-            attended, locations, weights = attended
-            sampling = {"sampling_locations": locations, "attention_weights": weights}
         tgt = self.norm1(tgt + self.dropout1(attended))
-        tgt = self.norm3(tgt + self.dropout4(feed_forward(tgt, self.linear1, self.linear2, self.dropout3)))
-        return tgt, sampling
+        return self.norm3(tgt + self.dropout4(feed_forward(tgt, self.linear1, self.linear2, self.dropout3)))
 
 
 class DeformableDecoder(nn.Module):
@@ -114,9 +106,8 @@ class DeformableDecoder(nn.Module):
         valid_ratios: torch.Tensor,
         query_pos: torch.Tensor,
         memory_padding_mask: torch.Tensor | None,
-        return_sampling: bool = False,
         level_shapes: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode the queries.
 
         Args:
@@ -124,25 +115,23 @@ class DeformableDecoder(nn.Module):
             reference_points: (N, Q, 2) points or (N, Q, 4) boxes (cx, cy, w, h), in [0, 1] of the unpadded image.
             memory: (N, S, C); spatial_shapes (L, 2); level_start_index (L,); valid_ratios (N, L, 2);
             memory_padding_mask: (N, S) bool or None.
-            return_sampling: collect every layer's sampling locations, attention weights and reference points.
             level_shapes: ``spatial_shapes`` as Python ints (see :func:`ops.ms_deform_attn`), or None.
 
         Returns:
             hidden states (num_layers, N, Q, C); reference points (num_layers, N, Q, 2 or 4), those after each
-            layer (its input when boxes are not refined); and, with ``return_sampling``, per layer
-            {"sampling_locations": (N, Q, M, L, P, 2), "attention_weights": (N, Q, M, L, P),
-            "reference_points": (N, Q, L, 2 or 4) the layer's reference on each padded level} (else []).
+            layer (its input when boxes are not refined). (Layer i's ``cross_attn`` takes its reference on each
+            padded level, (N, Q, L, 2 or 4); :func:`ops.record_sampling` records it with its sampling locations.)
         """
         if self.with_box_refine and self.bbox_embed is None:
             raise RuntimeError("with_box_refine needs the detector's box heads in decoder.bbox_embed")
         output = tgt
-        hidden_states, references, layers_sampling = [], [], []
+        hidden_states, references = [], []
         for index, layer in enumerate(self.layers):
             if reference_points.shape[-1] == 4:
                 reference_input = reference_points[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             else:
                 reference_input = reference_points[:, :, None] * valid_ratios[:, None]
-            output, sampling = layer(
+            output = layer(
                 output,
                 query_pos,
                 reference_input,
@@ -150,16 +139,13 @@ class DeformableDecoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 memory_padding_mask,
-                return_sampling,
                 level_shapes,
             )
-            if return_sampling:
-                layers_sampling.append({**sampling, "reference_points": reference_input})
             if self.with_box_refine:
                 reference_points = self.refine(self.bbox_embed[index](output), reference_points).detach()
             hidden_states.append(output)
             references.append(reference_points)
-        return torch.stack(hidden_states), torch.stack(references), layers_sampling
+        return torch.stack(hidden_states), torch.stack(references)
 
     @staticmethod
     def refine(delta: torch.Tensor, reference_points: torch.Tensor) -> torch.Tensor:

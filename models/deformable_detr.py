@@ -116,23 +116,19 @@ class DeformableDETR(nn.Module):
         self,
         images: torch.Tensor | Sequence[torch.Tensor],
         padding_mask: torch.Tensor | None = None,
-        return_sampling: bool = False,
     ) -> dict:
         """Detect objects.
 
         Args:
             images: (B, 3, H, W) normalised, or a list of (3, H_i, W_i) padded here into one batch.
             padding_mask: (B, H, W) bool, True on padding; None: no padding (ignored for a list).
-            return_sampling: also return where the attention looked, see ``DeformableTransformer.forward``.
 
         Returns:
             ``pred_logits`` (B, Q, num_classes) before sigmoid; ``pred_boxes`` (B, Q, 4) cx, cy, w, h in [0, 1] of
             the unpadded image; ``aux_outputs`` (with ``aux_loss``) the same two for every decoder layer but the
             last; two-stage: ``enc_outputs`` the same two for every encoder pixel's proposal (class-agnostic
-            score in ``pred_logits[..., 0]``). With ``return_sampling``: ``spatial_shapes``,
-            ``level_start_index``, ``valid_ratios``, ``encoder_reference_points``, ``encoder_sampling`` and
-            ``decoder_sampling`` (lists over layers of {"sampling_locations", "attention_weights"}, the decoder's
-            with its "reference_points").
+            score in ``pred_logits[..., 0]``). Where the attention (and a DCN backbone) sampled is recorded by
+            :func:`ops.record_sampling`.
         """
         if not isinstance(images, torch.Tensor):
             images, padding_mask = pad_images(images)
@@ -147,7 +143,7 @@ class DeformableDETR(nn.Module):
             )
         srcs, masks, positions = self._levels(images, padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
-        transformed = self.transformer(srcs, masks, positions, query_embed, return_sampling=return_sampling)
+        transformed = self.transformer(srcs, masks, positions, query_embed)
         outputs_class, outputs_coord = self._predictions(transformed)
         outputs = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
@@ -160,16 +156,6 @@ class DeformableDETR(nn.Module):
                 "pred_logits": transformed["enc_outputs_class"],
                 "pred_boxes": transformed["enc_outputs_coord_unact"].sigmoid(),
             }
-        if return_sampling:
-            for key in (
-                "spatial_shapes",
-                "level_start_index",
-                "valid_ratios",
-                "encoder_reference_points",
-                "encoder_sampling",
-                "decoder_sampling",
-            ):
-                outputs[key] = transformed[key]
         return outputs
 
     def _levels(

@@ -58,11 +58,9 @@ class DeformableEncoderLayer(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         padding_mask: torch.Tensor | None,
-        return_sampling: bool = False,
         level_shapes: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """src, pos (N, S, C); reference_points (N, S, L, 2) in [0, 1] of each padded level -> (N, S, C) and,
-        with ``return_sampling``, {"sampling_locations": (N, S, M, L, P, 2), "attention_weights": (N, S, M, L, P)}."""
+    ) -> torch.Tensor:
+        """src, pos (N, S, C); reference_points (N, S, L, 2) in [0, 1] of each padded level -> (N, S, C)."""
         attended = self.self_attn(
             with_position(src, pos),
             reference_points,
@@ -70,16 +68,10 @@ class DeformableEncoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             padding_mask,
-            return_sampling=return_sampling,
             level_shapes=level_shapes,
         )
-        sampling = None
-        if return_sampling:
-            attended, locations, weights = attended
-            sampling = {"sampling_locations": locations, "attention_weights": weights}
         src = self.norm1(src + self.dropout1(attended))
-        src = self.norm2(src + self.dropout3(feed_forward(src, self.linear1, self.linear2, self.dropout2)))
-        return src, sampling
+        return self.norm2(src + self.dropout3(feed_forward(src, self.linear1, self.linear2, self.dropout2)))
 
 
 class DeformableEncoder(nn.Module):
@@ -127,36 +119,21 @@ class DeformableEncoder(nn.Module):
         valid_ratios: torch.Tensor,
         pos: torch.Tensor,
         padding_mask: torch.Tensor | None,
-        return_sampling: bool = False,
         level_shapes: Sequence[tuple[int, int]] | None = None,
-    ) -> tuple[torch.Tensor, dict]:
+    ) -> torch.Tensor:
         """Encode the flattened levels.
 
         Args:
             src, pos: (N, S, C) features and position (+ level) embeddings.
             spatial_shapes: (L, 2); level_start_index: (L,); valid_ratios: (N, L, 2); padding_mask: (N, S) or None.
-            return_sampling: collect every layer's sampling locations and attention weights.
             level_shapes: ``spatial_shapes`` as Python ints (see :func:`ops.ms_deform_attn`), or None.
 
         Returns:
-            memory (N, S, C) and a dict, empty unless ``return_sampling``: ``reference_points`` (N, S, L, 2) and
-            ``layers``, per layer {"sampling_locations": (N, S, M, L, P, 2), "attention_weights": (N, S, M, L, P)}.
+            memory (N, S, C). (Each layer's ``self_attn`` takes :meth:`reference_points` on the padded levels,
+            (N, S, L, 2); :func:`ops.record_sampling` records them with its sampling locations.)
         """
         reference_points = self.reference_points(spatial_shapes, valid_ratios, level_shapes)
-        layers_sampling = []
         output = src
         for layer in self.layers:
-            output, sampling = layer(
-                output,
-                pos,
-                reference_points,
-                spatial_shapes,
-                level_start_index,
-                padding_mask,
-                return_sampling,
-                level_shapes,
-            )
-            layers_sampling.append(sampling)
-        if not return_sampling:
-            return output, {}
-        return output, {"reference_points": reference_points, "layers": layers_sampling}
+            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask, level_shapes)
+        return output

@@ -68,7 +68,6 @@ class DeformableTransformer(nn.Module):
         masks: list[torch.Tensor],
         pos_embeds: list[torch.Tensor],
         query_embed: torch.Tensor | None = None,
-        return_sampling: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Run encoder and decoder.
 
@@ -76,16 +75,12 @@ class DeformableTransformer(nn.Module):
             srcs, pos_embeds: per level (N, C, H_l, W_l).
             masks: per level (N, H_l, W_l) bool, True on padding.
             query_embed: (Q, 2C) learned query position and content; None in the two-stage variant.
-            return_sampling: also return where each attention layer looked (see Returns).
 
         Returns:
             ``hidden_states`` (D, N, Q, C) every decoder layer's output; ``init_reference`` (N, Q, 2 or 4) and
             ``inter_references`` (D, N, Q, 2 or 4), in [0, 1] of the unpadded image; two-stage also
             ``enc_outputs_class`` (N, S, num_classes) and ``enc_outputs_coord_unact`` (N, S, 4) before sigmoid.
-            With ``return_sampling``: ``spatial_shapes`` (L, 2), ``level_start_index`` (L,), ``valid_ratios``
-            (N, L, 2), ``encoder_reference_points`` (N, S, L, 2), ``encoder_sampling`` and ``decoder_sampling``:
-            lists over layers, see :meth:`DeformableEncoder.forward` and :meth:`DeformableDecoder.forward`.
-            Locations are (x, y) in [0, 1] of each padded level: divide by ``valid_ratios`` for the unpadded image.
+            Where each attention layer sampled is recorded by :func:`ops.record_sampling`.
         """
         src_flatten, mask_flatten, pos_flatten, spatial_shapes = self.flatten_levels(srcs, masks, pos_embeds)
         # the sizes as ints too: symbolic when exported, so that the graph takes any image size
@@ -93,15 +88,8 @@ class DeformableTransformer(nn.Module):
         areas = spatial_shapes.prod(1)
         level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
         valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
-        memory, encoder_sampling = self.encoder(
-            src_flatten,
-            spatial_shapes,
-            level_start_index,
-            valid_ratios,
-            pos_flatten,
-            mask_flatten,
-            return_sampling,
-            level_shapes,
+        memory = self.encoder(
+            src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten, level_shapes
         )
         outputs: dict[str, torch.Tensor] = {}
         if self.two_stage:
@@ -113,7 +101,7 @@ class DeformableTransformer(nn.Module):
             query_pos = query_pos.unsqueeze(0).expand(memory.shape[0], -1, -1)
             tgt = tgt.unsqueeze(0).expand(memory.shape[0], -1, -1)
             reference_points = self.reference_points(query_pos).sigmoid()
-        hidden_states, inter_references, decoder_sampling = self.decoder(
+        hidden_states, inter_references = self.decoder(
             tgt,
             reference_points,
             memory,
@@ -122,19 +110,9 @@ class DeformableTransformer(nn.Module):
             valid_ratios,
             query_pos,
             mask_flatten,
-            return_sampling,
             level_shapes,
         )
         outputs.update(hidden_states=hidden_states, init_reference=reference_points, inter_references=inter_references)
-        if return_sampling:
-            outputs.update(
-                spatial_shapes=spatial_shapes,
-                level_start_index=level_start_index,
-                valid_ratios=valid_ratios,
-                encoder_reference_points=encoder_sampling["reference_points"],
-                encoder_sampling=encoder_sampling["layers"],
-                decoder_sampling=decoder_sampling,
-            )
         return outputs
 
     def flatten_levels(

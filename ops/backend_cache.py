@@ -2,11 +2,15 @@
 
 ``python -m ops.check`` times every backend usable on this device and remembers the fastest per (device name,
 torch version, dtype) in ``$XDG_CACHE_HOME/deformable_detr/msda_backends.json`` (``~/.cache/...`` without
-``XDG_CACHE_HOME``). ``backend="auto"`` uses that choice; ``DETR_MSDA_BACKEND=<backend>`` overrides it.
+``XDG_CACHE_HOME``). ``backend="auto"`` uses that choice; ``DETR_MSDA_BACKEND=<backend>`` overrides it. The same
+file keeps the verdicts of the first-use self-check of the GPU kernels (:mod:`ops.self_check`), per device model,
+torch version, backend and kernel source.
 
 The file (written atomically)::
 
-    {"version": 1, "choices": {"<device> | torch <version> | <dtype>": {"backend": "cuda", ...}}}
+    {"version": 1,
+     "choices": {"<device> | torch <version> | <dtype>": {"backend": "cuda", ...}},
+     "self_checks": {"<device> | torch <version> | <backend> <kernel digest>": {"passed": true, ...}}}
 """
 
 from __future__ import annotations
@@ -116,23 +120,50 @@ def remembered_backend(device: torch.device, dtype: torch.dtype) -> str | None:
     return _parse(str(path), status.st_mtime_ns, status.st_size).get(cache_key(device, dtype))
 
 
-def remember(device: torch.device, dtype: torch.dtype, backend: str, details: dict) -> Path:
-    """Record ``backend`` as the choice for this device model, torch and dtype; returns the file written.
-
-    Other entries are kept (a corrupt file is replaced). Written to a temporary file and renamed, so a reader never
-    sees half a file.
-    """
-    path = cache_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _read_content(path: Path) -> dict:
+    """The file's sections ({} for a missing, corrupt or other-version file: it is then replaced whole)."""
     try:
         content = json.loads(path.read_text())
-        choices = content["choices"] if content.get("version") == FORMAT_VERSION else {}
-        choices = choices if isinstance(choices, dict) else {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        choices = {}
-    choices[cache_key(device, dtype)] = {"backend": backend, **details}
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(content, dict) or content.get("version") != FORMAT_VERSION:
+        return {}
+    return {name: section for name, section in content.items() if name != "version" and isinstance(section, dict)}
+
+
+def _write_section_entry(section: str, key: str, entry: dict) -> Path:
+    """Set ``entry`` under ``key`` in ``section``, keeping every other entry; written to a temporary file and
+    renamed, so that a reader never sees half a file."""
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = _read_content(path)
+    content.setdefault(section, {})[key] = entry
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as file:
-        json.dump({"version": FORMAT_VERSION, "choices": choices}, file, indent=2, sort_keys=True)
+        json.dump({"version": FORMAT_VERSION, **content}, file, indent=2, sort_keys=True)
         file.write("\n")
     os.replace(file.name, path)
     return path
+
+
+def remember(device: torch.device, dtype: torch.dtype, backend: str, details: dict) -> Path:
+    """Record ``backend`` as the choice for this device model, torch and dtype; returns the file written.
+
+    Other entries are kept (a corrupt file is replaced).
+    """
+    return _write_section_entry("choices", cache_key(device, dtype), {"backend": backend, **details})
+
+
+def self_check_key(device: torch.device, backend: str, kernel_digest: str) -> str:
+    """``"<device name> | torch <version> | <backend> <kernel digest>"``: a verdict holds for one kernel source."""
+    return f"{device_name(device)} | torch {torch.__version__} | {backend} {kernel_digest}"
+
+
+def remembered_self_check(key: str) -> bool | None:
+    """The remembered verdict of the self-check ``key`` (True: passed), None if there is none."""
+    entry = _read_content(cache_file()).get("self_checks", {}).get(key)
+    return entry.get("passed") if isinstance(entry, dict) and isinstance(entry.get("passed"), bool) else None
+
+
+def remember_self_check(key: str, passed: bool, details: dict) -> Path:
+    """Record the verdict of the self-check ``key``; other entries are kept."""
+    return _write_section_entry("self_checks", key, {"passed": passed, **details})

@@ -43,7 +43,7 @@ def _extension_name(kind: str, flags: list[str]) -> str:
     return f"deformable_detr_msda_{kind}{suffix}_" + re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
 
 
-def _build(kind: str, sources: list[Path], verbose: bool) -> None:
+def _build(kind: str, sources: list[Path], verbose: bool, defines: tuple[str, ...] = ()) -> None:
     if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and Path("/usr/local/cuda").is_dir():
         os.environ["CUDA_HOME"] = "/usr/local/cuda"  # else torch may guess the parent of a nvcc on PATH
     if not verbose:  # torch logs "No CUDA runtime is found" on import on machines without a GPU
@@ -56,7 +56,7 @@ def _build(kind: str, sources: list[Path], verbose: bool) -> None:
             name=_extension_name(kind, vector_flags),
             sources=[str(source) for source in sources],
             extra_include_paths=[str(CSRC)],
-            extra_cflags=["-O3", "-fopenmp", *vector_flags],
+            extra_cflags=["-O3", "-fopenmp", *vector_flags, *(f"-D{define}" for define in defines)],
             extra_ldflags=["-fopenmp"],
             extra_cuda_cflags=["-O3", "-lineinfo"],
             with_cuda=kind == "cuda",
@@ -72,10 +72,10 @@ def _build(kind: str, sources: list[Path], verbose: bool) -> None:
 _outcomes: dict[str, KernelBuildError | None] = {}
 
 
-def _build_once(kind: str, sources: list[Path], verbose: bool) -> None:
+def _build_once(kind: str, sources: list[Path], verbose: bool, defines: tuple[str, ...] = ()) -> None:
     if kind not in _outcomes:
         try:
-            _build(kind, sources, verbose)
+            _build(kind, sources, verbose, defines)
             _outcomes[kind] = None
         except KernelBuildError as error:
             _outcomes[kind] = error
@@ -104,14 +104,25 @@ def load_cuda_kernel(verbose: bool = False) -> None:
     _build_once("cuda", [CSRC / "ms_deform_attn_cuda.cu"], verbose)
 
 
-def load_emulated_kernel(verbose: bool = False) -> None:
-    """Compile (first time) and load the CUDA kernels built for the CPU by the host compiler (tests only).
+EMULATED_LIBRARY = "deformable_detr_emulated"
+MUTANT_LIBRARY = "deformable_detr_emulated_mutants"
 
-    Registers ``torch.ops.deformable_detr_emulated.ms_deform_attn_forward`` / ``ms_deform_attn_backward``: the
-    exact kernel code of ``ms_deform_attn_cuda_kernels.h`` run by the emulation in ``cuda_emulation.h``.
-    Raises :class:`KernelBuildError`.
+
+def load_emulated_kernel(verbose: bool = False, mutants: bool = False) -> None:
+    """Compile (first time) and load the CUDA kernels built for the CPU by the host compiler (tests and tools only).
+
+    Registers the ops of ``torch.ops.deformable_detr_emulated`` (``ms_deform_attn_forward`` /
+    ``ms_deform_attn_backward``: the exact kernel code of ``ms_deform_attn_cuda_kernels.h`` run by the emulation in
+    ``cuda_emulation.h``; ``counters``, ``set_seed``, ``set_architecture``, ...). ``mutants=True`` builds the same
+    source with ``MSDA_MUTATIONS`` as ``torch.ops.deformable_detr_emulated_mutants``, whose ``set_mutation(name)``
+    switches on one of the deliberate defects the tests show the emulation catches. Raises
+    :class:`KernelBuildError`.
     """
-    _build_once("emulated", [CSRC / "ms_deform_attn_emulated.cpp"], verbose)
+    if mutants:
+        defines = ("MSDA_MUTATIONS", f"MSDA_EMULATED_LIBRARY={MUTANT_LIBRARY}")
+        _build_once("emulated_mutants", [CSRC / "ms_deform_attn_emulated.cpp"], verbose, defines)
+    else:
+        _build_once("emulated", [CSRC / "ms_deform_attn_emulated.cpp"], verbose)
 
 
 def main(argv: list[str] | None = None) -> int:

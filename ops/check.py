@@ -10,7 +10,8 @@ float64 reference (:mod:`ops.reference`) on small random problems, then times th
 the measured copy bandwidth).
 The fastest correct backend per dtype (lowest summed forward+backward time) is remembered per (device name, torch
 version, dtype) in ``$XDG_CACHE_HOME/deformable_detr/msda_backends.json`` (``~/.cache`` by default), and
-``backend="auto"`` uses it from then on; ``DETR_MSDA_BACKEND=<backend>`` overrides it.
+``backend="auto"`` uses it from then on; ``DETR_MSDA_BACKEND=<backend>`` overrides it. Its verdict on the cuda
+and triton kernels is remembered there too, in place of their first-use self-check (:mod:`ops.self_check`).
 
 Exit status 1 when a compiled backend gives wrong results or crashes, or no backend passes for a dtype. The pytorch
 backend's failures are reported but do not count: in float16/bfloat16 ``grid_sample`` computes the location
@@ -21,34 +22,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import sys
-from dataclasses import dataclass
 
 import torch
 
-from ops import backend_cache, functional
+from ops import backend_cache, functional, self_check
 from ops import cases as problems
-from ops.reference import reference_ms_deform_attn
+from ops.comparison import QUANTITIES, CheckProblem, compare_with_reference
 from util.errors import UserError
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# max |backend - reference| / max |reference|, for the output and each gradient (half precision rounds the output
-# and the gradients to 8 or 11 bits; the kernels accumulate in float32)
-TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 # a smoke-test size for the timing part (``--cases tiny``)
 TINY = problems.Case("tiny", 1, ((4, 6), (2, 3)), None)
 TIMING_CASES = {**problems.CASES, "tiny": TINY}
-
-
-@dataclass(frozen=True)
-class CheckProblem:
-    level_shapes: tuple[tuple[int, int], ...]
-    batch: int
-    queries: int
-    heads: int
-    channels: int
-    points: int
 
 
 # odd sizes, a 1x1 level, the model's M=8 and D=32, one level with P=1
@@ -59,64 +47,14 @@ CHECK_PROBLEMS = (
 )
 
 
-def make_check_inputs(
-    problem: CheckProblem, device: torch.device, dtype: torch.dtype, seed: int
-) -> dict[str, torch.Tensor]:
-    """Random inputs with locations over [-0.25, 1.25] (a share outside the map) and a tenth exactly on 0 or 1."""
-    generator = torch.Generator().manual_seed(seed)
-    shapes = torch.tensor(problem.level_shapes, dtype=torch.int64)
-    areas = shapes.prod(1)
-    levels = len(problem.level_shapes)
-    sizes = (problem.batch, problem.queries, problem.heads, levels, problem.points)
-    locations = torch.rand(*sizes, 2, generator=generator, dtype=torch.float64) * 1.5 - 0.25
-    on_border = torch.rand(locations.shape, generator=generator) < 0.1
-    locations = torch.where(on_border, torch.randint(0, 2, locations.shape, generator=generator).double(), locations)
-    floats = {
-        "value": torch.randn(problem.batch, int(areas.sum()), problem.heads, problem.channels, generator=generator),
-        "sampling_locations": locations,
-        "attention_weights": torch.rand(*sizes, generator=generator),
-    }
-    inputs = {name: tensor.to(device=device, dtype=dtype) for name, tensor in floats.items()}
-    inputs["spatial_shapes"] = shapes.to(device)
-    inputs["level_start_index"] = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]]).to(device)
-    return inputs
-
-
-_FLOATS = ("value", "sampling_locations", "attention_weights")
-
-
-def _output_and_gradients(function, inputs: dict[str, torch.Tensor], grad_seed: int) -> list[torch.Tensor]:
-    leaves = {name: inputs[name].detach().requires_grad_() for name in _FLOATS}
-    output = function(
-        leaves["value"],
-        inputs["spatial_shapes"],
-        inputs["level_start_index"],
-        leaves["sampling_locations"],
-        leaves["attention_weights"],
-    )
-    grad = torch.randn(output.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    gradients = torch.autograd.grad(output, [leaves[name] for name in _FLOATS], grad.to(output))
-    return [tensor.detach().double().cpu() for tensor in (output, *gradients)]
-
-
-QUANTITIES = ("output", "grad value", "grad sampling_locations", "grad attention_weights")
-
-
 def check_backend(backend: str, device: torch.device, dtype: torch.dtype) -> dict[str, float]:
-    """The worst error of ``backend`` against the float64 reference over :data:`CHECK_PROBLEMS`, per quantity
-    (output and each gradient), in units of the dtype's tolerance (<= 1 passes). The reference runs on the same
-    inputs (already rounded to ``dtype``)."""
+    """The worst error of ``backend`` over :data:`CHECK_PROBLEMS`, per quantity, in units of the tolerance."""
     worst = dict.fromkeys(QUANTITIES, 0.0)
-    for seed, problem in enumerate(CHECK_PROBLEMS):
-        inputs = make_check_inputs(problem, device, dtype, seed)
-        got = _output_and_gradients(
-            lambda *args: functional.ms_deform_attn(*args, backend=backend), inputs, grad_seed=seed
-        )
-        expected = _output_and_gradients(reference_ms_deform_attn, inputs, grad_seed=seed)
-        for quantity, actual, reference in zip(QUANTITIES, got, expected):
-            scale = reference.abs().max().clamp_min(1e-12)
-            error = float((actual - reference).abs().max() / scale) / TOLERANCES[dtype]
-            worst[quantity] = max(worst[quantity], error)
+    with self_check.suspended():  # this is the thorough check: the backend itself must run, not a stand-in
+        for seed, problem in enumerate(CHECK_PROBLEMS):
+            function = functools.partial(functional.ms_deform_attn, backend=backend)
+            for quantity, error in compare_with_reference(function, problem, device, dtype, seed).items():
+                worst[quantity] = max(worst[quantity], error)
     return worst
 
 
@@ -176,7 +114,8 @@ def time_backends(
         inputs = problems.make_inputs(TIMING_CASES[case_name], device, dtype)
         floor_ms = problems.floor_bytes(inputs) / bandwidth * 1e3
         for backend in backends:
-            forward_ms, both_ms = problems.time_backend(backend, inputs, repeats, warmup=1)
+            with self_check.suspended():
+                forward_ms, both_ms = problems.time_backend(backend, inputs, repeats, warmup=1)
             timings[backend][case_name] = (forward_ms, both_ms)
             print(
                 f"| {case_name} | {_dtype_name(dtype)} | {backend} | {forward_ms:.3f} | {both_ms:.3f} | "
@@ -220,8 +159,10 @@ def run(
     bandwidth = problems.copy_bandwidth(device, bandwidth_mib * 2**20)
     print(f"measured copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s; floor = forward bytes / bandwidth")
     status = 0
+    wrong_somewhere: set[str] = set()
     for dtype in dtypes:
         correct, kernel_failed = correct_backends(usable, device, dtype)
+        wrong_somewhere.update(backend for backend in usable if backend not in correct)
         if kernel_failed or not correct:
             status = 1
         if not correct:
@@ -237,7 +178,18 @@ def run(
             }
             path = backend_cache.remember(device, dtype, fastest, details)
             print(f'backend="auto" now uses {fastest} for "{backend_cache.cache_key(device, dtype)}" (saved in {path})')
+    if save:
+        _remember_verdicts(device, [b for b in usable if b in self_check.CHECKED_BACKENDS], wrong_somewhere, dtypes)
     return status
+
+
+def _remember_verdicts(device: torch.device, backends: list[str], wrong: set[str], dtypes: list[torch.dtype]) -> None:
+    """Record this check's verdict on the GPU kernels, so that their first-use self-check needs not run again."""
+    checked = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for backend in backends:
+        key = backend_cache.self_check_key(device, backend, self_check.kernel_digest(backend))
+        details = {"checked": checked, "by": "python -m ops.check", "dtypes": [_dtype_name(d) for d in dtypes]}
+        backend_cache.remember_self_check(key, passed=backend not in wrong, details=details)
 
 
 def main(argv: list[str] | None = None) -> int:

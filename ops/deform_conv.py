@@ -27,6 +27,8 @@ import torchvision
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ops.sampling_record import OffsetSampling, RecordsSampling
+
 BACKENDS = ("auto", "torchvision", "pytorch")
 
 
@@ -158,7 +160,7 @@ def _deform_conv2d_grid_sample(
     return output if bias is None else output + bias[:, None, None]
 
 
-class DeformConv2d(nn.Module):
+class DeformConv2d(RecordsSampling, nn.Module):
     """A deformable convolution with its own offset (and, ``modulated``, mask) predictor.
 
     ``weight`` and ``bias`` are named and shaped as ``nn.Conv2d``'s, so a plain convolution's weights load into it.
@@ -169,8 +171,8 @@ class DeformConv2d(nn.Module):
 
     Args as ``nn.Conv2d``; ``offset_groups`` (G) input channel groups with their own offsets; ``modulated``: v2.
 
-    Forward: (B, C, H, W) -> (B, O, H_out, W_out); with ``return_sampling=True`` also the offsets
-    (B, 2 G k k, H_out, W_out) and the mask (B, G k k, H_out, W_out) or None.
+    Forward: (B, C, H, W) -> (B, O, H_out, W_out). Within :func:`ops.record_sampling` it also records an
+    :class:`ops.OffsetSampling`: the offsets (B, 2 G k k, H_out, W_out) and the mask (B, G k k, H_out, W_out) or None.
     """
 
     def __init__(
@@ -236,12 +238,13 @@ class DeformConv2d(nn.Module):
         taps = prediction.shape[1] // 3
         return prediction[:, : 2 * taps], prediction[:, 2 * taps :].sigmoid()
 
-    def forward(self, features: torch.Tensor, return_sampling: bool = False):
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
         offset, mask = self.predict_sampling(features)
-        output = deform_conv2d(
+        if self.sampling_recorder is not None:
+            self.sampling_recorder(OffsetSampling(offset, mask, tuple(features.shape[-2:])))
+        return deform_conv2d(
             features, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask, self.backend
         )
-        return (output, offset, mask) if return_sampling else output
 
     def extra_repr(self) -> str:
         return (

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from ops.sampling_record import OffsetSampling, RecordsSampling
+
 GAMMA = 0.1  # the papers' offset scale
 
 
@@ -212,12 +214,13 @@ def deform_ps_roi_pool(
     return _pool(input, boxes, offset, mask, output_size, spatial_scale, sampling_ratio, gamma, PS_ROI_ALIGN, True)
 
 
-class DeformRoIPool(nn.Module):
+class DeformRoIPool(RecordsSampling, nn.Module):
     """Deformable RoI pooling with its offset predictor: one fc layer (zero at the start) on the plain pooled
     features predicts ``(dx_hat, dy_hat)`` per bin (and a modulation logit per bin when ``modulated``).
 
-    Forward: input (N, C, H, W), boxes as :func:`deform_roi_pool` -> (K, C, kh, kw); with
-    ``return_sampling=True`` also the offsets (K, 2, kh, kw) and the mask (K, 1, kh, kw) or None.
+    Forward: input (N, C, H, W), boxes as :func:`deform_roi_pool` -> (K, C, kh, kw). Within
+    :func:`ops.record_sampling` it also records an :class:`ops.OffsetSampling`: the offsets (K, 2, kh, kw) and the
+    mask (K, 1, kh, kw) or None.
     """
 
     def __init__(
@@ -245,19 +248,20 @@ class DeformRoIPool(nn.Module):
             self.aligned,
         )  # fmt: skip
 
-    def forward(self, input: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor], return_sampling: bool = False):
+    def forward(self, input: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         plain = self._pool(input, boxes)
         offset, mask = _split_prediction(self.offset_fc(plain.flatten(1)), self.output_size, self.modulated)
-        output = self._pool(input, boxes, offset, mask)
-        return (output, offset, mask) if return_sampling else output
+        if self.sampling_recorder is not None:
+            self.sampling_recorder(OffsetSampling(offset, mask, tuple(input.shape[-2:])))
+        return self._pool(input, boxes, offset, mask)
 
 
-class DeformPSRoIPool(nn.Module):
+class DeformPSRoIPool(RecordsSampling, nn.Module):
     """Deformable position-sensitive RoI pooling with its offset predictor: a 1x1 convolution (zero at the start)
     with ``2 * kh * kw`` channels (3 when ``modulated``) on the input, position-sensitively pooled per RoI into
     ``(dx_hat, dy_hat)`` (and a modulation logit) per bin.
 
-    Forward: input (N, C' * kh * kw, H, W), boxes -> (K, C', kh, kw); ``return_sampling`` as :class:`DeformRoIPool`.
+    Forward: input (N, C' * kh * kw, H, W), boxes -> (K, C', kh, kw); recorded as :class:`DeformRoIPool`.
     """
 
     def __init__(
@@ -289,11 +293,12 @@ class DeformPSRoIPool(nn.Module):
             input, boxes, offset, mask, self.output_size, self.spatial_scale, self.sampling_ratio, self.gamma
         )
 
-    def forward(self, input: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor], return_sampling: bool = False):
+    def forward(self, input: torch.Tensor, boxes: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         prediction = self._pool(self.offset_conv(input), boxes)  # (K, 2 or 3, kh, kw)
         offset, mask = _split_prediction(prediction.flatten(1), self.output_size, self.modulated)
-        output = self._pool(input, boxes, offset, mask)
-        return (output, offset, mask) if return_sampling else output
+        if self.sampling_recorder is not None:
+            self.sampling_recorder(OffsetSampling(offset, mask, tuple(input.shape[-2:])))
+        return self._pool(input, boxes, offset, mask)
 
 
 def _split_prediction(

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
 import torch
 
-from ops import backend_cache, triton_backend
+from ops import backend_cache, self_check, triton_backend
 from ops.pytorch_backend import ms_deform_attn_pytorch
 from ops.validation import _FLOAT_DTYPES, validate_inputs
 
@@ -174,6 +175,8 @@ def ms_deform_attn(
             device, else the compiled kernel for the tensors' device, else pytorch with one warning; see
             :func:`resolve_backend`), "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel) or
             "triton" (Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
+            The first use of "cuda" or "triton" on a device checks the kernel against the float64 reference and
+            runs "pytorch" instead if it disagrees (:mod:`ops.self_check`; ``DETR_MSDA_SELF_CHECK=0``: no check).
         level_shapes: ``spatial_shapes`` as L pairs of Python (or symbolic) ints, for the pytorch backend; None
             reads them from ``spatial_shapes``. Pass the feature maps' own sizes when exporting with dynamic image
             sizes: values read from a tensor become constants (or unbacked symbols) in the exported graph.
@@ -222,14 +225,28 @@ def ms_deform_attn(
         if _is_compiling()
         else resolve_backend(backend, value.device, value.dtype)
     )
+    if not _is_compiling():  # a GPU kernel that never ran on this device is checked first (ops.self_check)
+        chosen = self_check.confirmed(chosen, value.device, functools.partial(_run_kernel, chosen))
     if chosen == "pytorch":
         level_shapes = level_shapes if level_shapes is not None else checked_shapes
         if level_shapes is None:  # traced by torch.compile, or a CUDA graph capture of tensors not checked before
             level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
+    return _run_kernel(chosen, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _run_kernel(
+    kernel: str,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """The custom op of ``kernel`` ("cpu", "cuda" or "triton") on contiguous inputs; differentiable."""
     namespace = torch.ops.deformable_detr
-    kernel = namespace.ms_deform_attn_triton_forward if chosen == "triton" else namespace.ms_deform_attn_forward
-    return kernel(
+    forward = namespace.ms_deform_attn_triton_forward if kernel == "triton" else namespace.ms_deform_attn_forward
+    return forward(
         value.contiguous(),
         spatial_shapes.long().contiguous(),
         level_start_index.long().contiguous(),

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 
 from ops.functional import BACKENDS, ms_deform_attn
+from ops.sampling_record import AttentionSampling, RecordsSampling
 
 
-class MSDeformAttn(nn.Module):
+class MSDeformAttn(RecordsSampling, nn.Module):
     """Each query attends to ``n_points`` learned sampling points per head and level around its reference point.
 
     Sub-module names (``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``) are those of
-    the original implementation's checkpoints.
+    the original implementation's checkpoints. Where it samples is recorded by :func:`ops.record_sampling`.
 
     Args:
         d_model: channels C of queries and values; divisible by ``n_heads``.
@@ -68,9 +69,8 @@ class MSDeformAttn(nn.Module):
         input_spatial_shapes: torch.Tensor,
         input_level_start_index: torch.Tensor,
         input_padding_mask: torch.Tensor | None = None,
-        return_sampling: bool = False,
         level_shapes: Sequence[tuple[int, int]] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """Attend from each query to its sampling points.
 
         Args:
@@ -81,12 +81,12 @@ class MSDeformAttn(nn.Module):
             input_spatial_shapes: (L, 2) int64 rows (H, W).
             input_level_start_index: (L,) int64.
             input_padding_mask: (N, S) bool, True on padding (those values are zeroed), or None.
-            return_sampling: also return where and how strongly each query looked.
             level_shapes: ``input_spatial_shapes`` as Python ints, see :func:`ops.ms_deform_attn`.
 
         Returns:
-            (N, Lq, C); with ``return_sampling`` also sampling_locations (N, Lq, M, L, P, 2) as (x, y) in
-            [0, 1] and attention_weights (N, Lq, M, L, P), summing to 1 over levels and points.
+            (N, Lq, C). Within :func:`ops.record_sampling` it also records an :class:`ops.AttentionSampling`:
+            sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1] of each padded level and
+            attention_weights (N, Lq, M, L, P), summing to 1 over levels and points.
         """
         batch, queries, _ = query.shape
         positions = input_flatten.shape[1]
@@ -118,6 +118,17 @@ class MSDeformAttn(nn.Module):
             sampling_locations = reference[..., :2] + offsets / points * reference[..., 2:] * 0.5
         else:
             raise ValueError(f"reference_points must end in 2 (points) or 4 (boxes), got {reference_points.shape[-1]}")
+        if self.sampling_recorder is not None:
+            self.sampling_recorder(
+                AttentionSampling(
+                    sampling_locations,
+                    attention_weights,
+                    reference_points,
+                    input_spatial_shapes,
+                    input_level_start_index,
+                    input_padding_mask,
+                )
+            )
         output = ms_deform_attn(
             value,
             input_spatial_shapes,
@@ -127,7 +138,4 @@ class MSDeformAttn(nn.Module):
             backend=self.backend,
             level_shapes=level_shapes,
         )
-        output = self.output_proj(output)
-        if return_sampling:
-            return output, sampling_locations, attention_weights
-        return output
+        return self.output_proj(output)

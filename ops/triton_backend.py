@@ -17,10 +17,14 @@ import torch
 
 from ops import custom_ops
 
-# A program's (BLOCK_Q, BLOCK_D) tile holds about 256 elements, two per thread of 4 warps: for sm_80 ptxas then
-# reports 72 (forward) and 96 (backward) registers in float32 and no spills (python -m tools.triton_compile);
-# 2048-element tiles used all 255 registers and spilled up to 2.6 kB.
+# A program's (BLOCK_Q, BLOCK_D) tile holds about 256 elements (2048-element tiles used all 255 registers and
+# spilled up to 2.6 kB), on as many warps as give every lane 16 bytes of a query's channels: Triton then lays the
+# tile out as the CUDA kernels do, a group of D / (16 bytes) lanes per query, one 16-byte load per corner and lane
+# (float32: 2 warps, 8 lanes x 4 channels per query; bfloat16: 1 warp, 4 lanes x 8 channels). Its atomic adds
+# come out as the CUDA kernels' do on sm_90 (one red.global.add.v4.f32 per corner and lane) and, on sm_80, Triton
+# re-lays them out so that a warp's scalar adds cover 128 contiguous bytes (4 sectors per row and instruction).
 TILE_ELEMENTS = 256
+LANE_BYTES = 16
 MAX_BLOCK_QUERIES = 64
 POISON_OUTPUTS = False  # fill outputs with NaN before a launch, so that an element never written shows (tests)
 
@@ -93,6 +97,11 @@ def block_sizes(queries: int, channels: int) -> tuple[int, int]:
     return block_queries, block_channels
 
 
+def warps_for(block_queries: int, block_channels: int, element_size: int) -> int:
+    """Warps of a program: each of its 32 lanes holds LANE_BYTES of the tile (1 to 4 warps)."""
+    return max(1, min(4, block_queries * block_channels * element_size // (32 * LANE_BYTES)))
+
+
 def _launch_config(value: torch.Tensor, sampling_locations: torch.Tensor) -> tuple[tuple[int, int], dict]:
     """(grid, keyword arguments) shared by the forward and the backward launch."""
     batch, positions, heads, channels = value.shape
@@ -109,6 +118,7 @@ def _launch_config(value: torch.Tensor, sampling_locations: torch.Tensor) -> tup
         "ACC": _accumulate_type(value.dtype),
         "BLOCK_Q": block_queries,
         "BLOCK_D": block_channels,
+        "num_warps": warps_for(block_queries, block_channels, value.element_size()),
     }
 
 
@@ -118,6 +128,11 @@ def _check_layout(*tensors: torch.Tensor) -> None:
         raise ValueError("the triton kernels need contiguous inputs (ops.ms_deform_attn makes them so)")
     if not tensors[1].dtype == tensors[2].dtype == torch.int64:
         raise TypeError("the triton kernels need int64 spatial_shapes and level_start_index")
+    if tensors[0][0].numel() > 2**31 - 1:
+        raise ValueError(
+            f"the triton kernels index one batch item of value (S * M * D = {tensors[0][0].numel()} elements) with "
+            'int32, at most 2^31 - 1 elements: use smaller feature maps or backend="pytorch"'
+        )
 
 
 def _on_device(tensor: torch.Tensor):

@@ -1,5 +1,5 @@
 """DeformableDETR end to end on tiny configs: every variant's shapes, losses and gradients, odd sizes, batching,
-the sampling opt-in, and overfitting one batch."""
+recording where it samples, and overfitting one batch."""
 
 from __future__ import annotations
 
@@ -7,20 +7,12 @@ import pytest
 import torch
 
 from models import build_model
+from ops import record_sampling
 from tests.tiny_model import (
     VARIANTS,
     randomize_zero_initialised,
     tiny_config,
     tiny_targets,
-)
-
-SAMPLING_KEYS = (
-    "spatial_shapes",
-    "level_start_index",
-    "valid_ratios",
-    "encoder_reference_points",
-    "encoder_sampling",
-    "decoder_sampling",
 )
 
 
@@ -111,35 +103,36 @@ def test_image_alone_equals_image_in_padded_batch(variant):
     )
 
 
-def test_return_sampling_gives_every_layer():
+def test_record_sampling_gives_every_attention_layer():
     model, _, _ = build_tiny(*VARIANTS["box_refine"])
-    outputs = model(torch.randn(2, 3, 64, 96), return_sampling=True)
-    assert all(key in outputs for key in SAMPLING_KEYS)
+    with record_sampling(model) as records:
+        model(torch.randn(2, 3, 64, 96))
+    assert list(records) == [
+        "transformer.encoder.layers.0.self_attn",
+        "transformer.decoder.layers.0.cross_attn",
+        "transformer.decoder.layers.1.cross_attn",
+    ]
+    (encoder,) = records["transformer.encoder.layers.0.self_attn"]
     levels, heads, points = 4, 2, 4
-    positions = int(outputs["spatial_shapes"].prod(1).sum())
-    assert outputs["encoder_reference_points"].shape == (2, positions, levels, 2)
-    assert len(outputs["encoder_sampling"]) == 1 and len(outputs["decoder_sampling"]) == 2
-    encoder = outputs["encoder_sampling"][-1]
-    assert encoder["sampling_locations"].shape == (2, positions, heads, levels, points, 2)
-    decoder = outputs["decoder_sampling"][-1]
-    assert decoder["sampling_locations"].shape == (2, 8, heads, levels, points, 2)
-    assert decoder["reference_points"].shape == (2, 8, levels, 4)  # refined boxes after the first layer
-    weight_sums = decoder["attention_weights"].flatten(-2).sum(-1)
+    positions = int(encoder.spatial_shapes.prod(1).sum())
+    assert encoder.reference_points.shape == (2, positions, levels, 2)
+    assert encoder.sampling_locations.shape == (2, positions, heads, levels, points, 2)
+    assert encoder.padding_mask.shape == (2, positions) and not encoder.padding_mask.any()
+    (decoder,) = records["transformer.decoder.layers.1.cross_attn"]
+    assert decoder.sampling_locations.shape == (2, 8, heads, levels, points, 2)
+    assert decoder.reference_points.shape == (2, 8, levels, 4)  # refined boxes after the first layer
+    weight_sums = decoder.attention_weights.flatten(-2).sum(-1)
     torch.testing.assert_close(weight_sums, torch.ones_like(weight_sums))
 
 
-def test_sampling_is_not_returned_by_default():
-    model, _, _ = build_tiny()
-    outputs = model(torch.randn(1, 3, 64, 64))
-    assert not any(key in outputs for key in SAMPLING_KEYS)
-
-
-def test_return_sampling_does_not_change_predictions():
+def test_recording_does_not_change_predictions():
     model, _, _ = build_tiny()
     model.eval()
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert_same_predictions(model(images, return_sampling=True), model(images))
+        with record_sampling(model):
+            recorded = model(images)
+        assert_same_predictions(recorded, model(images))
 
 
 def test_padding_mask_of_wrong_shape_is_named():

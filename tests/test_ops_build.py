@@ -35,7 +35,7 @@ def test_compile_error_is_raised_as_kernel_build_error(tmp_path, monkeypatch):
 def test_failed_build_is_attempted_once_per_process_for_auto(monkeypatch):
     attempts = []
 
-    def failing_build(kind, sources, verbose):
+    def failing_build(kind, sources, verbose, defines=()):
         attempts.append(kind)
         raise build.KernelBuildError(f"building the {kind} kernel of ms_deform_attn failed: no compiler")
 
@@ -51,7 +51,8 @@ def test_failed_build_is_attempted_once_per_process_for_auto(monkeypatch):
 
 
 def test_explicit_backend_after_a_failed_build_raises_the_first_error(monkeypatch):
-    monkeypatch.setattr(build, "_build", lambda kind, sources, verbose: 1 / 0)  # not a KernelBuildError: a bug
+    # not a KernelBuildError: a bug
+    monkeypatch.setattr(build, "_build", lambda kind, sources, verbose, defines=(): 1 / 0)
     monkeypatch.setattr(build, "_outcomes", {"cpu": build.KernelBuildError("building the cpu kernel failed: boom")})
     monkeypatch.setattr(functional, "_kernel_loaded", {})
     with pytest.raises(build.KernelBuildError, match="boom .not retried in this process"):

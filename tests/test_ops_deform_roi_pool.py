@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+from ops import record_sampling
 from ops.deform_roi_pool import DeformPSRoIPool, DeformRoIPool, deform_ps_roi_pool, deform_roi_pool, deformed_bins
 
 F64 = torch.float64
@@ -137,7 +138,9 @@ def test_modules_start_as_plain_pooling_and_learn_offsets(module_class, modulate
     input, rois, _, _ = make_problem(position_sensitive)
     input = input.float()
     module = module_class(input.shape[1], output_size=2, spatial_scale=0.5, sampling_ratio=2, modulated=modulated)
-    output, offset, mask = module(input, rois.float(), return_sampling=True)
+    with record_sampling(module) as records:
+        output = module(input, rois.float())
+    offset, mask = records[""][0].offset, records[""][0].mask
     plain = (torchvision.ops.ps_roi_align if position_sensitive else torchvision.ops.roi_align)(
         input, rois.float(), 2, 0.5, 2
     )

@@ -1,4 +1,5 @@
-"""MSDeformAttn: shapes, padding mask, initial sampling pattern, box references, checkpoint names."""
+"""MSDeformAttn: shapes, padding mask, initial sampling pattern, box references, checkpoint names (where it samples
+is read through ops.record_sampling, tested in test_ops_sampling_record.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from ops import MSDeformAttn
+from ops import MSDeformAttn, record_sampling
 
 LEVEL_SHAPES = [(6, 8), (3, 4), (2, 2)]
 
@@ -35,9 +36,17 @@ def _module(backend="cpu", d_model=16, heads=4, points=3):
     return module
 
 
+def _sampled(module: MSDeformAttn, **inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The module's output and where it sampled: sampling_locations, attention_weights."""
+    with record_sampling(module) as records:
+        output = module(**inputs)
+    (sampling,) = records[""]
+    return output, sampling.sampling_locations, sampling.attention_weights
+
+
 def test_output_and_sampling_shapes():
     inputs = _inputs()
-    output, locations, weights = _module()(**inputs, return_sampling=True)
+    output, locations, weights = _sampled(_module(), **inputs)
     assert output.shape == (2, 5, 16)
     assert locations.shape == (2, 5, 4, 3, 3, 2)
     assert weights.shape == (2, 5, 4, 3, 3)
@@ -66,7 +75,7 @@ def test_initial_sampling_pattern_is_a_ring_of_directions_with_uniform_weights()
     module = MSDeformAttn(d_model=16, n_levels=3, n_heads=8, n_points=4)
     inputs = _inputs(batch=1, queries=1)
     inputs["query"] = torch.zeros_like(inputs["query"])  # offsets are then the biases alone
-    _, locations, weights = module(**inputs, return_sampling=True)
+    _, locations, weights = _sampled(module, **inputs)
     torch.testing.assert_close(weights, torch.full_like(weights, 1 / 12))
     widths_heights = torch.tensor(LEVEL_SHAPES).flip(-1).float()  # (L, 2) as (W, H)
     offsets_in_pixels = (locations - inputs["reference_points"][:, :, None, :, None, :]) * widths_heights[:, None]
@@ -86,7 +95,7 @@ def test_box_references_scale_offsets_by_box_size():
     inputs = _inputs()
     boxes = torch.cat([inputs["reference_points"], torch.full_like(inputs["reference_points"], 0.2)], -1)
     inputs["reference_points"] = boxes
-    _, locations, _ = module(**inputs, return_sampling=True)
+    _, locations, _ = _sampled(module, **inputs)
     offsets = module.sampling_offsets(inputs["query"]).view(2, 5, 4, 3, 3, 2)
     expected = boxes[:, :, None, :, None, :2] + offsets / 3 * boxes[:, :, None, :, None, 2:] * 0.5
     torch.testing.assert_close(locations, expected)
@@ -95,7 +104,7 @@ def test_box_references_scale_offsets_by_box_size():
 def test_point_references_offset_in_pixels_of_each_level():
     module = _module()
     inputs = _inputs()
-    _, locations, _ = module(**inputs, return_sampling=True)
+    _, locations, _ = _sampled(module, **inputs)
     offsets = module.sampling_offsets(inputs["query"]).view(2, 5, 4, 3, 3, 2)
     sizes = torch.tensor(LEVEL_SHAPES).flip(-1).float()[None, None, None, :, None, :]
     torch.testing.assert_close(locations, inputs["reference_points"][:, :, None, :, None, :] + offsets / sizes)

@@ -177,3 +177,10 @@ def test_triton_kernels_compile_for_a_gpu_without_one():
     assert len(lines) == 6, completed.stdout
     backward = [line for line in lines if line.startswith("ms_deform_attn_backward_kernel")]
     assert backward and all(re.search(r"(atom|red)\.global[.\w]*add", line) for line in backward), backward
+
+
+def test_triton_refuses_a_batch_item_too_large_for_int32_offsets():
+    value = torch.empty(1, 2**28, 8, 1, device="meta")  # S * M * D = 2^31 elements: one past the int32 range
+    shapes = torch.empty(1, 2, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="int32"):
+        triton_backend._check_layout(value, shapes, shapes[:, 0], value, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 from pathlib import Path
@@ -36,3 +37,79 @@ def test_the_long_tests_are_marked_slow_and_still_run_by_default():
         assert "slow" in [mark.name for mark in getattr(test, "pytestmark", [])], test_id
     addopts = re.findall(r"^addopts\s*=.*$", (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
     assert not [line for line in addopts if "slow" in line], "make test must run the slow tests too"
+
+
+# What each product package may import of the project: data flows main.py -> engine -> datasets / models -> ops ->
+# util; benchmarks/ and tools/ stand beside the product and nothing in it imports them.
+ALLOWED_IMPORTS = {
+    "util": {"util"},
+    "ops": {"ops", "util"},
+    "models": {"models", "ops", "util"},
+    "datasets": {"datasets", "util"},
+    "engine": {"engine", "models", "datasets", "ops", "util"},
+}
+PROJECT_PACKAGES = {*ALLOWED_IMPORTS, "main", "benchmarks", "tools", "tests"}
+
+
+def project_imports(path: Path) -> set[str]:
+    """The modules of this repository that the file ``path`` imports (absolute imports, any depth in the file)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # ``from ops import backend_cache`` imports the module ops.backend_cache, not only ops/__init__.py
+            names = [
+                f"{node.module}.{alias.name}"
+                if (ROOT / node.module.replace(".", "/") / f"{alias.name}.py").is_file()
+                else node.module
+                for alias in node.names
+            ]
+        found.update(name for name in names if name.split(".")[0] in PROJECT_PACKAGES)
+    return found
+
+
+def test_each_product_package_imports_only_the_layers_below_it():
+    wrong = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for package, allowed in ALLOWED_IMPORTS.items()
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for name in sorted(project_imports(path))
+        if name.split(".")[0] not in allowed
+    ]
+    assert not wrong, wrong
+
+
+def test_main_imports_no_benchmark_or_tool():
+    assert not {name for name in project_imports(ROOT / "main.py") if name.split(".")[0] in {"benchmarks", "tools"}}
+
+
+def test_no_import_circle_between_product_modules():
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): path
+        for package in ALLOWED_IMPORTS
+        for path in (ROOT / package).rglob("*.py")
+    }
+    graph = {module: {name for name in project_imports(path) if name in modules} for module, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(module: str, trail: list[str]) -> list[str] | None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                return [*trail, module, target]
+            if target not in state and (circle := visit(target, [*trail, module])):
+                return circle
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            circle = visit(module, [])
+            assert circle is None, " -> ".join(circle)
+
+
+def test_the_readme_is_a_door_of_at_most_8_kb_whose_links_exist():
+    readme = ROOT / "README.md"
+    assert readme.stat().st_size <= 8192, f"README.md is {readme.stat().st_size} bytes"
+    links = re.findall(r"\]\(([^)#]+)\)", readme.read_text(encoding="utf-8"))
+    assert links and all((ROOT / link).exists() for link in links if "://" not in link), links

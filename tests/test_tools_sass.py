@@ -140,3 +140,9 @@ def test_registers_and_spills_are_read_per_function():
     )
     assert sass.parse_registers(usage) == {"_Z1kv": 40, "_Z1gv": 255}
     assert sass.parse_spills(report) == {"_Z1kv": (0, 0), "_Z1gv": (24, 16)}
+
+
+def test_a_vector_atomic_keeps_its_width_in_the_opcode():
+    listing = ".text._Z1av:\n        /*0000*/    REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R4 ;\n"
+    (instruction,) = sass.parse_functions(listing)["_Z1av"]
+    assert instruction.opcode == "REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU" and instruction.operands.startswith("desc")

@@ -32,13 +32,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CSRC = Path(__file__).resolve().parent / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "ops" / "csrc"
 ARCHS = ("80", "90")
 DTYPES = ("float", "c10::BFloat16")
 # nominal memory bandwidths in bytes/s (A100 SXM4 80 GB, H100 SXM5)
 BANDWIDTHS = {"A100": 2.039e12, "H100": 3.35e12}
 
-_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
 _LABEL = re.compile(r"^(\.L_x_\d+):")
 _BRANCH_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
 _LINE = re.compile(r'"([^"]+)", line (\d+)')  # in "//## File ..., line N [inlined at ..., line M]"
@@ -51,6 +51,8 @@ class Instruction:
     opcode: str
     operands: str
     line: tuple[str, int] | None
+    predicate: str = ""  # "@P0", "@!P1", "@UP0", ... or "" for an unconditional instruction
+    frames: tuple[tuple[str, int], ...] = ()  # the inlining chain, innermost line first, ``line`` last
 
 
 @dataclass
@@ -88,17 +90,26 @@ def parse_functions(listing: str) -> dict[str, list[Instruction]]:
     """``nvdisasm -c [-g]`` output -> {mangled function name: instructions}, labels as instructions' addresses."""
     functions: dict[str, list[Instruction]] = {}
     current: list[Instruction] | None = None
-    line: tuple[str, int] | None = None
+    frames: tuple[tuple[str, int], ...] = ()
+    fresh = False  # a //## comment came since the last instruction
     for text in listing.splitlines():
         stripped = text.strip()
         if match := _FUNCTION.match(stripped):
-            current, line = functions.setdefault(match.group(1), []), None
+            current, frames, fresh = functions.setdefault(match.group(1), []), (), False
         elif current is None:
             continue
         elif stripped.startswith("//##") and (locations := _LINE.findall(stripped)):
-            line = (locations[-1][0], int(locations[-1][1]))  # the outermost call site: a line of the kernel
+            # "inner, line A inlined at outer, line B": a chain may go on in the next comment from its last frame
+            chain = tuple((file, int(number)) for file, number in locations)
+            frames = frames + chain[1:] if fresh and frames and chain[0] == frames[-1] else chain
+            fresh = True
         elif match := _INSTRUCTION.search(stripped):
-            current.append(Instruction(int(match.group(1), 16), match.group(3), match.group(4).strip(), line))
+            predicate = (match.group(2) or "").strip()
+            line = frames[-1] if frames else None  # the outermost call site: a line of the kernel
+            current.append(
+                Instruction(int(match.group(1), 16), match.group(3), match.group(4).strip(), line, predicate, frames)
+            )
+            fresh = False
     return functions
 
 
@@ -334,9 +345,22 @@ def stats_table(stats: list[KernelStats], baseline: dict[tuple[str, str], float]
     return lines
 
 
+def floor_elements(batch: int, positions: int, queries: int, levels: int) -> tuple[int, int]:
+    """(forward, backward) elements that must cross memory once at M=8, D=32, P=4 (ops.cases' shapes).
+
+    Forward: value, (x, y) and weights read, the output written. Backward: value, locations, weights and the output
+    gradient read, the three gradients written."""
+    from ops.cases import CHANNELS, HEADS, POINTS
+
+    value = batch * positions * HEADS * CHANNELS
+    samples = batch * queries * HEADS * levels * POINTS
+    output = batch * queries * HEADS * CHANNELS
+    return value + 3 * samples + output, 2 * value + 6 * samples + output
+
+
 def floor_table() -> list[str]:
     """Bytes that must cross memory once, over the nominal bandwidth, for the op benchmark cases and COCO size."""
-    from ops.cases import CASES, CHANNELS, HEADS, POINTS
+    from ops.cases import CASES
 
     cases = [(case.name, case.batch, case.level_shapes, case.queries) for case in CASES.values()]
     coco = CASES["coco_encoder"].level_shapes
@@ -349,13 +373,7 @@ def floor_table() -> list[str]:
     for name, batch, level_shapes, queries in cases:
         positions = sum(h * w for h, w in level_shapes)
         queries = positions if queries is None else queries
-        levels = len(level_shapes)
-        value = batch * positions * HEADS * CHANNELS
-        samples = batch * queries * HEADS * levels * POINTS
-        output = batch * queries * HEADS * CHANNELS
-        forward_elements = value + 3 * samples + output  # value, (x, y), weights read; output written
-        # backward: value, locations, weights and grad_output read; grad value, locations, weights written
-        backward_elements = 2 * value + 6 * samples + output
+        forward_elements, backward_elements = floor_elements(batch, positions, queries, len(level_shapes))
         for dtype, size in (("float32", 4), ("bfloat16", 2)):
             forward, both = forward_elements * size, (forward_elements + backward_elements) * size
             times = [

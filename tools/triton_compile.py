@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -25,8 +26,9 @@ DTYPES = {"float32": ("fp32", "float32"), "bfloat16": ("bf16", "float32"), "floa
 INTEGER_POINTERS = ("shapes_ptr", "starts_ptr")
 
 
-def compile_kernel(kernel, dtype: str, arch: int, channels: int = 32, queries: int = 300):
-    """The compiled kernel (``.asm`` holds its PTX) for value in ``dtype`` on sm_``arch``."""
+def compile_kernel(kernel, dtype: str, arch: int, channels: int = 32, queries: int = 300, warps: int | None = None):
+    """The compiled kernel (``.asm`` holds its PTX) for value in ``dtype`` on sm_``arch``, with the warps the
+    backend launches (``warps`` overrides them) and the 16-byte pointer alignment a launch specialises."""
     data, accumulate = DTYPES[dtype]
     signature = {}
     for name in kernel.arg_names:
@@ -45,17 +47,31 @@ def compile_kernel(kernel, dtype: str, arch: int, channels: int = 32, queries: i
         "BLOCK_Q": block_queries,
         "BLOCK_D": block_channels,
     }
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    # as a launch specialises them: every tensor torch allocates starts on a 16-byte boundary
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if name.endswith("_ptr")}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
+    element_size = {"float32": 4, "bfloat16": 2, "float64": 8}[dtype]
+    if warps is None:  # as ops.triton_backend launches it
+        warps = triton_backend.warps_for(block_queries, block_channels, element_size)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
 def ptxas_usage(ptx: str, arch: int) -> str:
-    """ptxas -v's "Used N registers" and spill figures for the PTX."""
+    """ptxas -v's "Used N registers" and spill figures for the PTX (the first of triton's ptxas binaries that
+    reads its PTX version: triton 3.9 writes PTX 9.4 for sm_90a, which only its ptxas-blackwell reads)."""
+    default = Path(triton.knobs.nvidia.ptxas.path)
+    target = re.search(r"^\.target (\w+)", ptx, re.M)  # sm_90a where triton targets it
+    gpu = target.group(1) if target else f"sm_{arch}"
+    report = ""
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as file:
         file.write(ptx)
         file.flush()
-        command = [triton.knobs.nvidia.ptxas.path, "-v", f"--gpu-name=sm_{arch}", file.name, "-o", "/dev/null"]
-        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+        for ptxas in (default, default.with_name("ptxas-blackwell")):
+            command = [str(ptxas), "-v", f"--gpu-name={gpu}", file.name, "-o", "/dev/null"]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode == 0:
+                report = result.stderr
+                break
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores", report)
     return f"{registers.group(1) if registers else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"

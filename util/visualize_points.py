@@ -1,8 +1,8 @@
 """Where the deformable attention looked, in pixels of the original image.
 
-``model(images, padding_mask, return_sampling=True)`` returns every layer's sampling locations and reference points
-as (x, y) in [0, 1] of each *padded* level map (``ops.MSDeformAttn`` adds its offsets there). This module maps them
-back to the image the user gave, in three steps per level l:
+The attention samples at (x, y) in [0, 1] of each *padded* level map, around reference points in the same units
+(``ops.MSDeformAttn`` adds its offsets there; ``ops.record_sampling`` records both). This module maps them back to
+the image the user gave, in two steps per level l:
 
     location / valid_ratios[l]        [0, 1] of the unpadded (resized) image; the model's own convention, with
                                       which it places reference points on the padded levels
@@ -11,7 +11,8 @@ back to the image the user gave, in three steps per level l:
 
 On coarse levels the unpadded share counts whole cells of the padding mask resized to that level, so it differs a
 little from the image's exact share of the padded batch; dividing by it is still right, because the model places
-its reference points in those same units. Nothing here runs a model or draws: :mod:`util.visualize` does both.
+its reference points in those same units. Plain tensors in and out: nothing here runs a model or draws
+(``engine.attention_view`` does both).
 """
 
 from __future__ import annotations
@@ -19,15 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-SAMPLING_KEYS = (
-    "spatial_shapes",
-    "level_start_index",
-    "valid_ratios",
-    "encoder_reference_points",
-    "encoder_sampling",
-    "decoder_sampling",
-)
 
 
 @dataclass
@@ -46,13 +38,6 @@ class QuerySampling:
     sampling_points: torch.Tensor
     attention_weights: torch.Tensor
     reference_box: torch.Tensor | None = None
-
-
-def check_sampling_outputs(outputs: dict) -> None:
-    """Raise a ValueError unless ``outputs`` holds what ``return_sampling=True`` adds."""
-    missing = [key for key in SAMPLING_KEYS if key not in outputs]
-    if missing:
-        raise ValueError(f"outputs lack {missing}: run the model with return_sampling=True")
 
 
 def resolve_layer(layer: int, num_layers: int, name: str) -> int:
@@ -90,73 +75,61 @@ def _box_to_image_pixels(box: torch.Tensor, valid_ratio: torch.Tensor, image_siz
     return torch.cat([centre - size / 2, centre + size / 2])
 
 
-def decoder_query_sampling(
-    outputs: dict, layer: int, batch_index: int, query: int, image_size: tuple[int, int]
+def query_sampling(
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    reference_points: torch.Tensor,
+    valid_ratios: torch.Tensor,
+    image_size: tuple[int, int],
 ) -> QuerySampling:
-    """Decoder layer ``layer``'s cross-attention of object query ``query`` of image ``batch_index``.
+    """One query's attention in one layer, from the padded levels to pixels of the original image.
 
     Args:
-        outputs: the detector's outputs with ``return_sampling=True``.
-        layer: decoder layer (negative counts from the last).
-        image_size: (height, width) of image ``batch_index`` before resizing and padding.
+        sampling_locations: (M, L, P, 2) (x, y) in [0, 1] of each padded level.
+        attention_weights: (M, L, P).
+        reference_points: (L, 2) points or (L, 4) boxes (cx, cy, w, h) on each padded level: one point of the
+            image placed on every level (the model scales it by each level's ratio), so level 0's is drawn.
+        valid_ratios: (L, 2) the unpadded share (x, y) of each level.
+        image_size: (height, width) of the image before resizing and padding.
     """
-    check_sampling_outputs(outputs)
-    layers = outputs["decoder_sampling"]
-    sampling = layers[resolve_layer(layer, len(layers), "decoder")]
-    valid_ratios = outputs["valid_ratios"][batch_index]  # (L, 2)
-    locations = sampling["sampling_locations"][batch_index, query]  # (M, L, P, 2)
-    reference = sampling["reference_points"][batch_index, query]  # (L, 2 or 4)
-    # The reference is the same image point on every level (the decoder scales it by each level's ratio): level 0.
     reference_box = None
-    if reference.shape[-1] == 4:
-        reference_box = _box_to_image_pixels(reference[0], valid_ratios[0], image_size)
+    if reference_points.shape[-1] == 4:
+        reference_box = _box_to_image_pixels(reference_points[0], valid_ratios[0], image_size)
     return QuerySampling(
-        reference_point=to_image_pixels(reference[0, :2], valid_ratios[0], image_size),
-        sampling_points=to_image_pixels(locations, valid_ratios[None, :, None, :], image_size),
-        attention_weights=sampling["attention_weights"][batch_index, query],
+        reference_point=to_image_pixels(reference_points[0, :2], valid_ratios[0], image_size),
+        sampling_points=to_image_pixels(sampling_locations, valid_ratios[None, :, None, :], image_size),
+        attention_weights=attention_weights,
         reference_box=reference_box,
     )
 
 
-def encoder_query_index(
-    outputs: dict, batch_index: int, pixel: tuple[float, float], image_size: tuple[int, int], level: int = 0
+def cell_query_index(
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    valid_ratios: torch.Tensor,
+    pixel: tuple[float, float],
+    image_size: tuple[int, int],
+    level: int = 0,
 ) -> int:
     """The encoder query (an index into the flattened levels) of the level-``level`` cell covering ``pixel``.
 
     Args:
+        spatial_shapes: (L, 2) rows (H, W); level_start_index: (L,); valid_ratios: (L, 2) of the image.
         pixel: (x, y) in pixels of the original image.
         image_size: (height, width) of the original image.
         level: which level's cell serves as the query (0: the finest).
     """
-    check_sampling_outputs(outputs)
-    num_levels = outputs["spatial_shapes"].shape[0]
+    num_levels = spatial_shapes.shape[0]
     if not 0 <= level < num_levels:
         raise ValueError(f"query level {level} does not exist: the model has {num_levels} feature level(s)")
     height, width = image_size
     x, y = pixel
     if not (0 <= x <= width and 0 <= y <= height):
         raise ValueError(f"point ({x}, {y}) lies outside the {width}x{height} image")
-    map_height, map_width = outputs["spatial_shapes"][level].tolist()
-    valid_x, valid_y = outputs["valid_ratios"][batch_index, level].tolist()
+    map_height, map_width = spatial_shapes[level].tolist()
+    valid_x, valid_y = valid_ratios[level].tolist()
     valid_width = max(1, round(valid_x * map_width))
     valid_height = max(1, round(valid_y * map_height))
     column = min(int(x / width * valid_width), valid_width - 1)
     row = min(int(y / height * valid_height), valid_height - 1)
-    return int(outputs["level_start_index"][level]) + row * map_width + column
-
-
-def encoder_query_sampling(
-    outputs: dict, layer: int, batch_index: int, query: int, image_size: tuple[int, int]
-) -> QuerySampling:
-    """Encoder layer ``layer``'s self-attention of encoder query ``query`` (see :func:`encoder_query_index`)."""
-    check_sampling_outputs(outputs)
-    layers = outputs["encoder_sampling"]
-    sampling = layers[resolve_layer(layer, len(layers), "encoder")]
-    valid_ratios = outputs["valid_ratios"][batch_index]
-    reference = outputs["encoder_reference_points"][batch_index, query]  # (L, 2), one image point on every level
-    locations = sampling["sampling_locations"][batch_index, query]
-    return QuerySampling(
-        reference_point=to_image_pixels(reference[0], valid_ratios[0], image_size),
-        sampling_points=to_image_pixels(locations, valid_ratios[None, :, None, :], image_size),
-        attention_weights=sampling["attention_weights"][batch_index, query],
-    )
+    return int(level_start_index[level]) + row * map_width + column

@@ -9,6 +9,11 @@
 #include <cmath>
 #include <cstdint>
 
+// The CUDA emulation's mutant build (tests only) switches deliberate defects on; a constant false everywhere else.
+#ifndef MSDA_MUTATION
+#define MSDA_MUTATION(name) false
+#endif
+
 namespace deformable_detr {
 
 C10_HOST_DEVICE inline float floor_of(float v) { return floorf(v); }
@@ -44,7 +49,7 @@ C10_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, index_t height, i
   const bool top = h_low >= 0;
   const bool bottom = h_low + 1 <= height - 1;
   const bool left = w_low >= 0;
-  const bool right = w_low + 1 <= width - 1;
+  const bool right = MSDA_MUTATION(kRightBorder) ? w_low + 1 <= width : w_low + 1 <= width - 1;
   corners.position[0] = (top && left) ? h_low * width + w_low : -1;
   corners.position[1] = (top && right) ? h_low * width + w_low + 1 : -1;
   corners.position[2] = (bottom && left) ? (h_low + 1) * width + w_low : -1;
@@ -58,12 +63,19 @@ C10_HOST_DEVICE inline bool bilinear_corners(acc_t x, acc_t y, index_t height, i
 
 // True when level `level` lies inside the S positions of value; kernels skip a level that does not, so that a
 // malformed spatial_shapes/level_start_index can never make them read or write out of bounds.
-C10_HOST_DEVICE inline bool level_in_bounds(const int64_t* spatial_shapes, const int64_t* level_start_index,
+// Int64Pointer: const int64_t*, or anything indexed like it (the CUDA emulation's pointers check every read).
+template <typename Int64Pointer>
+C10_HOST_DEVICE inline bool level_in_bounds(Int64Pointer spatial_shapes, Int64Pointer level_start_index,
                                             int64_t level, int64_t num_positions) {
   const int64_t height = spatial_shapes[2 * level];
   const int64_t width = spatial_shapes[2 * level + 1];
   const int64_t start = level_start_index[level];
   return height > 0 && width > 0 && start >= 0 && start + height * width <= num_positions;
+}
+
+C10_HOST_DEVICE inline bool level_in_bounds(const int64_t* spatial_shapes, const int64_t* level_start_index,
+                                            int64_t level, int64_t num_positions) {
+  return level_in_bounds<const int64_t*>(spatial_shapes, level_start_index, level, num_positions);
 }
 
 }  // namespace deformable_detr

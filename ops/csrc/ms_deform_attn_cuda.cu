@@ -14,8 +14,7 @@ namespace deformable_detr {
 namespace {
 
 struct CudaLauncher {
-  static void bind(std::initializer_list<at::Tensor>, const std::vector<at::Tensor>&) {}
-  static void poison(const at::Tensor&) {}
+  static void bind(const std::vector<cuda_kernels::Binding>&) {}
 
   template <typename... Parameters, typename... Arguments>
   static void launch(void (*kernel)(Parameters...), int64_t blocks, int threads, const Arguments&... arguments) {

@@ -17,7 +17,8 @@
 // every corner once per sample; the attention-weight and location gradients are linear in the four sums
 // grad_output . corner (one multiply-add per corner and channel), reduced across the group with xor shuffles and
 // written by the lane that owns the sample; the value gradient is scattered with atomics into a float32 (float64)
-// accumulator: float4/float2 vector atomics on sm_90, one atomic per element before. Native half2/bfloat162
+// accumulator: float4/float2 vector atomics on sm_90, one atomic per element before, in a layout of their own
+// (atomic_layout) in which every atomic instruction of a warp fills whole 32-byte sectors. Native half2/bfloat162
 // atomics into half storage would round every partial sum to 8-11 bits, so the accumulator stays float32 and is
 // cast once at the end.
 #pragma once
@@ -35,15 +36,20 @@
 #include "bilinear.h"
 #include "checks.h"
 
-#ifndef MSDA_CHECK_ACCESS
-#define MSDA_CHECK_ACCESS(pointer, bytes, write)
-#endif
-#ifndef MSDA_VECTOR_ATOMICS
+// Global memory is reached through GlobalPointer<T> and MSDA_ADDRESS(pointer, bytes, Read | Write | Atomic), the
+// address to access: a plain T* and the pointer itself for nvcc; the emulation's pointers remember their tensor and
+// check every access (cuda_emulation.h). MSDA_HAS_VECTOR_ATOMICS: the float2/float4 atomics of sm_90 are compiled
+// in; MSDA_USE_VECTOR_ATOMICS: they are used (the emulation runs either path, by set_architecture).
+#ifndef MSDA_EMULATION
+template <typename T>
+using GlobalPointer = T*;
+#define MSDA_ADDRESS(pointer, bytes, kind) (pointer)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define MSDA_VECTOR_ATOMICS 1
+#define MSDA_HAS_VECTOR_ATOMICS 1
 #else
-#define MSDA_VECTOR_ATOMICS 0
+#define MSDA_HAS_VECTOR_ATOMICS 0
 #endif
+#define MSDA_USE_VECTOR_ATOMICS true
 #endif
 
 namespace deformable_detr {
@@ -61,58 +67,64 @@ struct alignas(sizeof(T) * V) Vector {
 __device__ __forceinline__ int smaller(int a, int b) { return a < b ? a : b; }
 
 template <int V, typename T>
-__device__ __forceinline__ Vector<T, V> load_vector(const T* address) {
-  MSDA_CHECK_ACCESS(address, sizeof(Vector<T, V>), false);
-  return *reinterpret_cast<const Vector<T, V>*>(address);
+__device__ __forceinline__ Vector<T, V> load_vector(GlobalPointer<const T> address) {
+  return *reinterpret_cast<const Vector<T, V>*>(MSDA_ADDRESS(address, sizeof(Vector<T, V>), Read));
 }
 
 template <int V, typename T>
-__device__ __forceinline__ void store_vector(T* address, const Vector<T, V>& vector) {
-  MSDA_CHECK_ACCESS(address, sizeof(Vector<T, V>), true);
-  *reinterpret_cast<Vector<T, V>*>(address) = vector;
+__device__ __forceinline__ void store_vector(GlobalPointer<T> address, const Vector<T, V>& vector) {
+  *reinterpret_cast<Vector<T, V>*>(MSDA_ADDRESS(address, sizeof(Vector<T, V>), Write)) = vector;
 }
 
 template <typename T>
-__device__ __forceinline__ T load_scalar(const T* address) {
-  MSDA_CHECK_ACCESS(address, sizeof(T), false);
-  return *address;
+__device__ __forceinline__ T load_scalar(GlobalPointer<const T> address) {
+  return *MSDA_ADDRESS(address, sizeof(T), Read);
 }
 
 template <typename T>
-__device__ __forceinline__ void store_scalar(T* address, T value) {
-  MSDA_CHECK_ACCESS(address, sizeof(T), true);
-  *address = value;
+__device__ __forceinline__ void store_scalar(GlobalPointer<T> address, T value) {
+  *MSDA_ADDRESS(address, sizeof(T), Write) = value;
 }
 
-// Adds V accumulator elements at `address` (aligned to V elements).
-template <int V, typename acc_t>
-__device__ __forceinline__ void atomic_add_vector(acc_t* address, const acc_t (&values)[V]) {
-#if MSDA_VECTOR_ATOMICS
-  if constexpr (std::is_same<acc_t, float>::value && V % 4 == 0) {
+// Elements one atomic instruction adds for a lane: 4 or 2 floats where sm_90's vector atomics divide V, else 1.
+template <typename acc_t, int V>
+constexpr int vector_atomic_width() {
+  if (!std::is_same<acc_t, float>::value) return 1;
+  return V % 4 == 0 ? 4 : V % 2 == 0 ? 2 : 1;
+}
+
+// Adds A accumulator elements at `address` (aligned to A elements) with one atomic instruction (A = 2 or 4: sm_90's
+// float2/float4 atomics).
+template <int A, typename acc_t>
+__device__ __forceinline__ void atomic_add(GlobalPointer<acc_t> address, const acc_t* values) {
+  if (MSDA_MUTATION(kPlainAdd)) {  // a data race: the emulation must report it
 #pragma unroll
-    for (int i = 0; i < V; i += 4) {
-      atomicAdd(reinterpret_cast<float4*>(address + i),
-                make_float4(values[i], values[i + 1], values[i + 2], values[i + 3]));
-    }
+    for (int i = 0; i < A; ++i) store_scalar(address + i, load_scalar<acc_t>(address + i) + values[i]);
     return;
-  } else if constexpr (std::is_same<acc_t, float>::value && V % 2 == 0) {
-#pragma unroll
-    for (int i = 0; i < V; i += 2) atomicAdd(reinterpret_cast<float2*>(address + i), make_float2(values[i], values[i + 1]));
+  }
+#if MSDA_HAS_VECTOR_ATOMICS
+  if constexpr (A == 4) {
+    atomicAdd(reinterpret_cast<float4*>(MSDA_ADDRESS(address, 4 * sizeof(acc_t), Atomic)),
+              make_float4(values[0], values[1], values[2], values[3]));
+    return;
+  } else if constexpr (A == 2) {
+    atomicAdd(reinterpret_cast<float2*>(MSDA_ADDRESS(address, 2 * sizeof(acc_t), Atomic)),
+              make_float2(values[0], values[1]));
     return;
   }
 #endif
-#pragma unroll
-  for (int i = 0; i < V; ++i) atomicAdd(address + i, values[i]);
+  static_assert(A == 1 || MSDA_HAS_VECTOR_ATOMICS, "vector atomics need sm_90");
+  atomicAdd(MSDA_ADDRESS(address, sizeof(acc_t), Atomic), values[0]);
 }
 
 // What the kernels read; sizes as int32 where the host checked they fit.
 template <typename scalar_t>
 struct Problem {
-  const scalar_t* value;               // (N, S, M, D)
-  const int64_t* spatial_shapes;       // (L, 2)
-  const int64_t* level_start_index;    // (L,)
-  const scalar_t* sampling_locations;  // (N, Lq, M, L, P, 2)
-  const scalar_t* attention_weights;   // (N, Lq, M, L, P)
+  GlobalPointer<const scalar_t> value;               // (N, S, M, D)
+  GlobalPointer<const int64_t> spatial_shapes;       // (L, 2)
+  GlobalPointer<const int64_t> level_start_index;    // (L,)
+  GlobalPointer<const scalar_t> sampling_locations;  // (N, Lq, M, L, P, 2)
+  GlobalPointer<const scalar_t> attention_weights;   // (N, Lq, M, L, P)
   int64_t query_heads;                 // N * Lq * M
   int positions, heads, channels, queries, levels, points;
   int lanes, lanes_log2;  // lanes per (batch, query, head)
@@ -141,8 +153,8 @@ struct SampleCorners {
 // start at `locations` and `attention`; any other `sample` gives a skipped sample.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ SampleCorners<acc_t> sample_corners(const Problem<scalar_t>& p, bool valid, int sample,
-                                                               const scalar_t* locations,
-                                                               const scalar_t* attention) {
+                                                               GlobalPointer<const scalar_t> locations,
+                                                               GlobalPointer<const scalar_t> attention) {
   SampleCorners<acc_t> corners;
   corners.inside = false;
   corners.attention = acc_t(0);
@@ -180,7 +192,7 @@ __device__ __forceinline__ SampleCorners<acc_t> sample_corners(const Problem<sca
 }
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kThreads) forward_kernel(Problem<scalar_t> p, scalar_t* __restrict__ output) {
+__global__ void __launch_bounds__(kThreads) forward_kernel(Problem<scalar_t> p, GlobalPointer<scalar_t> output) {
   using acc_t = at::opmath_type<scalar_t>;
   if (warp_is_idle(p)) return;  // a whole warp past the end leaves at once: no lane of it shuffles
   const int lane = threadIdx.x & (p.lanes - 1);
@@ -190,9 +202,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Problem<scalar_t> p, 
   const int64_t batch = query_head / (static_cast<int64_t>(p.queries) * p.heads);
   const int head = static_cast<int>(query_head % p.heads);
   const int samples = p.levels * p.points;
-  const scalar_t* value = p.value + (batch * p.positions * p.heads + head) * p.channels;
-  const scalar_t* locations = p.sampling_locations + query_head * samples * 2;
-  const scalar_t* attention = p.attention_weights + query_head * samples;
+  const GlobalPointer<const scalar_t> value = p.value + (batch * p.positions * p.heads + head) * p.channels;
+  const GlobalPointer<const scalar_t> locations = p.sampling_locations + query_head * samples * 2;
+  const GlobalPointer<const scalar_t> attention = p.attention_weights + query_head * samples;
   const int chunks = p.channels / V;
   for (int chunk_base = 0; chunk_base < chunks; chunk_base += p.lanes) {  // one round unless D > 32 * V
     const int channel = (chunk_base + lane) * V;
@@ -204,12 +216,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Problem<scalar_t> p, 
       SampleCorners<acc_t> mine = sample_corners<scalar_t, acc_t>(p, active, first + lane, locations, attention);
       const int count = smaller(p.lanes, samples - first);
       for (int k = 0; k < count; ++k) {
+        if (MSDA_MUTATION(kOwnsBeforeShuffles) && !owns) continue;  // a divergent shuffle: the emulation must stop it
         int offset[4];
         acc_t weight[4];
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
           offset[c] = __shfl_sync(kFullWarp, mine.offset[c], k, p.lanes);
-          weight[c] = __shfl_sync(kFullWarp, mine.attention * mine.weight[c], k, p.lanes);
+          const int weight_lane = MSDA_MUTATION(kForwardWeightLane) ? k ^ 1 : k;  // a wrong lane: wrong results
+          weight[c] = __shfl_sync(kFullWarp, mine.attention * mine.weight[c], weight_lane, p.lanes);
         }
         if (!owns) continue;
 #pragma unroll
@@ -232,15 +246,71 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Problem<scalar_t> p, 
 
 template <typename scalar_t>
 struct Gradients {
-  const scalar_t* grad_output;                 // (N, Lq, M * D)
-  at::opmath_type<scalar_t>* grad_value;       // (N, S, M, D) accumulator, zeroed; nullptr: not wanted
-  scalar_t* grad_sampling_locations;           // (N, Lq, M, L, P, 2); nullptr (with the next): not wanted
-  scalar_t* grad_attention_weights;            // (N, Lq, M, L, P)
+  GlobalPointer<const scalar_t> grad_output;               // (N, Lq, M * D)
+  GlobalPointer<at::opmath_type<scalar_t>> grad_value;     // (N, S, M, D) accumulator, zeroed; nullptr: not wanted
+  GlobalPointer<scalar_t> grad_sampling_locations;         // (N, Lq, M, L, P, 2); nullptr (with the next): not wanted
+  GlobalPointer<scalar_t> grad_attention_weights;          // (N, Lq, M, L, P)
 };
 
+// Lanes whose A-element atomics fill one 32-byte sector of the accumulator.
+template <typename acc_t, int A>
+constexpr int sector_lanes() {
+  return 32 / static_cast<int>(A * sizeof(acc_t)) > 1 ? 32 / static_cast<int>(A * sizeof(acc_t)) : 1;
+}
+
+// The value gradient's layout for the atomics. In the loads' layout (V consecutive channels per lane) one atomic
+// instruction of a group would spread over lanes * V channels with V - A of every V untouched: 4x the sectors for
+// float32 with sm_80's scalar atomics, 2x for bfloat16 with sm_90's float4 ones. Instead, in each round (the lanes * V
+// channels from round_base), blocks of `block` = min(sector_lanes, lanes) lanes take turns: atomic j of lane l adds
+// the A elements at round_base + ((l / block) * (V / A) + j) * block * A + (l % block) * A, so every atomic
+// instruction of a warp fills whole sectors, and atomic j of a lane lies j * block * A elements after its first: a
+// constant (an immediate offset) when lanes >= sector_lanes. A lane holds its output gradient in this layout too.
+struct AtomicLayout {
+  int first;        // the channel of the lane's atomic 0
+  unsigned inside;  // bit j: atomic j lies inside the D channels
+};
+
+template <int V, int A>
+__device__ __forceinline__ AtomicLayout atomic_layout(int block, int lane, int round_base, int channels) {
+  AtomicLayout layout;
+  layout.first = round_base + ((lane / block) * (V / A) * block + lane % block) * A;
+  layout.inside = 0;
+#pragma unroll
+  for (int j = 0; j < V / A; ++j) {
+    if (layout.first + j * block * A < channels) layout.inside |= 1u << j;  // A divides D: all A inside, or none
+  }
+  return layout;
+}
+
+template <int V, int A, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_in_atomic_layout(GlobalPointer<const scalar_t> first, int block, unsigned inside,
+                                                      acc_t (&gradient)[V]) {
+#pragma unroll
+  for (int j = 0; j < V / A; ++j) {
+    const Vector<scalar_t, A> part = (inside >> j & 1u) ? load_vector<A>(first + j * block * A) : Vector<scalar_t, A>{};
+#pragma unroll
+    for (int t = 0; t < A; ++t) gradient[j * A + t] = static_cast<acc_t>(part.element[t]);
+  }
+}
+
+// Adds scale * gradient (atomic layout) to one corner's value-gradient row, from the lane's first channel on;
+// kEveryAtomicInside: no test of `inside` (a branch around each atomic).
+template <int V, int A, bool kEveryAtomicInside, typename acc_t>
+__device__ __forceinline__ void add_in_atomic_layout(GlobalPointer<acc_t> first, int block, unsigned inside,
+                                                     acc_t scale, const acc_t (&gradient)[V]) {
+#pragma unroll
+  for (int j = 0; j < V / A; ++j) {
+    acc_t values[A];
+#pragma unroll
+    for (int t = 0; t < A; ++t) values[t] = scale * gradient[j * A + t];
+    if (kEveryAtomicInside || (inside >> j & 1u)) atomic_add<A>(first + j * block * A, values);
+  }
+}
+
 // kSingleRound: every lane owns at most one channel vector (D <= 32 * V), held in registers for all samples.
-template <typename scalar_t, int V, bool kSingleRound>
-__global__ void __launch_bounds__(kThreads) backward_kernel(Problem<scalar_t> p, Gradients<scalar_t> g) {
+// A: accumulator elements per atomic instruction (vector_atomic_width, or 1).
+template <typename scalar_t, int V, bool kSingleRound, int A>
+__device__ __forceinline__ void backward_body(const Problem<scalar_t>& p, const Gradients<scalar_t>& g) {
   using acc_t = at::opmath_type<scalar_t>;
   if (warp_is_idle(p)) return;
   const int lane = threadIdx.x & (p.lanes - 1);
@@ -251,16 +321,28 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Problem<scalar_t> p,
   const int head = static_cast<int>(query_head % p.heads);
   const int samples = p.levels * p.points;
   const int64_t value_base = (batch * p.positions * p.heads + head) * p.channels;
-  const scalar_t* value = p.value + value_base;
-  acc_t* grad_value = g.grad_value == nullptr ? nullptr : g.grad_value + value_base;
-  const scalar_t* grad_output = g.grad_output + query_head * p.channels;
-  const scalar_t* locations = p.sampling_locations + query_head * samples * 2;
-  const scalar_t* attention = p.attention_weights + query_head * samples;
+  const GlobalPointer<const scalar_t> value = p.value + value_base;
+  const GlobalPointer<acc_t> grad_value = g.grad_value == nullptr ? nullptr : g.grad_value + value_base;
+  const GlobalPointer<const scalar_t> grad_output = g.grad_output + query_head * p.channels;
+  const GlobalPointer<const scalar_t> locations = p.sampling_locations + query_head * samples * 2;
+  const GlobalPointer<const scalar_t> attention = p.attention_weights + query_head * samples;
   const bool want_sampling = g.grad_attention_weights != nullptr;
   const int chunks = p.channels / V;
   const int rounds = kSingleRound ? 1 : (chunks + p.lanes - 1) / p.lanes;
-  Vector<scalar_t, V> held_grad;  // kSingleRound: this lane's output gradient, read once
-  if (kSingleRound && active && lane < chunks) held_grad = load_vector<V>(grad_output + lane * V);
+  constexpr int kSectorLanes = sector_lanes<acc_t, A>();
+  const bool whole_blocks = p.lanes >= kSectorLanes;  // the atomics' stride is a constant
+  const int block = whole_blocks ? kSectorLanes : p.lanes;
+  // kSingleRound: this lane's output gradient, read once, in the loads' layout and in the atomics' layout
+  Vector<scalar_t, V> held_grad;
+  acc_t held_grad_for_atomics[V];
+  const AtomicLayout single_layout = atomic_layout<V, A>(block, lane, 0, p.channels);
+  if (kSingleRound && active) {
+    if (lane < chunks) held_grad = load_vector<V>(grad_output + lane * V);
+    if (grad_value != nullptr) {
+      load_in_atomic_layout<V, A>(grad_output + single_layout.first, block, single_layout.inside,
+                                  held_grad_for_atomics);
+    }
+  }
   for (int first = 0; first < samples; first += p.lanes) {
     const SampleCorners<acc_t> mine = sample_corners<scalar_t, acc_t>(p, active, first + lane, locations, attention);
     const int count = smaller(p.lanes, samples - first);
@@ -281,25 +363,41 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Problem<scalar_t> p,
       acc_t dot[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
       for (int round = 0; round < rounds; ++round) {
         const int chunk = round * p.lanes + lane;
-        if (!active || chunk >= chunks) continue;
-        const int channel = chunk * V;
-        const Vector<scalar_t, V> out_grad = kSingleRound ? held_grad : load_vector<V>(grad_output + channel);
-        acc_t go[V];
+        if (want_sampling && active && chunk < chunks) {
+          const int channel = chunk * V;
+          const Vector<scalar_t, V> out_grad = kSingleRound ? held_grad : load_vector<V>(grad_output + channel);
 #pragma unroll
-        for (int i = 0; i < V; ++i) go[i] = static_cast<acc_t>(out_grad.element[i]);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          if (offset[c] < 0) continue;
-          if (want_sampling) {
+          for (int c = 0; c < 4; ++c) {
+            if (offset[c] < 0) continue;
             const Vector<scalar_t, V> corner = load_vector<V>(value + offset[c] + channel);
 #pragma unroll
-            for (int i = 0; i < V; ++i) dot[c] += go[i] * static_cast<acc_t>(corner.element[i]);
+            for (int i = 0; i < V; ++i) {
+              dot[c] += static_cast<acc_t>(out_grad.element[i]) * static_cast<acc_t>(corner.element[i]);
+            }
           }
-          if (grad_value != nullptr) {
-            acc_t scattered[V];
+        }
+        if (grad_value != nullptr && active) {
+          const AtomicLayout layout =
+              kSingleRound ? single_layout : atomic_layout<V, A>(block, lane, round * p.lanes * V, p.channels);
+          acc_t grad_for_atomics[V];
+          if (kSingleRound) {
 #pragma unroll
-            for (int i = 0; i < V; ++i) scattered[i] = scale[c] * go[i];
-            atomic_add_vector<V>(grad_value + offset[c] + channel, scattered);
+            for (int i = 0; i < V; ++i) grad_for_atomics[i] = held_grad_for_atomics[i];
+          } else {
+            load_in_atomic_layout<V, A>(grad_output + layout.first, block, layout.inside, grad_for_atomics);
+          }
+          // the usual case (the round's lanes * V channels all inside D, lanes >= sector_lanes) with a constant
+          // stride and no tests: immediate address offsets and a multiply per atomic (uniform across the warp)
+          const bool usual = whole_blocks && (round + 1) * p.lanes * V <= p.channels;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            if (offset[c] < 0 || (MSDA_MUTATION(kDropCorner3Atomic) && c == 3)) continue;
+            const GlobalPointer<acc_t> first = grad_value + (offset[c] + layout.first);
+            if (usual) {
+              add_in_atomic_layout<V, A, true>(first, kSectorLanes, layout.inside, scale[c], grad_for_atomics);
+            } else {
+              add_in_atomic_layout<V, A, false>(first, block, layout.inside, scale[c], grad_for_atomics);
+            }
           }
         }
       }
@@ -325,7 +423,30 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Problem<scalar_t> p,
   }
 }
 
+template <typename scalar_t, int V, bool kSingleRound>
+__global__ void __launch_bounds__(kThreads) backward_kernel(Problem<scalar_t> p, Gradients<scalar_t> g) {
+  constexpr int kVectorWidth = vector_atomic_width<at::opmath_type<scalar_t>, V>();
+#if MSDA_HAS_VECTOR_ATOMICS
+  if constexpr (kVectorWidth > 1) {
+    if (MSDA_USE_VECTOR_ATOMICS) {
+      backward_body<scalar_t, V, kSingleRound, kVectorWidth>(p, g);
+      return;
+    }
+  }
+#endif
+  backward_body<scalar_t, V, kSingleRound, 1>(p, g);
+}
+
 // ---- host side: checks, launch plan, dispatch. `Launcher` runs a kernel: on the GPU, or in the emulation.
+
+// What a kernel does with a tensor it is given (the emulation checks it; the GPU launcher ignores it). output:
+// every element written by the kernel; accumulator: initialised by the host, added to by the kernel.
+enum class Role { kInput, kOutput, kAccumulator };
+struct Binding {
+  const char* name;  // the argument's name
+  at::Tensor tensor;
+  Role role;
+};
 
 struct LaunchPlan {
   int vector_width;  // V
@@ -409,7 +530,12 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, co
   check_levels_and_points_fit(s);
   at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
   if (output.numel() == 0) return output;
-  Launcher::bind({value, spatial_shapes, level_start_index, sampling_locations, attention_weights}, {output});
+  Launcher::bind({{"value", value, Role::kInput},
+                  {"spatial_shapes", spatial_shapes, Role::kInput},
+                  {"level_start_index", level_start_index, Role::kInput},
+                  {"sampling_locations", sampling_locations, Role::kInput},
+                  {"attention_weights", attention_weights, Role::kInput},
+                  {"output", output, Role::kOutput}});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     const LaunchPlan plan = plan_launch(s, sizeof(scalar_t), {value.data_ptr(), output.data_ptr()});
     const Problem<scalar_t> problem =
@@ -452,15 +578,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     if (want_value) {  // atomics make the value gradient's rounding depend on the order threads run in
       at::globalContext().alertNotDeterministic("ms_deform_attn_backward (CUDA kernel, value gradient)");
     }
-    std::vector<at::Tensor> written;
-    for (const at::Tensor& t : {grad_value, grad_sampling_locations, grad_attention_weights}) {
-      if (t.defined()) written.push_back(t);
-    }
-    Launcher::bind({grad, value, spatial_shapes, level_start_index, sampling_locations, attention_weights}, written);
+    std::vector<Binding> bindings{{"grad_output", grad, Role::kInput},
+                                  {"value", value, Role::kInput},
+                                  {"spatial_shapes", spatial_shapes, Role::kInput},
+                                  {"level_start_index", level_start_index, Role::kInput},
+                                  {"sampling_locations", sampling_locations, Role::kInput},
+                                  {"attention_weights", attention_weights, Role::kInput}};
+    if (want_value) bindings.push_back({"grad_value", grad_value, Role::kAccumulator});
     if (want_sampling) {
-      Launcher::poison(grad_sampling_locations);
-      Launcher::poison(grad_attention_weights);
+      bindings.push_back({"grad_sampling_locations", grad_sampling_locations, Role::kOutput});
+      bindings.push_back({"grad_attention_weights", grad_attention_weights, Role::kOutput});
     }
+    Launcher::bind(bindings);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const LaunchPlan plan = plan_launch(s, sizeof(scalar_t), {value.data_ptr(), grad.data_ptr()});

@@ -1,5 +1,5 @@
-"""util.visualize end to end on tiny models: the plotted points are the op's, weights sum to 1, the far corner,
-figures and JSON written from saved weights."""
+"""engine.attention_view end to end on tiny models: the plotted points are the op's, weights sum to 1, the far
+corner, the valid ratios are the transformer's, figures and JSON written from saved weights."""
 
 from __future__ import annotations
 
@@ -11,16 +11,18 @@ import torch
 from PIL import Image
 
 from datasets.transforms import build_transforms
-from models import build_model
-from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config
-from util.visualize import (
+from engine.attention_view import (
     decoder_figure,
     encoder_figure,
+    level_valid_ratios,
     run_with_sampling,
     sample_attention,
     sampling_record,
     write_visualization,
 )
+from models import build_model
+from ops import record_sampling
+from tests.tiny_model import VARIANTS, randomize_zero_initialised, tiny_config
 
 ORIGINAL_SIZE = (90, 130)  # (height, width): resized to 64x92 by the transforms below
 TRANSFORMS = build_transforms("val", val_size=64, max_size=128)
@@ -41,20 +43,13 @@ def gradient_image() -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def catch_last_layers(model: torch.nn.Module) -> dict:
-    """Forward hooks that keep what the last encoder and decoder layers' op returned."""
-    caught = {}
-
-    def catch(name):
-        def hook(module, inputs, output):
-            caught[name] = (output[1], output[2])
-            caught[f"{name}_reference_points"] = inputs[1]  # (N, Lq, L, 2 or 4) on the padded levels
-
-        return hook
-
-    model.transformer.encoder.layers[-1].self_attn.register_forward_hook(catch("encoder"))
-    model.transformer.decoder.layers[-1].cross_attn.register_forward_hook(catch("decoder"))
-    return caught
+def last_layers(records: dict) -> dict:
+    """What the op of the last encoder and decoder layers sampled with (``ops.record_sampling``'s records, which
+    test_ops_sampling_record.py shows to be exactly that), by the modules' names."""
+    return {
+        "encoder": records["transformer.encoder.layers.0.self_attn"][-1],
+        "decoder": records["transformer.decoder.layers.1.cross_attn"][-1],
+    }
 
 
 def scatter_rows(axes) -> np.ndarray:
@@ -74,12 +69,10 @@ def expected_rows(locations: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def view_and_caught():
-    model = tiny_model()
-    caught = catch_last_layers(model)
     view = sample_attention(
-        model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=3, points=[(10.0, 20.0), (130.0, 90.0)]
+        tiny_model(), gradient_image(), TRANSFORMS, threshold=0.0, top_k=3, points=[(10.0, 20.0), (130.0, 90.0)]
     )
-    return view, caught
+    return view, last_layers(view.records)
 
 
 def test_image_is_resized_and_unpadded(view_and_caught):
@@ -89,7 +82,7 @@ def test_image_is_resized_and_unpadded(view_and_caught):
 
 def test_plotted_decoder_points_equal_op_locations_in_pixels(view_and_caught):
     view, caught = view_and_caught
-    locations, weights = caught["decoder"]
+    locations, weights = caught["decoder"].sampling_locations, caught["decoder"].attention_weights
     figure = decoder_figure(view)
     for axes, item in zip(figure.axes, view.decoder):
         query = item.detection.query
@@ -103,7 +96,7 @@ def test_plotted_decoder_reference_cross_is_the_op_reference_point(view_and_caug
     height, width = ORIGINAL_SIZE
     figure = decoder_figure(view)
     for axes, item in zip(figure.axes, view.decoder):
-        reference = caught["decoder_reference_points"][0, item.detection.query, 0, :2] * torch.tensor([width, height])
+        reference = caught["decoder"].reference_points[0, item.detection.query, 0, :2] * torch.tensor([width, height])
         np.testing.assert_allclose(axes.lines[0].get_xydata()[0], reference.numpy(), rtol=1e-5)
 
 
@@ -116,7 +109,7 @@ def test_below_threshold_the_best_queries_are_shown_and_marked():
 
 def test_plotted_encoder_points_equal_op_locations_in_pixels(view_and_caught):
     view, caught = view_and_caught
-    locations, weights = caught["encoder"]
+    locations, weights = caught["encoder"].sampling_locations, caught["encoder"].attention_weights
     figure = encoder_figure(view)
     for axes, item in zip(figure.axes, view.encoder):
         np.testing.assert_allclose(
@@ -152,7 +145,7 @@ def test_record_weights_sum_to_one_per_query_and_head(view_and_caught):
 
 def test_record_points_equal_op_locations_in_pixels(view_and_caught):
     view, caught = view_and_caught
-    locations, _ = caught["decoder"]
+    locations = caught["decoder"].sampling_locations
     query = sampling_record(view)["decoder"]["queries"][0]
     height, width = ORIGINAL_SIZE
     level, head = 1, 1
@@ -175,21 +168,17 @@ def test_unknown_split_is_an_error(view_and_caught):
 
 
 def test_earlier_layer_is_chosen_with_layer():
-    model = tiny_model()
-    caught = {}
-    model.transformer.decoder.layers[0].cross_attn.register_forward_hook(
-        lambda module, inputs, output: caught.update(first=output[1])
-    )
-    view = sample_attention(model, gradient_image(), TRANSFORMS, threshold=0.0, top_k=1, layer=0)
+    view = sample_attention(tiny_model(), gradient_image(), TRANSFORMS, threshold=0.0, top_k=1, layer=0)
+    first = view.records["transformer.decoder.layers.0.cross_attn"][-1].sampling_locations
     height, width = ORIGINAL_SIZE
-    expected = caught["first"][0, view.decoder[0].detection.query] * torch.tensor([width, height])
+    expected = first[0, view.decoder[0].detection.query] * torch.tensor([width, height])
     assert view.decoder_layer == 0
     torch.testing.assert_close(view.decoder[0].sampling.sampling_points, expected)
 
 
 @pytest.mark.parametrize("variant", ["deformable_detr", "two_stage_without_box_refine"])
 def test_writes_figures_and_record_from_saved_weights(variant, tmp_path):
-    """(Every variant runs through main.py in test_util_visualize_command.py.)"""
+    """(Every variant runs through main.py in test_engine_visualize.py.)"""
     torch.save(tiny_model(variant).state_dict(), tmp_path / "weights.pth")
     model, _, _ = build_model(tiny_config(*VARIANTS[variant]))
     model.load_state_dict(torch.load(tmp_path / "weights.pth", weights_only=True))
@@ -212,8 +201,8 @@ def test_sixteen_bit_grey_image_is_seen_like_its_eight_bit_version():
     sixteen_bit = (np.arange(height * width).reshape(height, width) * 65535 // (height * width - 1)).astype(np.uint16)
     eight_bit = np.rint(sixteen_bit / 65535 * 255).astype(np.uint8)  # the documented scaling, computed here
     model = tiny_model()
-    outputs, _ = run_with_sampling(model, Image.fromarray(sixteen_bit), TRANSFORMS)
-    expected, _ = run_with_sampling(model, Image.fromarray(eight_bit).convert("RGB"), TRANSFORMS)
+    outputs, _, _ = run_with_sampling(model, Image.fromarray(sixteen_bit), TRANSFORMS)
+    expected, _, _ = run_with_sampling(model, Image.fromarray(eight_bit).convert("RGB"), TRANSFORMS)
     torch.testing.assert_close(outputs["pred_logits"], expected["pred_logits"])
 
 
@@ -223,3 +212,15 @@ def test_view_keeps_the_rgb_version_of_a_sixteen_bit_image():
     expected = np.rint(gradient / 65535 * 255).astype(np.uint8)
     assert view.image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(view.image), np.repeat(expected[..., None], 3, -1))
+
+
+def test_valid_ratios_from_the_recorded_padding_mask_are_the_transformers():
+    model = tiny_model()
+    model.eval()
+    caught = {}
+    model.transformer.encoder.register_forward_pre_hook(lambda _, args: caught.update(valid_ratios=args[3]))
+    with torch.no_grad(), record_sampling(model) as records:
+        model([torch.randn(3, 64, 96), torch.randn(3, 40, 56)])  # image 1 padded on every level
+    for name in ("transformer.encoder.layers.0.self_attn", "transformer.decoder.layers.0.cross_attn"):
+        assert torch.equal(level_valid_ratios(records[name][-1]), caught["valid_ratios"])
+    assert (caught["valid_ratios"][1] < 1).any()

@@ -4,7 +4,7 @@ layer (the last by default, as in the paper's figure), drawn over the original i
 From a notebook::
 
     from datasets.transforms import build_transforms
-    from util.visualize import decoder_figure, encoder_figure, sample_attention, write_visualization
+    from engine.attention_view import decoder_figure, encoder_figure, sample_attention, write_visualization
 
     view = sample_attention(model, image, build_transforms("val"), threshold=0.5)  # image: a PIL image
     decoder_figure(view).savefig("decoder.png")       # a matplotlib Figure: a panel per top detection
@@ -12,7 +12,7 @@ From a notebook::
     write_visualization(view, "out", "photo")         # out/photo_detections.png, photo_{decoder,encoder}_sampling.png,
                                                       # photo_sampling.json
 
-The model runs once, with ``return_sampling=True``: the points are those that ``ops.MSDeformAttn`` itself
+The model runs once, within ``ops.record_sampling``: the points are those that ``ops.MSDeformAttn`` itself
 sampled, mapped to the original image's pixels by :mod:`util.visualize_points`.
 """
 
@@ -22,7 +22,6 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
@@ -30,19 +29,15 @@ from PIL import Image
 from torch import nn
 from torchvision.ops import box_convert
 
+from datasets.transforms import Transform
+from models.deformable_transformer import valid_ratio
+from ops import AttentionSampling, OffsetSampling, record_sampling
 from util.draw import class_name, draw_detections
 from util.image_io import to_rgb
 from util.visualize_figures import Panel, sampling_figure
-from util.visualize_points import (
-    QuerySampling,
-    decoder_query_sampling,
-    encoder_query_index,
-    encoder_query_sampling,
-    resolve_layer,
-)
+from util.visualize_points import QuerySampling, cell_query_index, query_sampling, resolve_layer
 
-if TYPE_CHECKING:  # the transforms are passed in: util does not depend on datasets at run time
-    from datasets.transforms import Transform
+Records = dict[str, list[AttentionSampling | OffsetSampling]]  # what ops.record_sampling yields
 
 
 @dataclass
@@ -85,19 +80,23 @@ class AttentionView:
     encoder_layer: int
     encoder_query_level: int
     encoder: list[EncoderQuery]
+    records: Records  # every deformable module's sampling in that forward (a DCN backbone's too), on the CPU
 
 
-def run_with_sampling(model: nn.Module, image: Image.Image, transforms: Transform) -> tuple[dict, tuple[int, int]]:
-    """``image`` through ``transforms`` (the validation resize and normalisation) and ``model`` in eval mode with
-    ``return_sampling=True`` -> the outputs (batch of one) and the resized (height, width)."""
+def run_with_sampling(
+    model: nn.Module, image: Image.Image, transforms: Transform
+) -> tuple[dict, Records, tuple[int, int]]:
+    """``image`` through ``transforms`` (the validation resize and normalisation) and ``model`` in eval mode within
+    :func:`ops.record_sampling` -> the outputs (batch of one), the records (both on the CPU, floating point in
+    float32) and the resized (height, width)."""
     no_boxes = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
     tensor, _ = transforms(to_rgb(image), no_boxes)
     device = next(model.parameters()).device
     model.eval()
-    with torch.no_grad():
-        outputs = model(tensor[None].to(device), return_sampling=True)
-    outputs = _to_cpu(outputs)
-    return outputs, (int(tensor.shape[-2]), int(tensor.shape[-1]))
+    with torch.no_grad(), record_sampling(model) as records:
+        outputs = model(tensor[None].to(device))
+    records = {name: [sampling.map_tensors(_to_cpu) for sampling in forwards] for name, forwards in records.items()}
+    return _to_cpu(outputs), records, (int(tensor.shape[-2]), int(tensor.shape[-1]))
 
 
 def _to_cpu(value):
@@ -108,6 +107,24 @@ def _to_cpu(value):
     if isinstance(value, list):
         return [_to_cpu(item) for item in value]
     return value
+
+
+def attention_layers(records: Records, part: str) -> list[AttentionSampling]:
+    """The latest forward of each deformable attention of a ``DeformableDETR``'s ``part`` ("encoder" or
+    "decoder"), layer by layer, from ``records`` of the whole model."""
+    prefix = f"transformer.{part}."
+    return [forwards[-1] for name, forwards in records.items() if name.startswith(prefix)]
+
+
+def level_valid_ratios(sampling: AttentionSampling) -> torch.Tensor:
+    """(N, L, 2) the unpadded share (x, y) of each level, from the padding mask the attention took, as the
+    transformer computes it (:func:`models.deformable_transformer.valid_ratio`); ones without a mask."""
+    batch = sampling.sampling_locations.shape[0]
+    shapes = [tuple(shape) for shape in sampling.spatial_shapes.tolist()]
+    if sampling.padding_mask is None:
+        return torch.ones(batch, len(shapes), 2)
+    masks = sampling.padding_mask.split([height * width for height, width in shapes], 1)
+    return torch.stack([valid_ratio(mask.view(batch, *shape)) for mask, shape in zip(masks, shapes)], 1)
 
 
 def ranked_queries(outputs: dict, image_size: tuple[int, int], batch_index: int = 0) -> list[Detection]:
@@ -138,7 +155,7 @@ def sample_attention(
     """Run ``model`` on ``image`` once and collect where layer ``layer`` of its encoder and decoder looked.
 
     Args:
-        model: a ``DeformableDETR`` (any variant).
+        model: a ``DeformableDETR`` (any variant); it runs once, in eval mode.
         image: the original image in any mode (read as :func:`util.image_io.to_rgb` says; the view keeps the RGB
             version); ``transforms`` resize and normalise it as in evaluation.
         threshold: detections scoring at least this are listed; the decoder panels show the best ``top_k`` of
@@ -150,18 +167,21 @@ def sample_attention(
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
     image = to_rgb(image)
-    outputs, resized_size = run_with_sampling(model, image, transforms)
+    outputs, records, resized_size = run_with_sampling(model, image, transforms)
     image_size = (image.height, image.width)
     ranked = ranked_queries(outputs, image_size)
     detections = [detection for detection in ranked if detection.score >= threshold]
     shown = detections[:top_k] or ranked[:top_k]
-    decoder_layer = resolve_layer(layer, len(outputs["decoder_sampling"]), "decoder")
-    encoder_layer = resolve_layer(layer, len(outputs["encoder_sampling"]), "encoder")
+    decoder_layers, encoder_layers = attention_layers(records, "decoder"), attention_layers(records, "encoder")
+    decoder_layer = resolve_layer(layer, len(decoder_layers), "decoder")
+    encoder_layer = resolve_layer(layer, len(encoder_layers), "encoder")
+    decoder_sampling, encoder_sampling = decoder_layers[decoder_layer], encoder_layers[encoder_layer]
+    valid_ratios = level_valid_ratios(encoder_sampling)[0]  # (L, 2) of image 0, the same for every layer
     decoder = [
         DecoderQuery(
             detection,
             detection.score >= threshold,
-            decoder_query_sampling(outputs, decoder_layer, 0, detection.query, image_size),
+            _query_sampling(decoder_sampling, detection.query, valid_ratios, image_size),
         )
         for detection in shown
     ]
@@ -169,18 +189,19 @@ def sample_attention(
         points = [_box_centre(detection.box, image_size) for detection in shown]
     encoder = []
     for pixel in points:
-        query = encoder_query_index(outputs, 0, pixel, image_size, query_level)
+        shapes, starts = encoder_sampling.spatial_shapes, encoder_sampling.level_start_index
+        query = cell_query_index(shapes, starts, valid_ratios, pixel, image_size, query_level)
         encoder.append(
             EncoderQuery(
                 (float(pixel[0]), float(pixel[1])),
                 query,
-                encoder_query_sampling(outputs, encoder_layer, 0, query, image_size),
+                _query_sampling(encoder_sampling, query, valid_ratios, image_size),
             )
         )
     return AttentionView(
         image=image,
         resized_size=resized_size,
-        spatial_shapes=[tuple(shape) for shape in outputs["spatial_shapes"].tolist()],
+        spatial_shapes=[tuple(shape) for shape in encoder_sampling.spatial_shapes.tolist()],
         threshold=threshold,
         detections=detections,
         decoder_layer=decoder_layer,
@@ -188,6 +209,20 @@ def sample_attention(
         encoder_layer=encoder_layer,
         encoder_query_level=query_level,
         encoder=encoder,
+        records=records,
+    )
+
+
+def _query_sampling(
+    sampling: AttentionSampling, query: int, valid_ratios: torch.Tensor, image_size: tuple[int, int]
+) -> QuerySampling:
+    """Query ``query`` of image 0 in one attention layer, in pixels of the original image."""
+    return query_sampling(
+        sampling.sampling_locations[0, query],
+        sampling.attention_weights[0, query],
+        sampling.reference_points[0, query],
+        valid_ratios,
+        image_size,
     )
 
 

@@ -1,9 +1,9 @@
 """See where a DCN backbone samples: the 9 x 9 x 9 = 729 points of its last three deformable 3x3 convolutions for
 a query pixel (Dai et al. 2017, figure 5), and the k x k deformed bins of a deformable RoI pooling.
 
-    with record_deform_sampling(model) as records:      # forward hooks on every ops.DeformConv2d
+    with record_sampling(model) as records:             # ops.record_sampling: every deformable module's sampling
         model(images)
-    traces = trace_sampling(records, [(x, y)], resized_size, image_size)
+    traces = trace_sampling(deform_layers(model, records), [(x, y)], resized_size, image_size)
 
 A query pixel is a cell of the last deformable layer's output. Going back one layer, each of its 9 taps lands at
 ``cell * stride - padding + tap * dilation + offset``, a fractional cell of the layer before, whose offsets (and
@@ -13,10 +13,9 @@ pixels by that grid's stride. With v2 each point carries the product of the thre
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from torch import nn
 
-from ops.deform_conv import DeformConv2d
+from ops import AttentionSampling, DeformConv2d, OffsetSampling
 from ops.deform_roi_pool import deformed_bins, rois_from_boxes
 
 TRACED_LAYERS = 3
@@ -38,7 +37,7 @@ PANEL_INCHES = 3.5
 
 @dataclass
 class LayerRecord:
-    """What one deformable convolution did on the last forward: offsets (2 G k k, H_out, W_out), mask (G k k,
+    """What one deformable convolution did on its latest forward: offsets (2 G k k, H_out, W_out), mask (G k k,
     H_out, W_out) or None, of image 0, and its input size (H_in, W_in)."""
 
     name: str
@@ -59,39 +58,19 @@ class SamplingTrace:
     layers: list[str]
 
 
-@contextlib.contextmanager
-def record_deform_sampling(model: nn.Module) -> Iterator[list[LayerRecord]]:
-    """Within the block, every forward of a :class:`ops.DeformConv2d` of ``model`` appends its
-    :class:`LayerRecord` (the latest forward of each layer replaces the earlier)."""
-    records: dict[str, LayerRecord] = {}
-
-    def hook(name: str):
-        def record(module: DeformConv2d, inputs: tuple[torch.Tensor, ...], output) -> None:
-            with torch.no_grad():
-                offset, mask = module.predict_sampling(inputs[0][:1])
-            records.pop(name, None)  # keep the order of the latest forward
-            records[name] = LayerRecord(
-                name,
-                module,
-                offset[0].float().cpu(),
-                None if mask is None else mask[0].float().cpu(),
-                tuple(inputs[0].shape[-2:]),
-            )
-
-        return record
-
-    handles = [
-        module.register_forward_hook(hook(name))
-        for name, module in model.named_modules()
-        if isinstance(module, DeformConv2d)
-    ]
-    ordered: list[LayerRecord] = []
-    try:
-        yield ordered
-    finally:
-        for handle in handles:
-            handle.remove()
-        ordered.extend(records.values())
+def deform_layers(
+    model: nn.Module, records: Mapping[str, Sequence[AttentionSampling | OffsetSampling]]
+) -> list[LayerRecord]:
+    """Every :class:`ops.DeformConv2d` of ``model`` that ran, in forward order, with image 0's offsets and masks of
+    its latest forward (in float32 on the CPU), from ``records`` of :func:`ops.record_sampling` on ``model``."""
+    layers = []
+    for name, forwards in records.items():
+        module = model.get_submodule(name)
+        if isinstance(module, DeformConv2d):
+            sampling = forwards[-1]
+            mask = None if sampling.mask is None else sampling.mask[0].float().cpu()
+            layers.append(LayerRecord(name, module, sampling.offset[0].float().cpu(), mask, sampling.input_size))
+    return layers
 
 
 def _read(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -125,7 +104,7 @@ def trace_sampling(
     """The ``(k * k) ** layers`` points of the last ``layers`` deformable convolutions for each query pixel.
 
     Args:
-        records: from :func:`record_deform_sampling`, in forward order; the last ``layers`` are traced.
+        records: from :func:`deform_layers`, in forward order; the last ``layers`` are traced.
         pixels: query pixels (x, y) in the original image.
         resized_size / image_size: (height, width) of the network's input and of the original image.
     """

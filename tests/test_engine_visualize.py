@@ -1,5 +1,5 @@
-"""``main.py visualize`` (engine.visualize.visualize over util.visualize) for every variant, from a checkpoint written
-the way training writes it (util.checkpoint.save_checkpoint, with config and category names)."""
+"""``main.py visualize`` (engine.visualize.visualize over engine.attention_view) for every variant, from a checkpoint
+written the way training writes it (util.checkpoint.save_checkpoint, with config and category names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""util.visualize_dcn: the 729 traced points of three stacked deformable convolutions, main.py visualize with a DCN
+"""engine.dcn_view: the 729 traced points of three stacked deformable convolutions, main.py visualize with a DCN
 backbone, and the drawing of deformed RoI bins."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 import main
+from engine.dcn_view import deform_layers, roi_bins_figure, trace_sampling
 from models import CONFIG_DIR, build_model
-from ops.deform_conv import DeformConv2d
-from tests.test_util_visualize_command import SMALL, write_image
+from ops import DeformConv2d, record_sampling
+from tests.test_engine_visualize import SMALL, write_image
 from tests.tiny_model import TINY, randomize_zero_initialised, tiny_config
 from util.checkpoint import save_checkpoint
-from util.visualize_dcn import record_deform_sampling, roi_bins_figure, trace_sampling
 
 
 def shifted_layers(mask_logit: float) -> torch.nn.Sequential:
@@ -30,11 +30,12 @@ def shifted_layers(mask_logit: float) -> torch.nn.Sequential:
 
 def test_three_layers_trace_729_points_around_the_shifted_query():
     layers = shifted_layers(mask_logit=0.0)
-    with record_deform_sampling(layers) as records:
+    with record_sampling(layers) as records:
         layers(torch.randn(1, 2, 12, 12))
-    assert [record.name for record in records] == ["0", "1", "2"]
+    chain = deform_layers(layers, records)
+    assert [record.name for record in chain] == ["0", "1", "2"]
     # the image is twice the network's input: pixel (9, 9) is input pixel 4.5, cell 4
-    (trace,) = trace_sampling(records, [(9.0, 9.0)], resized_size=(12, 12), image_size=(24, 24))
+    (trace,) = trace_sampling(chain, [(9.0, 9.0)], resized_size=(12, 12), image_size=(24, 24))
     assert trace.points.shape == (729, 2)
     # cells: column 4 + three taps in {-1, 0, 1}; row 4 + three taps in {-1, 0, 1} + three shifts of 1
     cells = (trace.points + 0.5) / 2 - 0.5
