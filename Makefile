@@ -45,7 +45,7 @@ DEMO_OUT := outputs/demo_shapes
 DEMO_IMAGES := $(foreach id,1 2 4 5,$(SHAPES)/val2017/00000000000$(id).png)
 
 $(SHAPES)/annotations/instances_val2017.json:
-	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128
+	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128 --workers 2
 
 demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
 	$(PYTHON) main.py train --config $(DEMO_CONFIG) --opts overwrite=true
