@@ -39,18 +39,20 @@ demo: demo-shapes
 # The training demo: shapes data (made once), train on the CPU (evaluates at the end), evaluate the checkpoint,
 # draw predictions on four validation images (one without shapes) and where the model looks on one, plot the curves. See README.md, "The demo".
 SHAPES := data/shapes
+# make demo DEMO_CONFIG=configs/demo_shapes_6min.yaml: the shorter recipe (same output folder).
+DEMO_CONFIG ?= configs/demo_shapes.yaml
 DEMO_OUT := outputs/demo_shapes
 DEMO_IMAGES := $(foreach id,1 2 4 5,$(SHAPES)/val2017/00000000000$(id).png)
 
 $(SHAPES)/annotations/instances_val2017.json:
-	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128
+	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128 --workers 2
 
 demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
-	$(PYTHON) main.py train --config configs/demo_shapes.yaml --opts overwrite=true
-	$(PYTHON) main.py eval --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth
-	$(PYTHON) main.py predict --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
+	$(PYTHON) main.py train --config $(DEMO_CONFIG) --opts overwrite=true
+	$(PYTHON) main.py eval --config $(DEMO_CONFIG) --opts resume=$(DEMO_OUT)/checkpoint.pth
+	$(PYTHON) main.py predict --config $(DEMO_CONFIG) --opts resume=$(DEMO_OUT)/checkpoint.pth \
 		--image $(DEMO_IMAGES) --out $(DEMO_OUT)/predictions --threshold 0.3
-	$(PYTHON) main.py visualize --config configs/demo_shapes.yaml --opts resume=$(DEMO_OUT)/checkpoint.pth \
+	$(PYTHON) main.py visualize --config $(DEMO_CONFIG) --opts resume=$(DEMO_OUT)/checkpoint.pth \
 		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)/visualize --threshold 0.3
 	$(PYTHON) -m engine.plot_logs $(DEMO_OUT)
 

@@ -1,4 +1,6 @@
-"""Training-step time on the CPU, float32 against bfloat16 autocast (``amp``); prints a Markdown table.
+"""Training-step time on the CPU, float32 against bfloat16 autocast (``amp``), and with a ``dropout`` above 0 the
+dropout mask of ``models.dropout`` against torch's (``nn.Dropout``, a ``bernoulli_`` draw per element); prints a
+Markdown table.
 
     python -m benchmarks.train_step --config configs/deformable_detr.yaml --size 800 1066 --batch 1
     python -m benchmarks.train_step --config configs/demo_shapes.yaml --size 96 128 --batch 8
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch import nn
 
 from benchmarks.harness import describe_machine, in_fresh_process
 from datasets import Batch
@@ -23,18 +26,40 @@ from engine.amp import prepare_for_training, resolve_amp
 from engine.optim import build_optimizer
 from engine.train import forward_losses
 from models import build_model
+from models.dropout import Dropout
 from util.config import load_config
 from util.timing import median_ms
 
 AMP_MODES = ("none", "bfloat16")
+DROPOUT_MASKS = ("torch", "ours")  # nn.Dropout's bernoulli_ mask, models.dropout's
 
 
-def measure(config: str, overrides: list[str], amp: str, batch: int, size: tuple[int, int], repeats: int, warmup: int):
-    """-> median milliseconds of one training step of ``config`` on the CPU with ``amp`` ("none" or "bfloat16")."""
+def use_torch_dropout(model: nn.Module) -> None:
+    """Replace every ``models.dropout.Dropout`` of ``model`` by torch's ``nn.Dropout`` of the same p, in place."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Dropout):
+                setattr(parent, name, nn.Dropout(child.p))
+
+
+def measure(
+    config: str,
+    overrides: list[str],
+    amp: str,
+    batch: int,
+    size: tuple[int, int],
+    repeats: int,
+    warmup: int,
+    dropout_mask: str = "ours",
+):
+    """-> median milliseconds of one training step of ``config`` on the CPU with ``amp`` ("none" or "bfloat16") and
+    ``dropout_mask`` (one of :data:`DROPOUT_MASKS`)."""
     torch.manual_seed(0)
     cfg = load_config(config, overrides=["pretrained_backbone=false", *overrides])
     device = torch.device("cpu")
     model, criterion, _ = build_model(cfg)
+    if dropout_mask == "torch":
+        use_torch_dropout(model)
     model.train()
     criterion.train()
     prepare_for_training(model, amp, device)
@@ -56,20 +81,26 @@ def measure(config: str, overrides: list[str], amp: str, batch: int, size: tuple
 
 def run(config: str, overrides: list[str], batch: int, size: tuple[int, int], repeats: int, warmup: int) -> list[str]:
     device = torch.device("cpu")
+    dropout = load_config(config, overrides=overrides).dropout
+    masks = DROPOUT_MASKS if dropout > 0 else ("ours",)
     lines = [
-        f"\ncpu: {describe_machine(device)}; {config} {' '.join(overrides)}, batch {batch} at {size[0]}x{size[1]}; "
-        f"amp=auto here is {resolve_amp('auto', device)}",
-        "| amp | step ms | images/s | vs float32 |",
-        "|---|---:|---:|---:|",
+        f"\ncpu: {describe_machine(device)}; {config} {' '.join(overrides)}, batch {batch} at {size[0]}x{size[1]}, "
+        f"dropout {dropout}; amp=auto here is {resolve_amp('auto', device)}",
+        "| amp | dropout mask | step ms | images/s | vs the first row |",
+        "|---|---|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
     baseline = None
     for amp in AMP_MODES:
-        milliseconds = in_fresh_process(measure, config, overrides, amp, batch, size, repeats, warmup)
-        baseline = baseline or milliseconds
-        row = f"| {amp} | {milliseconds:.0f} | {batch * 1e3 / milliseconds:.2f} | {baseline / milliseconds:.2f}x |"
-        lines.append(row)
-        print(row, flush=True)
+        for mask in masks:
+            milliseconds = in_fresh_process(measure, config, overrides, amp, batch, size, repeats, warmup, mask)
+            baseline = baseline or milliseconds
+            row = (
+                f"| {amp} | {mask} | {milliseconds:.0f} | {batch * 1e3 / milliseconds:.2f} | "
+                f"{baseline / milliseconds:.2f}x |"
+            )
+            lines.append(row)
+            print(row, flush=True)
     return lines
 
 

@@ -1,6 +1,6 @@
 """Synthetic shapes: a small detection set in the COCO layout that a detector can learn on a CPU in minutes.
 
-    python -m datasets.shapes --out data/shapes --num-train 2000 --num-val 200 --seed 0 [--size 128]
+    python -m datasets.shapes --out data/shapes --num-train 2000 --num-val 200 --seed 0 [--size 128] [--workers 2]
 
 writes ``OUT/train2017/*.png``, ``OUT/val2017/*.png`` and ``OUT/annotations/instances_{train,val}2017.json``.
 Five classes told apart by their outline (category ids 1..5: circle, square, triangle, star, cross, so train with
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -165,6 +166,23 @@ def render_image(
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), objects
 
 
+def _write_image(
+    folder: Path, split: str, index: int, seed: int, size: int, image_format: str, max_objects: int
+) -> tuple[dict, list[dict]]:
+    """Draw image ``index`` of ``split`` from its own generator, write it to ``folder``; -> its COCO image entry
+    and its objects (without annotation ids)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    low = max(1, round(0.75 * size))
+    height, width = int(rng.integers(low, size + 1)), int(rng.integers(low, size + 1))
+    pixels, objects = render_image(rng, height, width, max_objects)
+    image_id = index + 1
+    file_name = f"{image_id:012d}.{image_format}"
+    options = {"format": "JPEG", "quality": 95} if image_format == "jpg" else {"format": "PNG"}
+    with atomic_write(folder / file_name, "wb") as file:
+        Image.fromarray(pixels).save(file, **options)
+    return {"id": image_id, "file_name": file_name, "height": height, "width": width}, objects
+
+
 def generate_split(
     out: Path,
     split: str,
@@ -173,24 +191,23 @@ def generate_split(
     size: int,
     image_format: str = "png",
     max_objects: int = MAX_OBJECTS,
+    workers: int = 1,
 ) -> dict:
-    """Write ``num_images`` images to ``out/{split}2017/`` and return the split's COCO annotation dict."""
+    """Write ``num_images`` images to ``out/{split}2017/`` (drawn by ``workers`` processes: the same files for any
+    number) and return the split's COCO annotation dict."""
     folder = out / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(folder, split, index, seed, size, image_format, max_objects) for index in range(num_images)]
+    if workers > 1 and num_images > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, num_images)) as pool:
+            rendered = pool.starmap(_write_image, jobs, chunksize=max(1, num_images // (4 * workers)))
+    else:
+        rendered = [_write_image(*job) for job in jobs]
     images, annotations = [], []
-    for index in range(num_images):
-        rng = np.random.default_rng([seed, SPLITS.index(split), index])
-        low = max(1, round(0.75 * size))
-        height, width = int(rng.integers(low, size + 1)), int(rng.integers(low, size + 1))
-        pixels, objects = render_image(rng, height, width, max_objects)
-        image_id = index + 1
-        file_name = f"{image_id:012d}.{image_format}"
-        options = {"format": "JPEG", "quality": 95} if image_format == "jpg" else {"format": "PNG"}
-        with atomic_write(folder / file_name, "wb") as file:
-            Image.fromarray(pixels).save(file, **options)
-        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
+    for image, objects in rendered:
+        images.append(image)
         for item in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "iscrowd": 0, **item})
+            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "iscrowd": 0, **item})
     categories = [
         {"id": index + 1, "name": name, "supercategory": "shape"} for index, name in enumerate(CATEGORY_NAMES)
     ]
@@ -206,8 +223,9 @@ def generate_shapes_dataset(
     size: int = 128,
     image_format: str = "png",
     max_objects: int = MAX_OBJECTS,
+    workers: int = 1,
 ) -> Path:
-    """Write the train and val splits in the COCO layout under ``out``; returns ``out``."""
+    """Write the train and val splits in the COCO layout under ``out`` with ``workers`` processes; returns ``out``."""
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
     if size < 32:
@@ -216,12 +234,14 @@ def generate_shapes_dataset(
         raise ValueError(f"seed must be >= 0, got {seed}")
     if max_objects < 1:
         raise ValueError(f"max_objects must be at least 1, got {max_objects}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     if image_format not in ("png", "jpg"):
         raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
     out = Path(out)
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     for split, count in zip(SPLITS, (num_train, num_val)):
-        annotation = generate_split(out, split, count, seed, size, image_format, max_objects)
+        annotation = generate_split(out, split, count, seed, size, image_format, max_objects, workers)
         write_json(out / "annotations" / f"instances_{split}2017.json", annotation)
     return out
 
@@ -235,13 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=128, help="largest image side in pixels")
     parser.add_argument("--max-objects", type=int, default=MAX_OBJECTS, help="most objects in one image")
     parser.add_argument("--image-format", choices=("png", "jpg"), default="png")
+    parser.add_argument("--workers", type=int, default=1, help="processes drawing images (the same files for any)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     out = generate_shapes_dataset(
-        args.out, args.num_train, args.num_val, args.seed, args.size, args.image_format, args.max_objects
+        args.out,
+        args.num_train,
+        args.num_val,
+        args.seed,
+        args.size,
+        args.image_format,
+        args.max_objects,
+        args.workers,
     )
     print(f"wrote {args.num_train} train and {args.num_val} val images of at most {args.size} px to {out}")
 

@@ -15,8 +15,8 @@ Files a training run writes under ``cfg.output_dir`` (rank 0 only):
 | | category_names, log_record (the epoch's ``log.txt`` record before its evaluation) |
 | ``checkpointNNNN.pth`` | the same, kept every ``save_every`` epochs and before the ``lr_drop`` |
 | ``detections.json`` / ``metrics.json`` | the latest evaluation: COCO results and the 12 COCO metrics |
-| ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s``; |
-| | appended to when the run resumes |
+| ``log.txt`` | one JSON line per epoch: ``epoch``, ``lr``, ``train_<loss>``, ``val_<metric>``, ``epoch_time_s``, |
+| | ``epoch_cpu_s``; appended to when the run resumes |
 | ``train.lock`` | while the run goes on: its process id, host and start time (``engine.run_dir``) |
 
 The folder is locked for the run, and one that holds another run is refused unless ``overwrite=true``; nothing in
@@ -256,12 +256,12 @@ def resume(run: TrainingRun) -> tuple[int, dict | None]:
 def complete_record(run: TrainingRun, record: dict) -> dict:
     """Evaluate again (when due) the epoch of ``record``, a checkpoint's record that ``log.txt`` lacks, and log
     it; returns the completed record."""
-    epoch, start = record["epoch"], time.perf_counter()
+    epoch, start, cpu_start = record["epoch"], time.perf_counter(), time.process_time()
     say(run.info, f"log.txt has no record of epoch {epoch}, which its checkpoint finished: completing it")
     record = dict(record)
     if evaluation_due(epoch, run.cfg):
         record.update(evaluate_epoch(run))
-    record["epoch_time_s"] = round(record.get("epoch_time_s", 0.0) + time.perf_counter() - start, 2)
+    record_times(record, start - record.get("epoch_time_s", 0.0), cpu_start - record.get("epoch_cpu_s", 0.0))
     if run.info.is_main:
         append_log(run.output_dir, record)
     return record
@@ -271,7 +271,7 @@ def train_epoch(run: TrainingRun, epoch: int) -> dict:
     """Epoch ``epoch`` (0-based), in order: seed, train over the batches, step the schedule, checkpoint, evaluate
     when due, log. Returns its ``log.txt`` record."""
     cfg, info = run.cfg, run.info
-    epoch_start = time.perf_counter()
+    epoch_start, cpu_start = time.perf_counter(), time.process_time()
     seed_everything(epoch_seed(cfg.seed, info.rank, epoch))
     run.train_loader.batch_sampler.sampler.set_epoch(epoch)
     try:
@@ -294,16 +294,27 @@ def train_epoch(run: TrainingRun, epoch: int) -> dict:
     record = {"epoch": epoch, "lr": run.optimizer.param_groups[0]["lr"]}
     record.update({f"train_{name}": value for name, value in losses.items()})
     run.lr_scheduler.step()
-    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
+    record_times(record, epoch_start, cpu_start)
     if info.is_main:
         save_epoch(run, epoch, record)  # before the evaluation: a run stopped there keeps the epoch's training
     barrier()
     if evaluation_due(epoch, cfg):
         record.update(evaluate_epoch(run))
-    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 2)
+    record_times(record, epoch_start, cpu_start)
     if info.is_main:
         log_epoch(run, record)
     return record
+
+
+def record_times(record: dict, wall_start: float, cpu_start: float) -> None:
+    """Set the record's ``epoch_time_s`` (wall seconds since ``wall_start``, a ``time.perf_counter``) and
+    ``epoch_cpu_s`` (this process's CPU seconds, all its threads, since ``cpu_start``, a ``time.process_time``).
+
+    An epoch whose wall time grew while its CPU time did not lost the time to the machine (other processes, a busy
+    host), not to more work.
+    """
+    record["epoch_time_s"] = round(time.perf_counter() - wall_start, 2)
+    record["epoch_cpu_s"] = round(time.process_time() - cpu_start, 2)
 
 
 def train_one_epoch(
@@ -449,8 +460,8 @@ def log_epoch(run: TrainingRun, record: dict) -> None:
     shown = f", AP {record['val_AP']:.4f}" if "val_AP" in record else ""
     say(
         run.info,
-        f"epoch {record['epoch']} done in {format_duration(record['epoch_time_s'])}: loss "
-        f"{record['train_loss']:.4f}{shown}",
+        f"epoch {record['epoch']} done in {format_duration(record['epoch_time_s'])} "
+        f"({record['epoch_cpu_s']:.0f} s of CPU time): loss {record['train_loss']:.4f}{shown}",
     )
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from models.deformable_encoder import feed_forward, with_position
+from models.dropout import Dropout
 from ops import MSDeformAttn
 
 
@@ -38,16 +39,16 @@ class DeformableDecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=attention_backend)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.activation = nn.ReLU()
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout4 = nn.Dropout(dropout)
+        self.dropout4 = Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(

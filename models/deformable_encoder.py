@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.dropout import Dropout
 from ops import MSDeformAttn
 
 
@@ -15,7 +16,7 @@ def with_position(tensor: torch.Tensor, position: torch.Tensor | None) -> torch.
     return tensor if position is None else tensor + position
 
 
-def feed_forward(layer: nn.Module, tensor: torch.Tensor, dropout: nn.Dropout) -> torch.Tensor:
+def feed_forward(layer: nn.Module, tensor: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     """linear2(dropout(activation(linear1(x)))) of ``layer``: the feed-forward of every encoder and decoder layer,
     before its residual; the activation a ReLU (``models.inference`` fuses it into ``linear1``).
 
@@ -42,13 +43,13 @@ class DeformableEncoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points, backend=attention_backend)
-        self.dropout1 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.activation = nn.ReLU()
-        self.dropout2 = nn.Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(

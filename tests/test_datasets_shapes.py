@@ -56,6 +56,11 @@ def test_the_same_seed_gives_identical_files(generated, tmp_path):
     assert _files(tmp_path) == _files(generated)
 
 
+def test_two_worker_processes_write_the_same_files(generated, tmp_path):
+    shapes.generate_shapes_dataset(tmp_path, num_train=12, num_val=4, seed=3, size=48, workers=2)
+    assert _files(tmp_path) == _files(generated)
+
+
 def test_another_seed_gives_other_data(generated, tmp_path):
     shapes.generate_shapes_dataset(tmp_path, num_train=12, num_val=4, seed=4, size=48)
     name = "annotations/instances_train2017.json"
@@ -99,3 +104,5 @@ def test_bad_arguments_are_named(tmp_path):
         shapes.generate_shapes_dataset(tmp_path, -1, 1)
     with pytest.raises(ValueError, match="max_objects must be at least 1"):
         shapes.generate_shapes_dataset(tmp_path, 1, 1, max_objects=0)
+    with pytest.raises(ValueError, match="workers"):
+        shapes.generate_shapes_dataset(tmp_path, 1, 1, workers=0)

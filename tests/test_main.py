@@ -263,7 +263,7 @@ def test_a_run_stopped_in_its_evaluation_completes_its_log_when_resumed(first_ru
     assert run("train", opts=tiny_overrides(coco_path, output_dir, "epochs=3", f"resume={checkpoint}")) == 0
     records = log_lines(output_dir)
     assert [record["epoch"] for record in records] == [0, 1, 2]
-    assert all({"train_loss", "lr", "val_AP", "epoch_time_s"} <= set(record) for record in records)
+    assert all({"train_loss", "lr", "val_AP", "epoch_time_s", "epoch_cpu_s"} <= set(record) for record in records)
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_path, tmp_path, monkeypatch, capsys):
