@@ -188,7 +188,9 @@ def ms_deform_attn(
     float32). Mixed dtypes run in their common dtype, so that float32 sampling locations keep their precision
     (bfloat16 resolves a coordinate to only 1/256 of the map): value in bfloat16 with locations in float32 runs
     in float32, and the output comes back in value's dtype (in the common dtype under autocast); gradients flow
-    back in each input's own dtype. Pass all three in bfloat16 or float16 to run the half-precision kernel.
+    back in each input's own dtype. Where no gradient is recorded, the cpu kernel samples a half-precision value
+    at float32 locations and weights as they are (float32 accumulation, no float32 copy of value; outside
+    autocast): the fast inference path. Pass all three in bfloat16 or float16 to run the half-precision kernel.
     The kernels are torch.library custom ops with fake implementations, so ``torch.compile`` traces through
     them; a kernel cannot be built while tracing, so one eager call (or ``ops.available_backends()``) must load
     it first, else "auto" traces the pytorch backend.
@@ -202,6 +204,12 @@ def ms_deform_attn(
             torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
         )
         out_dtype = common if _autocast_enabled(device_type) else value.dtype
+        if out_dtype == value.dtype and _samples_half_at_float(value, sampling_locations, attention_weights, backend):
+            validate_inputs(
+                value, spatial_shapes, level_start_index, sampling_locations, attention_weights, float_coordinates=True
+            )
+            output = _run_kernel("cpu", value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+            return output.to(out_dtype)
         output = ms_deform_attn(
             value.to(common),
             spatial_shapes,
@@ -233,6 +241,22 @@ def ms_deform_attn(
             level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     return _run_kernel(chosen, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _samples_half_at_float(
+    value: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor, backend: str
+) -> bool:
+    """Whether the cpu kernel runs a float16/bfloat16 ``value`` with float32 locations and weights as they are:
+    eagerly on the CPU, with no gradient recorded, where ``backend`` resolves to the cpu kernel (and, the caller
+    checks, outside autocast, which asks for a float32 output)."""
+    if _is_compiling() or value.device.type != "cpu" or value.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if (sampling_locations.dtype, attention_weights.dtype) != (torch.float32, torch.float32):
+        return False
+    floating = (value, sampling_locations, attention_weights)
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in floating):
+        return False
+    return resolve_backend(backend, value.device, value.dtype) == "cpu"
 
 
 def _run_kernel(

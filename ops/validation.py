@@ -62,6 +62,7 @@ def _check_types(
     level_start_index: torch.Tensor,
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
+    float_coordinates: bool = False,
 ) -> None:
     for name, tensor in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if tensor.dtype not in (torch.int64, torch.int32):
@@ -73,7 +74,9 @@ def _check_types(
     ):
         if tensor.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {tensor.dtype}")
-    if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
+    mixed = float_coordinates and value.dtype in (torch.float16, torch.bfloat16)
+    coordinates = (sampling_locations.dtype, attention_weights.dtype)
+    if not (coordinates == (value.dtype, value.dtype) or (mixed and coordinates == (torch.float32, torch.float32))):
         raise TypeError(
             "value, sampling_locations and attention_weights must share one dtype, got "
             f"{value.dtype}, {sampling_locations.dtype} and {attention_weights.dtype}"
@@ -186,8 +189,12 @@ def validate_inputs(
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
     check_layout: bool = True,
+    float_coordinates: bool = False,
 ) -> list[tuple[int, int]] | None:
     """Raise ``TypeError``/``ValueError`` naming the argument if the op's inputs are inconsistent.
+
+    ``float_coordinates`` also accepts float32 ``sampling_locations`` and ``attention_weights`` with a float16 or
+    bfloat16 ``value`` (what the CPU kernel's forward runs as such).
 
     ``check_layout`` also reads ``spatial_shapes``/``level_start_index`` (one tiny device-to-host copy on a GPU,
     once per pair of tensors, see :func:`checked_level_shapes`) and returns the ``(H, W)`` of each level;
@@ -198,7 +205,7 @@ def validate_inputs(
     _check_tensor("level_start_index", level_start_index, 1)
     _check_tensor("sampling_locations", sampling_locations, 6)
     _check_tensor("attention_weights", attention_weights, 5)
-    _check_types(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    _check_types(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, float_coordinates)
     _check_sizes(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if not check_layout:
         return None

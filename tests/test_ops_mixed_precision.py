@@ -60,3 +60,61 @@ def test_autocast_returns_the_common_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = ms_deform_attn(*op_args(problem), backend="pytorch")
     assert output.dtype == torch.float32
+
+
+@pytest.mark.parametrize("path", ["auto", "avx512", "portable"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels", [32, 12])
+def test_without_gradients_the_cpu_kernel_samples_half_value_at_float_locations(monkeypatch, path, dtype, channels):
+    """The inference path: no gradient recorded, the cpu kernel takes the half-precision value with float32
+    locations and weights as they are (no float32 copy of value), sums in float32 and returns value's dtype;
+    against the float64 reference on the same inputs only the output's rounding remains. D = 32 runs the AVX-512
+    loops where built, D = 12 the portable ones."""
+    monkeypatch.setenv("DETR_MSDA_CPU_KERNEL", path)
+    problem = make_problem([(7, 5), (4, 6), (2, 1), (1, 1)], batch=2, queries=13, heads=3, channels=channels, points=4)
+    problem["value"] = problem["value"].to(dtype)
+    problem["sampling_locations"] = problem["sampling_locations"].float()
+    problem["attention_weights"] = problem["attention_weights"].float()
+    value, shapes, starts, locations, weights = op_args(problem)
+
+    from ops import functional
+
+    seen = []
+    run_kernel = functional._run_kernel
+    monkeypatch.setattr(functional, "_run_kernel", lambda *args: seen.append(args) or run_kernel(*args))
+    with torch.no_grad():
+        output = ms_deform_attn(value, shapes, starts, locations, weights, backend="cpu")
+    assert [(args[1].dtype, args[4].dtype, args[5].dtype) for args in seen] == [(dtype, torch.float32, torch.float32)]
+    assert output.dtype == dtype
+    want, _ = reference_with_grads(problem, torch.zeros(output.shape, dtype=torch.float64))
+    assert relative_error(output, want) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+    # the promoted float32 computation, rounded once at the end: the same up to that rounding
+    expected = ms_deform_attn(value.float(), shapes, starts, locations, weights, backend="cpu").to(dtype)
+    assert relative_error(output, expected.double()) < (1e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_with_gradients_mixed_dtypes_still_run_the_promoted_kernel(monkeypatch):
+    """The half-at-float kernel has no backward: a call that records gradients runs the common dtype."""
+    from ops import functional
+
+    problem = _mixed(make_problem([(5, 4), (2, 2)], batch=1, queries=6, heads=2, channels=32, points=2, seed=2))
+    problem["attention_weights"] = problem["attention_weights"].float()
+    value, shapes, starts, locations, weights = op_args(problem)
+    seen = []
+    run_kernel = functional._run_kernel
+    monkeypatch.setattr(functional, "_run_kernel", lambda *args: seen.append(args) or run_kernel(*args))
+    output = ms_deform_attn(value.requires_grad_(), shapes, starts, locations, weights, backend="cpu")
+    (grad,) = torch.autograd.grad(output.float().sum(), [value])
+    assert [args[1].dtype for args in seen] == [torch.float32] and grad.dtype == torch.bfloat16
+
+
+def test_the_kernel_refuses_float_locations_with_a_float32_value():
+    """Only a half-precision value may come with float32 locations and weights; other mixes are refused, by the
+    kernel too (a direct call through torch.ops)."""
+    from ops.functional import _load_kernel
+
+    _load_kernel("cpu")
+    problem = make_problem([(3, 3)], batch=1, queries=2, heads=1, channels=4, points=1)
+    value, shapes, starts, locations, weights = op_args(problem)
+    with pytest.raises(TypeError, match="share one dtype"):
+        torch.ops.deformable_detr.ms_deform_attn_forward(value, shapes, starts, locations.float(), weights.float())

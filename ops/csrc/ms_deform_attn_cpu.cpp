@@ -3,7 +3,9 @@
 //
 // Layouts (all contiguous): value (N, S, M, D); spatial_shapes (L, 2) int64 (H, W); level_start_index (L,) int64;
 // sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1]; attention_weights (N, Lq, M, L, P);
-// output (N, Lq, M * D). Half and bfloat16 are stored as such and accumulate in float32.
+// output (N, Lq, M * D). Half and bfloat16 are stored as such and accumulate in float32. The forward also takes
+// float32 sampling_locations and attention_weights with a half-precision value (the inference path: no float32
+// copy of value; the backward takes one dtype).
 //
 // Both kernels first locate all samples of a query at once (ms_deform_attn_cpu_sampling.h), then run over the
 // channels of each sample's four corner rows. D = 32 (the model's) is compiled with its size known.
@@ -65,9 +67,11 @@ inline int64_t channel_count(const Sizes& s) {
   return kChannels > 0 ? kChannels : s.channels;
 }
 
-template <typename scalar_t, int kChannels>
+// coord_t: the dtype of sampling_locations and attention_weights, scalar_t's or float32 (a half-precision value
+// sampled at float32 locations, the inference path's mix).
+template <typename scalar_t, typename coord_t, int kChannels>
 void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<scalar_t>>& levels,
-                     const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
+                     const coord_t* sampling_locations, const coord_t* attention_weights, scalar_t* output,
                      const Sizes& s, Path path, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = channel_count<kChannels>(s);
@@ -115,19 +119,19 @@ void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<s
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename coord_t>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
-                    const scalar_t* sampling_locations, const scalar_t* attention_weights, scalar_t* output,
+                    const coord_t* sampling_locations, const coord_t* attention_weights, scalar_t* output,
                     const Sizes& s) {
   const SampleLevels<at::opmath_type<scalar_t>> levels(spatial_shapes, level_start_index, s);
   const Path path = chosen_path();
   const int64_t grain = std::max<int64_t>(1, 2048 / (s.heads * s.levels * s.points));
   at::parallel_for(0, s.batch * s.queries, grain, [&](int64_t begin, int64_t end) {
     if (s.channels == 32) {
-      forward_queries<scalar_t, 32>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
+      forward_queries<scalar_t, coord_t, 32>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
                                     end);
     } else {
-      forward_queries<scalar_t, 0>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
+      forward_queries<scalar_t, coord_t, 0>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
                                    end);
     }
   });
@@ -390,13 +394,23 @@ void check_index_range(const Sizes& s) {
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights) {
-  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+  const Sizes s = check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                               /*float_coordinates=*/true);
   check_index_range(s);
   at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  const bool float_coordinates = sampling_locations.scalar_type() != value.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                             level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
-                             attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s);
+    if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (float_coordinates) {
+        forward_kernel<scalar_t, float>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+                                        level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<float>(),
+                                        attention_weights.data_ptr<float>(), output.data_ptr<scalar_t>(), s);
+        return;
+      }
+    }
+    forward_kernel<scalar_t, scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
+                                       level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
+                                       attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s);
   });
   return output;
 }
