@@ -195,31 +195,11 @@ def ms_deform_attn(
     them; a kernel cannot be built while tracing, so one eager call (or ``ops.available_backends()``) must load
     it first, else "auto" traces the pytorch backend.
     """
-    device_type = value.device.type if isinstance(value, torch.Tensor) else "cpu"
     floating = (value, sampling_locations, attention_weights)
     if all(isinstance(tensor, torch.Tensor) and tensor.dtype in _FLOAT_DTYPES for tensor in floating) and (
         len({tensor.dtype for tensor in floating}) > 1
     ):
-        common = torch.promote_types(
-            torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
-        )
-        out_dtype = common if _autocast_enabled(device_type) else value.dtype
-        if out_dtype == value.dtype and _samples_half_at_float(value, sampling_locations, attention_weights, backend):
-            validate_inputs(
-                value, spatial_shapes, level_start_index, sampling_locations, attention_weights, float_coordinates=True
-            )
-            output = _run_kernel("cpu", value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-            return output.to(out_dtype)
-        output = ms_deform_attn(
-            value.to(common),
-            spatial_shapes,
-            level_start_index,
-            sampling_locations.to(common),
-            attention_weights.to(common),
-            backend,
-            level_shapes,
-        )
-        return output.to(out_dtype)
+        return _ms_deform_attn_mixed(*floating, spatial_shapes, level_start_index, backend, level_shapes)
     checked_shapes = validate_inputs(
         value,
         spatial_shapes,
@@ -241,6 +221,36 @@ def ms_deform_attn(
             level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     return _run_kernel(chosen, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _ms_deform_attn_mixed(
+    value: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    backend: str,
+    level_shapes: Sequence[tuple[int, int]] | None,
+) -> torch.Tensor:
+    """:func:`ms_deform_attn` of floating inputs of more than one dtype (see there): in their common dtype, or a
+    half-precision value at float32 locations and weights as they are (:func:`_samples_half_at_float`)."""
+    common = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    out_dtype = common if _autocast_enabled(value.device.type) else value.dtype
+    if out_dtype == value.dtype and _samples_half_at_float(value, sampling_locations, attention_weights, backend):
+        validate_inputs(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, float_coordinates=True
+        )
+        return _run_kernel("cpu", value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    output = ms_deform_attn(
+        value.to(common),
+        spatial_shapes,
+        level_start_index,
+        sampling_locations.to(common),
+        attention_weights.to(common),
+        backend,
+        level_shapes,
+    )
+    return output.to(out_dtype)
 
 
 def _samples_half_at_float(
