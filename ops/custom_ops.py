@@ -21,6 +21,12 @@ _library.define(
     "Tensor sampling_locations, Tensor attention_weights, bool[3] output_mask=[True, True, True]) "
     "-> (Tensor, Tensor, Tensor)"
 )
+# Inference only (no autograd; CPU kernel): the forward from the query's projection (N, Lq, M * L * P * 3) holding
+# its sampling offsets (M, L, P, 2) in pixels and attention logits (M, L * P), at 2-d reference points (N, Lq, L, 2).
+_library.define(
+    "ms_deform_attn_projected_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+    "Tensor reference_points, Tensor projected) -> Tensor"
+)
 # output_mask says which of (grad_value, grad_sampling_locations, grad_attention_weights) to compute; the kernels
 # return a gradient not asked for as an empty tensor of shape (0,) and skip its work.
 
@@ -29,6 +35,12 @@ _library.define(
 def forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     batch, _, heads, channels = value.shape
     return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::ms_deform_attn_projected_forward")
+def projected_forward_fake(value, spatial_shapes, level_start_index, reference_points, projected):
+    batch, _, heads, channels = value.shape
+    return value.new_empty((batch, projected.shape[1], heads * channels))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::ms_deform_attn_backward")

@@ -10,7 +10,7 @@ import torch
 
 from ops import backend_cache, self_check, triton_backend
 from ops.pytorch_backend import ms_deform_attn_pytorch
-from ops.validation import _FLOAT_DTYPES, validate_inputs
+from ops.validation import _FLOAT_DTYPES, checked_level_shapes, validate_inputs
 
 BACKENDS = ("auto", "pytorch", "cpu", "cuda", "triton")
 KERNELS = ("cpu", "cuda")
@@ -221,6 +221,50 @@ def ms_deform_attn(
             level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
         return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
     return _run_kernel(chosen, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def projected_runs(value: torch.Tensor, *tensors: torch.Tensor, backend: str = "auto") -> bool:
+    """Whether :func:`ms_deform_attn_projected` can run for ``value`` and the other inputs: on the CPU, with no
+    gradient recorded, eagerly, where ``backend`` resolves to the cpu kernel."""
+    if _is_compiling() or value.device.type != "cpu" or value.dtype not in _FLOAT_DTYPES:
+        return False
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (value, *tensors)):
+        return False
+    return resolve_backend(backend, value.device, value.dtype) == "cpu"
+
+
+def ms_deform_attn_projected(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    reference_points: torch.Tensor,
+    projected: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`ms_deform_attn` with its locations and weights computed in the cpu kernel from the query's projection,
+    as ``ops.MSDeformAttn`` computes them for 2-d reference points: inference only (no gradient), on the CPU, where
+    :func:`projected_runs` holds.
+
+    Args:
+        value: (N, S, M, D).
+        spatial_shapes, level_start_index: as for :func:`ms_deform_attn`.
+        reference_points: (N, Lq, L, 2), (x, y) in [0, 1] of each padded level.
+        projected: (N, Lq, M * L * P * 3): each query's sampling offsets (M, L, P, 2) in pixels of their level,
+            then its attention logits (M, L * P), softmaxed over each head's L * P in the kernel.
+
+    Returns:
+        (N, Lq, M * D) in value's dtype; the sums in float32 at least. Nothing of size Lq * M * L * P is written
+        (no locations, no weights, no float32 copy of the offsets).
+    """
+    _load_kernel("cpu")
+    checked_level_shapes(spatial_shapes, level_start_index, value.shape[1])
+    coordinates = torch.float64 if value.dtype == torch.float64 else torch.float32
+    return torch.ops.deformable_detr.ms_deform_attn_projected_forward(
+        value.contiguous(),
+        spatial_shapes.long().contiguous(),
+        level_start_index.long().contiguous(),
+        reference_points.to(coordinates).contiguous(),
+        projected.to(value.dtype).contiguous(),
+    )
 
 
 def _ms_deform_attn_mixed(

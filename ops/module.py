@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ops import fused
-from ops.functional import BACKENDS, ms_deform_attn
+from ops.functional import BACKENDS, ms_deform_attn, ms_deform_attn_projected, projected_runs
 from ops.sampling_record import AttentionSampling, RecordsSampling
 
 
@@ -135,6 +135,11 @@ class MSDeformAttn(RecordsSampling, nn.Module):
             if not cpu_inference or input_padding_mask.any():
                 value = value.masked_fill_(input_padding_mask[..., None], 0.0)
         value = value.view(batch, positions, heads, self.d_model // heads)
+        if self._samples_in_the_kernel(value, query, reference_points):
+            projected = fused.linear(query, self.query_weight, self.query_bias)
+            return ms_deform_attn_projected(
+                value, input_spatial_shapes, input_level_start_index, reference_points, projected
+            )
         offsets, logits = self.project_query(query)
         # Locations in float32 at least: a bfloat16 coordinate in [0, 1] resolves only 1/256 of the map. The weights
         # too: the op runs in its inputs' common dtype.
@@ -161,6 +166,17 @@ class MSDeformAttn(RecordsSampling, nn.Module):
             attention_weights,
             backend=self.backend,
             level_shapes=level_shapes,
+        )
+
+    def _samples_in_the_kernel(self, value: torch.Tensor, query: torch.Tensor, reference_points: torch.Tensor) -> bool:
+        """Whether :meth:`sample` leaves the locations and weights to the cpu kernel
+        (:func:`ops.functional.ms_deform_attn_projected`): merged query projections (inference), 2-d reference
+        points, nothing recording the sampling, and :func:`ops.functional.projected_runs`."""
+        return (
+            self.query_weight is not None
+            and self.sampling_recorder is None
+            and reference_points.shape[-1] == 2
+            and projected_runs(value, query, reference_points, backend=self.backend)
         )
 
     def project_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -165,21 +165,32 @@ def test_bfloat16_detections_match_float32(variant: str) -> None:
             )
 
 
-def test_bfloat16_model_keeps_sampling_locations_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
-    _, fast = _model_pair([])
+@pytest.mark.parametrize("options", [[], ["with_box_refine=true"]])
+def test_bfloat16_model_keeps_sampling_locations_in_float32(monkeypatch: pytest.MonkeyPatch, options) -> None:
+    """Each attention samples a bfloat16 value where float32 numbers say: locations and weights in float32
+    (box references, or a recording), or float32 reference points from which the kernel computes them (2-d
+    references)."""
+    _, fast = _model_pair(options)
     seen = []
-    original = ops.module.ms_deform_attn
+    original, original_projected = ops.module.ms_deform_attn, ops.module.ms_deform_attn_projected
 
     def spy(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **kwargs):
-        seen.append((value.dtype, sampling_locations.dtype, attention_weights.dtype))
+        seen.append(("locations", value.dtype, sampling_locations.dtype, attention_weights.dtype))
         return original(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, **kwargs)
 
+    def spy_projected(value, spatial_shapes, level_start_index, reference_points, projected):
+        seen.append(("projected", value.dtype, reference_points.dtype))
+        return original_projected(value, spatial_shapes, level_start_index, reference_points, projected)
+
     monkeypatch.setattr(ops.module, "ms_deform_attn", spy)
+    monkeypatch.setattr(ops.module, "ms_deform_attn_projected", spy_projected)
     with torch.no_grad():
         fast(torch.randn(1, 3, 64, 64))
     assert len(seen) == 3  # one encoder and two decoder layers
-    # value in bfloat16; locations and attention weights (a softmax computed into float32) in float32
-    assert set(seen) == {(torch.bfloat16, torch.float32, torch.float32)}
+    points = ("projected", torch.bfloat16, torch.float32)
+    boxes = ("locations", torch.bfloat16, torch.float32, torch.float32)
+    # with box refinement the first decoder layer starts from 2-d points, the second from the refined boxes
+    assert seen == ([points, points, boxes] if options else [points] * 3), seen
     assert fast.inference_dtype == torch.bfloat16
     assert not any(parameter.requires_grad for parameter in fast.parameters())
     backbone_conv = fast.backbone[0].body.layer1[0].conv1.weight

@@ -16,11 +16,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <array>
 #include <cstdlib>
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "bilinear.h"
@@ -67,12 +69,13 @@ inline int64_t channel_count(const Sizes& s) {
   return kChannels > 0 ? kChannels : s.channels;
 }
 
-// coord_t: the dtype of sampling_locations and attention_weights, scalar_t's or float32 (a half-precision value
-// sampled at float32 locations, the inference path's mix).
-template <typename scalar_t, typename coord_t, int kChannels>
+// Queries [begin, end) of the forward. `query_inputs(batch_query)` -> {the query's sampling locations (M * L * P, 2),
+// its attention weights (M * L * P)}, both of coord_t: scalar_t's dtype or float32 (a half-precision value sampled at
+// float32 locations, the inference path's mix); read before the next call.
+template <typename scalar_t, typename coord_t, int kChannels, typename QueryInputs>
 void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<scalar_t>>& levels,
-                     const coord_t* sampling_locations, const coord_t* attention_weights, scalar_t* output,
-                     const Sizes& s, Path path, int64_t begin, int64_t end) {
+                     QueryInputs&& query_inputs, scalar_t* output, const Sizes& s, Path path, int64_t begin,
+                     int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = channel_count<kChannels>(s);
   const int64_t row_stride = s.heads * channels;
@@ -85,9 +88,8 @@ void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<s
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
   std::vector<acc_t> accumulator(channels);
   for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
-    const int64_t first_sample = batch_query * query_samples;
-    locate_samples<false>(sampling_locations + 2 * first_sample, attention_weights + first_sample, 0, query_samples,
-                          levels, geometry);
+    const std::pair<const coord_t*, const coord_t*> inputs = query_inputs(batch_query);
+    locate_samples<false>(inputs.first, inputs.second, 0, query_samples, levels, geometry);
     const scalar_t* value_batch = value + (batch_query / s.queries) * s.positions * row_stride;
     corner_rows<true>(geometry, levels, 0, query_samples, value_batch, row_stride, 0, zeros.data(), corners.rows);
     for (int64_t head = 0; head < s.heads; ++head) {
@@ -119,22 +121,77 @@ void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<s
   }
 }
 
-template <typename scalar_t, typename coord_t>
+// The forward over every query, in parallel: forward_queries with `make_inputs()` (a fresh QueryInputs per task).
+template <typename scalar_t, typename coord_t, typename MakeInputs>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
-                    const coord_t* sampling_locations, const coord_t* attention_weights, scalar_t* output,
-                    const Sizes& s) {
+                    MakeInputs&& make_inputs, scalar_t* output, const Sizes& s) {
   const SampleLevels<at::opmath_type<scalar_t>> levels(spatial_shapes, level_start_index, s);
   const Path path = chosen_path();
   const int64_t grain = std::max<int64_t>(1, 2048 / (s.heads * s.levels * s.points));
   at::parallel_for(0, s.batch * s.queries, grain, [&](int64_t begin, int64_t end) {
+    auto query_inputs = make_inputs();
     if (s.channels == 32) {
-      forward_queries<scalar_t, coord_t, 32>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
-                                    end);
+      forward_queries<scalar_t, coord_t, 32>(value, levels, query_inputs, output, s, path, begin, end);
     } else {
-      forward_queries<scalar_t, coord_t, 0>(value, levels, sampling_locations, attention_weights, output, s, path, begin,
-                                   end);
+      forward_queries<scalar_t, coord_t, 0>(value, levels, query_inputs, output, s, path, begin, end);
     }
   });
+}
+
+// The op's own inputs: each query's rows of sampling_locations and attention_weights.
+template <typename coord_t>
+auto given_inputs(const coord_t* sampling_locations, const coord_t* attention_weights, const Sizes& s) {
+  const int64_t query_samples = s.heads * s.levels * s.points;
+  return [=]() {
+    return [=](int64_t batch_query) {
+      const int64_t first = batch_query * query_samples;
+      return std::pair<const coord_t*, const coord_t*>(sampling_locations + 2 * first, attention_weights + first);
+    };
+  };
+}
+
+// The inputs computed from the query's projection, as MSDeformAttn does for 2-d reference points (the inference
+// op): location = reference point of the level + offset / (W, H); weights = softmax over the L * P logits of each
+// head. `projected` (N, Lq, M * L * P * 3) holds a query's offsets (M, L, P, 2) then its logits (M, L * P);
+// reference_points (N, Lq, L, 2) are (x, y) in [0, 1].
+template <typename scalar_t, typename coord_t>
+auto projected_inputs(const scalar_t* projected, const coord_t* reference_points, const int64_t* spatial_shapes,
+                      const Sizes& s) {
+  const int64_t levels = s.levels, points = s.points, query_samples = s.heads * levels * points;
+  std::vector<coord_t> inverse_size(2 * levels);  // 1 / W, 1 / H of each level
+  for (int64_t level = 0; level < levels; ++level) {
+    inverse_size[2 * level] = coord_t(1) / static_cast<coord_t>(spatial_shapes[2 * level + 1]);
+    inverse_size[2 * level + 1] = coord_t(1) / static_cast<coord_t>(spatial_shapes[2 * level]);
+  }
+  return [=]() {
+    return [=, locations = std::vector<coord_t>(2 * query_samples),
+            weights = std::vector<coord_t>(query_samples)](int64_t batch_query) mutable {
+      const scalar_t* offsets = projected + batch_query * 3 * query_samples;
+      const scalar_t* logits = offsets + 2 * query_samples;
+      const coord_t* reference = reference_points + batch_query * 2 * levels;
+      for (int64_t j = 0; j < query_samples; ++j) {
+        const int64_t level = (j / points) % levels;
+        locations[2 * j] = reference[2 * level] + static_cast<coord_t>(offsets[2 * j]) * inverse_size[2 * level];
+        locations[2 * j + 1] =
+            reference[2 * level + 1] + static_cast<coord_t>(offsets[2 * j + 1]) * inverse_size[2 * level + 1];
+      }
+      const int64_t head_samples = levels * points;
+      for (int64_t first = 0; first < query_samples; first += head_samples) {
+        coord_t largest = static_cast<coord_t>(logits[first]);
+        for (int64_t j = first + 1; j < first + head_samples; ++j) {
+          largest = std::max(largest, static_cast<coord_t>(logits[j]));
+        }
+        coord_t total = 0;
+        for (int64_t j = first; j < first + head_samples; ++j) {
+          weights[j] = std::exp(static_cast<coord_t>(logits[j]) - largest);
+          total += weights[j];
+        }
+        const coord_t scale = coord_t(1) / total;
+        for (int64_t j = first; j < first + head_samples; ++j) weights[j] *= scale;
+      }
+      return std::pair<const coord_t*, const coord_t*>(locations.data(), weights.data());
+    };
+  };
 }
 
 // The tensors of the backward (grad_value, grad_sampling_locations, grad_attention_weights null if not asked for).
@@ -402,15 +459,62 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
     if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
       if (float_coordinates) {
-        forward_kernel<scalar_t, float>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                                        level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<float>(),
-                                        attention_weights.data_ptr<float>(), output.data_ptr<scalar_t>(), s);
+        forward_kernel<scalar_t, float>(
+            value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
+            given_inputs(sampling_locations.data_ptr<float>(), attention_weights.data_ptr<float>(), s),
+            output.data_ptr<scalar_t>(), s);
         return;
       }
     }
-    forward_kernel<scalar_t, scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                                       level_start_index.data_ptr<int64_t>(), sampling_locations.data_ptr<scalar_t>(),
-                                       attention_weights.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(), s);
+    forward_kernel<scalar_t, scalar_t>(
+        value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
+        given_inputs(sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(), s),
+        output.data_ptr<scalar_t>(), s);
+  });
+  return output;
+}
+
+// The forward from the query's projection (see projected_inputs), for inference: no gradient. value (N, S, M, D) and
+// projected (N, Lq, M * L * P * 3) share a dtype; reference_points (N, Lq, L, 2) are float32 (float64 with a float64
+// value). P is read from projected's last size.
+at::Tensor ms_deform_attn_projected_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                                const at::Tensor& level_start_index,
+                                                const at::Tensor& reference_points, const at::Tensor& projected) {
+  TORCH_CHECK_VALUE(value.dim() == 4 && projected.dim() == 3 && reference_points.dim() == 4 &&
+                        spatial_shapes.dim() == 2,
+                    "value (N, S, M, D), projected (N, Lq, M * L * P * 3), reference_points (N, Lq, L, 2) and "
+                    "spatial_shapes (L, 2) expected");
+  const int64_t heads = value.size(2), levels = spatial_shapes.size(0);
+  const int64_t per_query = projected.size(2);
+  TORCH_CHECK_VALUE(per_query % (3 * heads * levels) == 0 && per_query > 0,
+                    "projected's last size must be M * L * P * 3, got ", per_query);
+  const Sizes s{value.size(0), value.size(1), heads, value.size(3), projected.size(1), levels,
+                per_query / (3 * heads * levels)};
+  TORCH_CHECK_VALUE(projected.size(0) == s.batch &&
+                        reference_points.sizes() == at::IntArrayRef({s.batch, s.queries, s.levels, 2}),
+                    "projected must be (N, Lq, M * L * P * 3) and reference_points (N, Lq, L, 2), got ",
+                    projected.sizes(), " and ", reference_points.sizes());
+  TORCH_CHECK_VALUE(level_start_index.dim() == 1 && level_start_index.size(0) == s.levels,
+                    "level_start_index must be (L,), got ", level_start_index.sizes());
+  TORCH_CHECK_TYPE(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
+                   "spatial_shapes and level_start_index must be int64");
+  TORCH_CHECK_TYPE(projected.scalar_type() == value.scalar_type(), "projected must have value's dtype");
+  const at::ScalarType coordinates = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(reference_points.scalar_type() == coordinates, "reference_points must be ",
+                   c10::toString(coordinates));
+  for (const at::Tensor* t : {&value, &spatial_shapes, &level_start_index, &reference_points, &projected}) {
+    TORCH_CHECK_VALUE(t->is_contiguous(), "inputs must be contiguous");
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "inputs must be on the CPU");
+  }
+  check_index_range(s);
+  const int64_t* shapes = spatial_shapes.data_ptr<int64_t>();
+  at::Tensor output = at::empty({s.batch, s.queries, s.heads * s.channels}, value.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_projected", [&] {
+    using coord_t = at::opmath_type<scalar_t>;
+    forward_kernel<scalar_t, coord_t>(
+        value.data_ptr<scalar_t>(), shapes, level_start_index.data_ptr<int64_t>(),
+        projected_inputs(projected.data_ptr<scalar_t>(), reference_points.data_ptr<coord_t>(), shapes, s),
+        output.data_ptr<scalar_t>(), s);
   });
   return output;
 }
@@ -465,4 +569,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
 TORCH_LIBRARY_IMPL(deformable_detr, CPU, m) {
   m.impl("ms_deform_attn_forward", &deformable_detr::ms_deform_attn_forward_cpu);
   m.impl("ms_deform_attn_backward", &deformable_detr::ms_deform_attn_backward_cpu);
+  m.impl("ms_deform_attn_projected_forward", &deformable_detr::ms_deform_attn_projected_forward_cpu);
 }
