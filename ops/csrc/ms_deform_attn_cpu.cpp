@@ -150,6 +150,30 @@ auto given_inputs(const coord_t* sampling_locations, const coord_t* attention_we
   };
 }
 
+// exp(x) for x <= 0 in float32 within 2 ulp, in plain arithmetic the compiler vectorises (std::exp it does not, and
+// the softmax of projected_inputs takes one per sample): x = n ln 2 + r, |r| <= ln 2 / 2, exp(r) by its Taylor
+// polynomial to r^7, 2^n from the exponent bits; below -87 (where exp underflows to 0 in float32) the result is 0.
+inline float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  x = underflow ? 0.0f : x;
+  const float n = static_cast<float>(static_cast<int32_t>(x * 1.44269504088896341f - 0.5f));  // nearest, x <= 0
+  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;  // ln 2 in two parts
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n; n >= -126 for x >= -87
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : p * scale;
+}
+
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
 // The inputs computed from the query's projection, as MSDeformAttn does for 2-d reference points (the inference
 // op): location = reference point of the level + offset / (W, H); weights = softmax over the L * P logits of each
 // head. `projected` (N, Lq, M * L * P * 3) holds a query's offsets (M, L, P, 2) then its logits (M, L * P);
@@ -158,38 +182,59 @@ template <typename scalar_t, typename coord_t>
 auto projected_inputs(const scalar_t* projected, const coord_t* reference_points, const int64_t* spatial_shapes,
                       const Sizes& s) {
   const int64_t levels = s.levels, points = s.points, query_samples = s.heads * levels * points;
-  std::vector<coord_t> inverse_size(2 * levels);  // 1 / W, 1 / H of each level
-  for (int64_t level = 0; level < levels; ++level) {
-    inverse_size[2 * level] = coord_t(1) / static_cast<coord_t>(spatial_shapes[2 * level + 1]);
-    inverse_size[2 * level + 1] = coord_t(1) / static_cast<coord_t>(spatial_shapes[2 * level]);
+  // per coordinate c = 2 * (level * P + point) + axis of a head (every head alike): 1 / W or 1 / H of its level,
+  // and where its reference coordinate lies in the query's (L, 2) reference points
+  const int64_t head_coordinates = 2 * levels * points;
+  std::vector<coord_t> inverse_size(head_coordinates);
+  std::vector<int32_t> reference_index(head_coordinates), head_of(query_samples);
+  for (int64_t j = 0; j < query_samples; ++j) head_of[j] = static_cast<int32_t>(j / (levels * points));
+  for (int64_t c = 0; c < head_coordinates; ++c) {
+    const int64_t level = c / 2 / points, axis = c % 2;
+    inverse_size[c] = coord_t(1) / static_cast<coord_t>(spatial_shapes[2 * level + 1 - axis]);
+    reference_index[c] = static_cast<int32_t>(2 * level + axis);
   }
   return [=]() {
-    return [=, locations = std::vector<coord_t>(2 * query_samples),
-            weights = std::vector<coord_t>(query_samples)](int64_t batch_query) mutable {
-      const scalar_t* offsets = projected + batch_query * 3 * query_samples;
-      const scalar_t* logits = offsets + 2 * query_samples;
-      const coord_t* reference = reference_points + batch_query * 2 * levels;
-      for (int64_t j = 0; j < query_samples; ++j) {
-        const int64_t level = (j / points) % levels;
-        locations[2 * j] = reference[2 * level] + static_cast<coord_t>(offsets[2 * j]) * inverse_size[2 * level];
-        locations[2 * j + 1] =
-            reference[2 * level + 1] + static_cast<coord_t>(offsets[2 * j + 1]) * inverse_size[2 * level + 1];
+    return [=, locations = std::vector<coord_t>(2 * query_samples), weights = std::vector<coord_t>(query_samples),
+            head_values = std::vector<coord_t>(s.heads),
+            centre = std::vector<coord_t>(head_coordinates)](int64_t batch_query) mutable {
+      const scalar_t* __restrict__ offsets = projected + batch_query * 3 * query_samples;
+      const scalar_t* __restrict__ logits = offsets + 2 * query_samples;
+      const coord_t* __restrict__ reference = reference_points + batch_query * 2 * levels;
+      const coord_t* __restrict__ inverse = inverse_size.data();
+      coord_t* __restrict__ pattern = centre.data();  // a head's reference coordinates, contiguous
+      for (int64_t c = 0; c < head_coordinates; ++c) pattern[c] = reference[reference_index[c]];
+      coord_t* __restrict__ location = locations.data();
+      for (int64_t first = 0; first < 2 * query_samples; first += head_coordinates) {
+#pragma omp simd
+        for (int64_t c = 0; c < head_coordinates; ++c) {
+          location[first + c] = pattern[c] + static_cast<coord_t>(offsets[first + c]) * inverse[c];
+        }
       }
+      // softmax over each head's L * P logits, in loops over the whole query (a head's 16 are too few to vectorise)
+      coord_t* __restrict__ weight = weights.data();
+      coord_t* __restrict__ per_head = head_values.data();  // each head's largest logit, then 1 / its sum
+      const int32_t* __restrict__ head = head_of.data();
       const int64_t head_samples = levels * points;
-      for (int64_t first = 0; first < query_samples; first += head_samples) {
-        coord_t largest = static_cast<coord_t>(logits[first]);
-        for (int64_t j = first + 1; j < first + head_samples; ++j) {
-          largest = std::max(largest, static_cast<coord_t>(logits[j]));
+      for (int64_t h = 0; h < s.heads; ++h) {
+        coord_t largest = static_cast<coord_t>(logits[h * head_samples]);
+        for (int64_t j = h * head_samples + 1; j < (h + 1) * head_samples; ++j) {
+          const coord_t logit = static_cast<coord_t>(logits[j]);
+          largest = logit > largest ? logit : largest;
         }
-        coord_t total = 0;
-        for (int64_t j = first; j < first + head_samples; ++j) {
-          weights[j] = std::exp(static_cast<coord_t>(logits[j]) - largest);
-          total += weights[j];
-        }
-        const coord_t scale = coord_t(1) / total;
-        for (int64_t j = first; j < first + head_samples; ++j) weights[j] *= scale;
+        per_head[h] = largest;
       }
-      return std::pair<const coord_t*, const coord_t*>(locations.data(), weights.data());
+#pragma omp simd
+      for (int64_t j = 0; j < query_samples; ++j) {
+        weight[j] = exp_nonpositive(static_cast<coord_t>(logits[j]) - per_head[head[j]]);
+      }
+      for (int64_t h = 0; h < s.heads; ++h) {
+        coord_t total = 0;
+        for (int64_t j = h * head_samples; j < (h + 1) * head_samples; ++j) total += weight[j];
+        per_head[h] = coord_t(1) / total;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < query_samples; ++j) weight[j] *= per_head[head[j]];
+      return std::pair<const coord_t*, const coord_t*>(location, weight);
     };
   };
 }

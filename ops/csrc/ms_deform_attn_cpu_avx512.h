@@ -116,9 +116,12 @@ inline void forward_head(const float* const* const rows[4], const float* const w
   for (auto& corner : sum)
     for (auto& vector : corner) vector = _mm512_setzero_ps();
   for (int64_t i = begin; i < end; ++i) {
+    // unrolled, so that the accumulators stay in registers (indexed by a loop variable they were kept on the stack)
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const float* row = rows[c][i];
       const __m512 w = _mm512_set1_ps(weight[c][i]);
+#pragma GCC unroll 8
       for (int k = 0; k < kVectors; ++k) sum[c][k] = _mm512_fmadd_ps(w, _mm512_loadu_ps(row + 16 * k), sum[c][k]);
     }
   }
@@ -137,9 +140,11 @@ inline void forward_head(const c10::BFloat16* const* const rows[4], const float*
     for (int k = 0; k < kVectors; ++k) even[c][k] = odd[c][k] = _mm512_setzero_ps();
   }
   for (int64_t i = begin; i < end; ++i) {
+#pragma GCC unroll 4  // the accumulators stay in registers (see the float32 forward_head)
     for (int c = 0; c < 4; ++c) {
       const c10::BFloat16* row = rows[c][i];
       const __m512 w = _mm512_set1_ps(weight[c][i]);
+#pragma GCC unroll 8
       for (int k = 0; k < kVectors; ++k) {
         const __m512i pairs = _mm512_loadu_si512(row + 32 * k);
         even[c][k] = _mm512_fmadd_ps(w, even_channels(pairs), even[c][k]);
