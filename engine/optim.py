@@ -51,7 +51,7 @@ def build_parameter_groups(model: nn.Module, cfg: Config) -> list[dict]:
     return [groups[name] for name in names]
 
 
-FUSED_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4) has a fused AdamW
+FUSED_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW
 
 
 def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.AdamW:

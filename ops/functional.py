@@ -18,15 +18,11 @@ _warned_fallback: set[str] = set()
 
 
 def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+    return torch.compiler.is_compiling()
 
 
 def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch without the device_type argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled(device_type)
 
 
 _kernel_loaded: dict[str, bool] = {}  # kind -> whether it loaded; read while tracing under torch.compile

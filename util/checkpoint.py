@@ -83,11 +83,8 @@ def load_weights_only(
     ``args``). A file that holds other objects, or is not in PyTorch's format, raises a :class:`UserError` that
     names it as the ``kind`` of file it should be and says to give ``expected``; it never suggests unpickling it."""
     try:
-        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this call only
-            with torch.serialization.safe_globals(ALLOWED_GLOBALS):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        torch.serialization.add_safe_globals(ALLOWED_GLOBALS)  # torch 2.4
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):  # allowed for this call only
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         refused = unsafe_globals(path, error)
         if refused:
@@ -116,7 +113,7 @@ def unsafe_globals(path: Path, error: pickle.UnpicklingError) -> list[str]:
     (from torch's scan of the file, else from the ``error`` that refused one)."""
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except (AttributeError, RuntimeError, ValueError):  # torch 2.4, or not a zip checkpoint
+    except (RuntimeError, ValueError):  # not a zip checkpoint
         found = re.findall(r"Unsupported global: GLOBAL (\S+)", str(error))
     allowed = {f"{kind.__module__}.{kind.__qualname__}" for kind in ALLOWED_GLOBALS}
     return [name for name in found if name not in allowed]
