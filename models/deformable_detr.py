@@ -31,6 +31,26 @@ class MLP(nn.Module):
         return x
 
 
+def project_extra_level(projection: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """``projection`` (a stride-2 3x3 convolution and its GroupNorm: an extra level of ``input_proj``) of x
+    (B, C, H, W) -> (B, hidden_dim, H', W').
+
+    On the CPU a map of width 1 or 2 is convolved in float32 whatever the autocast or the weights' dtype: there
+    oneDNN's bfloat16 3x3 stride-2 convolution returns NaN or wrong values when its output is one column wide and at
+    least two rows high (measured under torch 2.9.1, 2.14.1 and 2.15.0; a narrow image's coarsest level, e.g. the
+    64-pixel demo's). The output keeps the dtype the projection would have given.
+    """
+    conv, norm = projection
+    half = x.dtype in (torch.float16, torch.bfloat16) or torch.is_autocast_enabled("cpu")
+    if x.device.type != "cpu" or not half or x.shape[-1] > 2:
+        return projection(x)
+    with torch.autocast("cpu", enabled=False):
+        bias = None if conv.bias is None else conv.bias.float()
+        y = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    autocast = torch.is_autocast_enabled("cpu")
+    return norm(y.to(torch.get_autocast_dtype("cpu") if autocast else x.dtype))  # the dtype the convolution gives
+
+
 class DeformableDETR(nn.Module):
     """Deformable DETR (Zhu et al., 2021), with its box-refinement and two-stage variants.
 
@@ -165,7 +185,7 @@ class DeformableDETR(nn.Module):
         features, masks, positions = self.backbone(images, padding_mask)
         srcs = [projection(feature) for projection, feature in zip(self.input_proj, features)]
         for level in range(len(features), self.num_feature_levels):
-            src = self.input_proj[level](features[-1] if level == len(features) else srcs[-1])
+            src = project_extra_level(self.input_proj[level], features[-1] if level == len(features) else srcs[-1])
             mask = resize_mask(padding_mask, src.shape[-2:])
             srcs.append(src)
             masks.append(mask)
