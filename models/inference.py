@@ -14,7 +14,8 @@ What it does, in place (the model is for inference only afterwards: its batch no
   oneDNN does not run, e.g. on CUDA);
 - merges the two projections of each attention's query (``sampling_offsets``, ``attention_weights``) into one
   matrix product (:meth:`ops.MSDeformAttn.merge_query_projections`; the state dict keeps its keys);
-- on the CPU, caches the position encodings of the last few padding masks (sizes) seen.
+- on the CPU, caches the position encodings of the last few padding masks (sizes) seen, and tells the C allocator
+  to keep freed memory for reuse (:func:`util.allocator.keep_freed_memory`: the process keeps its peak memory).
 
 ``torch.compile`` is not part of it: with frozen weights it made the R50 forward slower, not faster (5x slower at
 800x1333, even at 256x320; benchmarks/RESULTS.md).
@@ -33,6 +34,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ops import MSDeformAttn, fused
 from ops.deform_conv import DeformConv2d
+from util.allocator import keep_freed_memory
 
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -277,6 +279,7 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str, dtype: s
             module.merge_query_projections()
     if channels_last:  # the CPU: hashing a mask is cheap there (on a GPU it would wait for the GPU)
         model.backbone.position_encoding.cache_size = POSITION_CACHE_SIZE
+        keep_freed_memory()  # large tensors reused from the heap, not paged in anew every forward
     model.inference_dtype = chosen
     for parameter in model.parameters():
         parameter.requires_grad_(False)
