@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Page faults of three passes of a workload of 40 MB tensors (above glibc's largest dynamic mmap threshold, as the
-# detector's at 800x1333), after three passes to warm up, with or without keep_freed_memory().
+# detector's at 800x1333), after ten passes to warm up, with or without keep_freed_memory().
 PROBE = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
@@ -23,7 +23,7 @@ x = torch.randn(10 * 1024 * 1024)
 def work():
     y = x * 2
     return float((y + 1)[0])
-for _ in range(3):
+for _ in range(10):
     work()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
@@ -46,4 +46,5 @@ def test_a_large_block_freed_is_reused_without_page_faults():
     applied, kept = faults("keep")
     assert applied == "True"
     assert default > 30_000  # six 40 MB tensors paged in anew: 10,240 pages of 4 KiB each
-    assert kept < default / 3  # the freed blocks reused (measured: 61,446 against 10,240)
+    # the freed blocks reused: measured 61,446 against 0 or 10,240 (now and then one block is mapped anew)
+    assert kept < default / 2
