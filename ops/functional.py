@@ -220,8 +220,9 @@ def ms_deform_attn(
 
 
 def projected_runs(value: torch.Tensor, *tensors: torch.Tensor, backend: str = "auto") -> bool:
-    """Whether :func:`ms_deform_attn_projected` can run for ``value`` and the other inputs: on the CPU, with no
-    gradient recorded, eagerly, where ``backend`` resolves to the cpu kernel."""
+    """Whether the cpu kernel's inference entries (:func:`ms_deform_attn_projected`, and a half-precision value at
+    float32 locations) can run for ``value`` and the other inputs: on the CPU, with no gradient recorded, eagerly,
+    where ``backend`` resolves to the cpu kernel."""
     if _is_compiling() or value.device.type != "cpu" or value.dtype not in _FLOAT_DTYPES:
         return False
     if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in (value, *tensors)):
@@ -297,16 +298,13 @@ def _samples_half_at_float(
     value: torch.Tensor, sampling_locations: torch.Tensor, attention_weights: torch.Tensor, backend: str
 ) -> bool:
     """Whether the cpu kernel runs a float16/bfloat16 ``value`` with float32 locations and weights as they are:
-    eagerly on the CPU, with no gradient recorded, where ``backend`` resolves to the cpu kernel (and, the caller
-    checks, outside autocast, which asks for a float32 output)."""
-    if _is_compiling() or value.device.type != "cpu" or value.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if (sampling_locations.dtype, attention_weights.dtype) != (torch.float32, torch.float32):
-        return False
-    floating = (value, sampling_locations, attention_weights)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in floating):
-        return False
-    return resolve_backend(backend, value.device, value.dtype) == "cpu"
+    where :func:`projected_runs` holds for them (and, the caller checks, outside autocast, which asks for a float32
+    output)."""
+    return (
+        value.dtype in (torch.float16, torch.bfloat16)
+        and (sampling_locations.dtype, attention_weights.dtype) == (torch.float32, torch.float32)
+        and projected_runs(value, sampling_locations, attention_weights, backend=backend)
+    )
 
 
 def _run_kernel(
