@@ -5,8 +5,10 @@
 feed-forward's (S, 1024) activations. oneDNN applies them in the product's epilogue: ``torch.ops.mkldnn``'s
 ``_linear_pointwise`` and ``_convolution_pointwise``, the ops that ``torch.compile``'s freezing passes emit, called
 here directly. Each function falls back to the plain ops, same result, where oneDNN cannot run them: another device,
-a dtype other than float32 and bfloat16, a torch built without oneDNN, an autograd graph to record (the fused ops
-have no derivative), and while a graph is traced or exported (the plain ops are what an exporter knows).
+a dtype other than float32 and bfloat16, bfloat16 on a CPU where oneDNN has no bfloat16 (one without AVX-512 BW/VL/DQ
+or AVX-NE-CONVERT: the fused ops refuse it there, the plain ones run), a torch built without oneDNN, an autograd
+graph to record (the fused ops have no derivative), and while a graph is traced or exported (the plain ops are what
+an exporter knows).
 """
 
 from __future__ import annotations
@@ -29,14 +31,21 @@ def inference_only(*tensors: torch.Tensor | None) -> bool:
     return not gradient and not _tracing()
 
 
+def onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused ops take ``dtype`` on this CPU: float32 wherever oneDNN is built in, bfloat16 where
+    torch also reports oneDNN's bfloat16 support."""
+    if dtype not in ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def onednn_runs(*tensors: torch.Tensor | None) -> bool:
     """Whether the fused oneDNN ops can take ``tensors`` (the input, the weight, ...; None is skipped): all on the
-    CPU in one dtype, float32 or bfloat16, oneDNN built in, and :func:`inference_only`."""
+    CPU in one dtype that :func:`onednn_dtype` accepts, and :func:`inference_only`."""
     present = [tensor for tensor in tensors if tensor is not None]
     return (
         all(tensor.device.type == "cpu" and tensor.dtype == present[0].dtype for tensor in present)
-        and present[0].dtype in ONEDNN_DTYPES
-        and torch.backends.mkldnn.is_available()
+        and onednn_dtype(present[0].dtype)
         and inference_only(*present)
     )
 
