@@ -33,7 +33,8 @@ class KernelBuildError(RuntimeError):
 def _cpu_vector_flags() -> list[str]:
     """The vector instructions to compile the CPU kernel for: those this CPU has, as torch reports them at run
     time. AVX-512 (with its native bfloat16 instructions where present) selects the AVX-512 loops of
-    ``ms_deform_attn_cpu_avx512.h``; AVX2 and FMA double the x86-64 baseline's width for the portable loops."""
+    ``ms_deform_attn_cpu_avx512.h``; AVX2 and FMA (on an AVX-512 CPU too) those of ``ms_deform_attn_cpu_avx2.h`` and
+    double the x86-64 baseline's width for the portable loops."""
     capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: "DEFAULT")()
     if capability == "AVX512":
         flags = ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]

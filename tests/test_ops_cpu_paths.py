@@ -1,6 +1,7 @@
 """The C++ CPU kernel's inner loops, each forced by DETR_MSDA_CPU_KERNEL (read at every call), against the float64
-reference: the portable loops every CPU runs, and the AVX-512 ones (float32 and bfloat16 rows of D = 32) where this
-build has them (elsewhere "avx512" and "auto" run the portable loops, and these tests check those again)."""
+reference: the portable loops every CPU runs, the AVX2 ones (float32 rows of D = 8 k, bfloat16 of D = 16 k) and the
+AVX-512 ones (float32 rows of D = 16 k, bfloat16 of D = 32 k) where this build has them (asking for more than the
+build has runs the widest it has, and these tests check those again)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ import torch
 from ops import build
 from tests.conftest import make_problem, op_args, reference_with_grads, run_with_grads
 
-PATHS = ["auto", "avx512", "portable"]
-# (levels, batch, queries, heads, channels, points): D = 32 takes the AVX-512 loops, D = 48 the portable ones
+PATHS = ["auto", "avx512", "avx2", "portable"]
+# (levels, batch, queries, heads, channels, points): D = 32 takes the widest loops, D = 48 the AVX2 ones in both
+# dtypes and the AVX-512 ones in float32, D = 16 the AVX2 ones in bfloat16 too, D = 12 the portable ones only; odd
+# point counts give the backward odd runs of samples
 PROBLEMS = {
     "odd_sizes_batch1": ([(7, 5), (3, 3), (2, 1), (1, 1)], 1, 9, 3, 32, 4),
     "model_like_batch2": ([(8, 8), (4, 4), (2, 2), (1, 1)], 2, 11, 8, 32, 4),
     "wide_rows": ([(5, 6), (3, 2)], 1, 5, 2, 48, 3),
+    "narrow_rows": ([(6, 5), (3, 3), (1, 2)], 1, 7, 2, 16, 3),
+    "portable_rows": ([(4, 3), (2, 2)], 2, 6, 2, 12, 3),
 }
 # largest |error| / largest |reference| of each tensor: float32 rounding, bfloat16 inputs with float32 sums
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -65,7 +70,7 @@ def test_each_path_gives_one_gradient_alone(monkeypatch, path):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", ["portable", "avx512"])
+@pytest.mark.parametrize("path", ["portable", "avx2", "avx512"])
 def test_gradcheck_float64_with_the_path_forced(monkeypatch, path):
     """float64 always runs the portable loops; forcing a path must not change that."""
     monkeypatch.setenv("DETR_MSDA_CPU_KERNEL", path)
@@ -84,7 +89,7 @@ def test_an_unknown_path_is_rejected(monkeypatch):
     problem = make_problem(*PROBLEMS["odd_sizes_batch1"], dtype=torch.float32)
     from ops import ms_deform_attn
 
-    with pytest.raises(ValueError, match="DETR_MSDA_CPU_KERNEL must be auto, avx512 or portable"):
+    with pytest.raises(ValueError, match="DETR_MSDA_CPU_KERNEL must be auto, avx512, avx2 or portable"):
         ms_deform_attn(*op_args(problem), backend="cpu")
 
 

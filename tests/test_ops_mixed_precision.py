@@ -62,14 +62,14 @@ def test_autocast_returns_the_common_dtype():
     assert output.dtype == torch.float32
 
 
-@pytest.mark.parametrize("path", ["auto", "avx512", "portable"])
+@pytest.mark.parametrize("path", ["auto", "avx512", "avx2", "portable"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels", [32, 12])
 def test_without_gradients_the_cpu_kernel_samples_half_value_at_float_locations(monkeypatch, path, dtype, channels):
     """The inference path: no gradient recorded, the cpu kernel takes the half-precision value with float32
     locations and weights as they are (no float32 copy of value), sums in float32 and returns value's dtype;
-    against the float64 reference on the same inputs only the output's rounding remains. D = 32 runs the AVX-512
-    loops where built, D = 12 the portable ones."""
+    against the float64 reference on the same inputs only the output's rounding remains. D = 32 runs the widest
+    loops built, D = 12 the portable ones."""
     monkeypatch.setenv("DETR_MSDA_CPU_KERNEL", path)
     problem = make_problem([(7, 5), (4, 6), (2, 1), (1, 1)], batch=2, queries=13, heads=3, channels=channels, points=4)
     problem["value"] = problem["value"].to(dtype)

@@ -27,25 +27,32 @@
 
 #include "bilinear.h"
 #include "checks.h"
+#include "ms_deform_attn_cpu_avx2.h"
 #include "ms_deform_attn_cpu_avx512.h"
 #include "ms_deform_attn_cpu_sampling.h"
 
 #ifndef DETR_MSDA_HAVE_AVX512
 #define DETR_MSDA_HAVE_AVX512 0
 #endif
+#ifndef DETR_MSDA_HAVE_AVX2
+#define DETR_MSDA_HAVE_AVX2 0
+#endif
 
 namespace deformable_detr {
 namespace {
 
-// The inner loops a call runs: the portable ones (plain C++ the compiler vectorises), the AVX-512 ones, or the
-// AVX-512 ones with the native bfloat16 instructions; each only where this build has it (ops/build.py compiles for
-// what torch reports of the CPU). DETR_MSDA_CPU_KERNEL=portable or =avx512 asks for less than the build's best
-// (tests and comparisons), read at every call.
-enum class Path { kPortable, kAvx512, kAvx512Bfloat16 };
+// The inner loops a call runs, from the least to the most: the portable ones (plain C++ the compiler vectorises),
+// the AVX2 ones, the AVX-512 ones, the AVX-512 ones with the native bfloat16 instructions; each only where this
+// build has it (ops/build.py compiles for what torch reports of the CPU). A path runs the widest loops it has for
+// a call's dtype and D, the portable ones when none covers them. DETR_MSDA_CPU_KERNEL=portable, =avx2 or =avx512
+// asks for less than the build's best (tests and comparisons), read at every call.
+enum class Path { kPortable, kAvx2, kAvx512, kAvx512Bfloat16 };
 
 Path chosen_path() {
 #if DETR_MSDA_HAVE_AVX512
   const Path best = avx512::kHasNativeBfloat16 ? Path::kAvx512Bfloat16 : Path::kAvx512;
+#elif DETR_MSDA_HAVE_AVX2
+  const Path best = Path::kAvx2;
 #else
   const Path best = Path::kPortable;
 #endif
@@ -53,8 +60,9 @@ Path chosen_path() {
   const std::string name = requested == nullptr ? "" : requested;
   if (name.empty() || name == "auto") return best;
   if (name == "portable") return Path::kPortable;
+  if (name == "avx2") return std::min(best, Path::kAvx2);
   if (name == "avx512") return std::min(best, Path::kAvx512);
-  TORCH_CHECK_VALUE(false, "DETR_MSDA_CPU_KERNEL must be auto, avx512 or portable, got '", name, "'");
+  TORCH_CHECK_VALUE(false, "DETR_MSDA_CPU_KERNEL must be auto, avx512, avx2 or portable, got '", name, "'");
 }
 
 // Whether the AVX-512 loops cover scalar_t rows of kChannels channels (0: D known at run time only).
@@ -62,6 +70,12 @@ template <typename scalar_t, int kChannels>
 constexpr bool kAvx512Covers = DETR_MSDA_HAVE_AVX512 && kChannels > 0 &&
                                ((std::is_same_v<scalar_t, float> && kChannels % 16 == 0) ||
                                 (std::is_same_v<scalar_t, c10::BFloat16> && kChannels % 32 == 0));
+
+// Whether the AVX2 loops cover them (taken where the AVX-512 ones do not).
+template <typename scalar_t, int kChannels>
+constexpr bool kAvx2Covers = DETR_MSDA_HAVE_AVX2 && kChannels > 0 &&
+                             ((std::is_same_v<scalar_t, float> && kChannels % 8 == 0) ||
+                              (std::is_same_v<scalar_t, c10::BFloat16> && kChannels % 16 == 0));
 
 // D of the kernel: the compile-time kChannels, or the run-time channels when kChannels is 0.
 template <int kChannels>
@@ -97,8 +111,16 @@ void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<s
       scalar_t* __restrict__ out = output + (batch_query * s.heads + head) * channels;
 #if DETR_MSDA_HAVE_AVX512
       if constexpr (kAvx512Covers<scalar_t, kChannels>) {
-        if (path != Path::kPortable) {
+        if (path >= Path::kAvx512) {
           avx512::forward_head<kChannels>(corners.rows, weights, first, last, out, path == Path::kAvx512Bfloat16);
+          continue;
+        }
+      }
+#endif
+#if DETR_MSDA_HAVE_AVX2
+      if constexpr (kAvx2Covers<scalar_t, kChannels>) {
+        if (path >= Path::kAvx2) {
+          avx2::forward_head<kChannels>(corners.rows, weights, first, last, out);
           continue;
         }
       }
@@ -271,7 +293,7 @@ void store_rows(const float* rows, int64_t count, int64_t channels, scalar_t* ou
     scalar_t* __restrict__ target = out + row * out_stride;
 #if DETR_MSDA_HAVE_AVX512
     if constexpr (kAvx512Covers<scalar_t, kChannels> && std::is_same_v<scalar_t, c10::BFloat16>) {
-      if (path != Path::kPortable) {
+      if (path >= Path::kAvx512) {
         for (int64_t d = 0; d < kChannels; d += 16) {
           const __m512 values = _mm512_loadu_ps(source + d);
           if (path == Path::kAvx512Bfloat16) {
@@ -280,6 +302,14 @@ void store_rows(const float* rows, int64_t count, int64_t channels, scalar_t* ou
             avx512::store_bfloat16<false>(target + d, values);
           }
         }
+        continue;
+      }
+    }
+#endif
+#if DETR_MSDA_HAVE_AVX2
+    if constexpr (kAvx2Covers<scalar_t, kChannels> && std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (path >= Path::kAvx2) {
+        for (int64_t d = 0; d < kChannels; d += 8) avx2::store_bfloat16(target + d, _mm256_loadu_ps(source + d));
         continue;
       }
     }
@@ -329,7 +359,10 @@ void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_s
     }
     zero_rows(accumulate, last_position - first_position, accumulate_stride, channels);
   }
-  const bool vectorised = kAvx512Covers<scalar_t, kChannels> && path != Path::kPortable;
+  // the widest loops the path has for scalar_t and kChannels (none: the portable ones)
+  const bool avx512_loops = kAvx512Covers<scalar_t, kChannels> && path >= Path::kAvx512;
+  const bool avx2_loops = !avx512_loops && kAvx2Covers<scalar_t, kChannels> && path >= Path::kAvx2;
+  const bool vectorised = avx512_loops || avx2_loops;
   SampleGeometry<acc_t> geometry(count);
   CornerRows<const scalar_t> value_rows(count);
   CornerRows<acc_t> grad_rows(count);
@@ -371,7 +404,7 @@ void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_s
     const scalar_t* grad_out_row = p.grad_output + (batch_query * s.heads + head) * channels;
 #if DETR_MSDA_HAVE_AVX512
     if constexpr (kAvx512Covers<scalar_t, kChannels>) {
-      if (vectorised) {
+      if (avx512_loops) {
         const avx512::GradRow<scalar_t, kChannels> grad(grad_out_row);
         if (path == Path::kAvx512Bfloat16) {
           avx512::backward_head<true, kGradValue, kGradSampling>(grad, value_rows.rows, grad_rows.rows, scaled,
@@ -380,6 +413,14 @@ void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_s
           avx512::backward_head<false, kGradValue, kGradSampling>(grad, value_rows.rows, grad_rows.rows, scaled,
                                                                   count, dots);
         }
+      }
+    }
+#endif
+#if DETR_MSDA_HAVE_AVX2
+    if constexpr (kAvx2Covers<scalar_t, kChannels>) {
+      if (avx2_loops) {
+        const avx2::GradRow<scalar_t, kChannels> grad(grad_out_row);
+        avx2::backward_head<kGradValue, kGradSampling>(grad, value_rows.rows, grad_rows.rows, scaled, count, dots);
       }
     }
 #endif
