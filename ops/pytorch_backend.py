@@ -33,23 +33,25 @@ def ms_deform_attn_pytorch(
     value_per_level = value.split([height * width for height, width in level_shapes], dim=1)
     # grid_sample with align_corners=False samples pixel (x * W - 0.5, y * H - 0.5) for x in [0, 1]
     grids = 2 * sampling_locations - 1
-    sampled, touched = [], []
+    # (N, Lq, M, L, P) -> (N*M, 1, Lq, L, P)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels, points)
+    output = None
     for level, (height, width) in enumerate(level_shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W)
         level_value = value_per_level[level].flatten(2).transpose(1, 2).reshape(batch * heads, channels, height, width)
         # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
         level_grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(
-            F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )  # (N*M, D, Lq, P)
+        sampled = F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         # The bilinear weight that falls inside the map: 0 for a sample wholly outside it (and for a NaN location).
         # Sampled from a map of ones rather than compared with (H, W), so that an export keeps the sizes symbolic.
         inside = torch.ones_like(level_value[:, :1])
-        touched.append(F.grid_sample(inside, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # (N, Lq, M, L, P) -> (N*M, 1, Lq, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
-    # A sample wholly outside its map contributes exactly 0, as the compiled kernels skip it (not weight * 0: NaN
-    # for an infinite weight).
-    weights = torch.where(torch.stack(touched, dim=-2).flatten(-2) > 0, weights, torch.zeros_like(weights))
-    output = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # (N*M, D, Lq)
+        touched = F.grid_sample(inside, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # A sample wholly outside its map contributes exactly 0, as the compiled kernels skip it (not weight * 0:
+        # NaN for an infinite weight).
+        level_weights = weights[:, :, :, level]  # (N*M, 1, Lq, P)
+        level_weights = torch.where(touched > 0, level_weights, torch.zeros_like(level_weights))
+        # each level summed as it is sampled: no (N*M, D, Lq, L*P) tensor of every level's samples is stacked (in
+        # an exported graph that copy cost as much as a third of the sampling)
+        summed = (sampled * level_weights).sum(-1)  # (N*M, D, Lq)
+        output = summed if output is None else output + summed
     return output.view(batch, heads * channels, queries).transpose(1, 2).contiguous()
