@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.inference import native_bfloat16
+from models.inference import native_bfloat16, warn_if_emulated_bfloat16
 
 AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -17,6 +17,8 @@ AMP_DTYPES = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16
 def resolve_amp(amp: str, device: torch.device) -> str:
     """The config's ``amp`` for ``device``: ``"auto"`` is ``"bfloat16"`` on a CPU that multiplies bfloat16 natively
     (``models.inference.native_bfloat16``) and ``"none"`` elsewhere; other values as they are."""
+    if amp == "bfloat16":
+        warn_if_emulated_bfloat16(device)
     if amp != "auto":
         return amp
     return "bfloat16" if native_bfloat16(device) else "none"

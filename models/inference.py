@@ -25,6 +25,7 @@ The images stay float32 (as the data pipeline makes them): the backbone casts th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -60,7 +61,20 @@ def resolve_inference_dtype(dtype: str, device: torch.device | str) -> torch.dty
         raise ValueError(f"inference dtype must be one of {INFERENCE_DTYPES}, got {dtype!r}")
     if dtype == "auto":
         return torch.bfloat16 if native_bfloat16(device) else torch.float32
+    if dtype == "bfloat16":
+        warn_if_emulated_bfloat16(device)
     return _DTYPES[dtype]
+
+
+def warn_if_emulated_bfloat16(device: torch.device | str) -> None:
+    """Warn that bfloat16 asked for on a CPU without native bfloat16 (see :func:`native_bfloat16`) runs emulated:
+    on a 2-core AVX2 EPYC the R50 forward took 33.7 s in bfloat16 against 3.5 s in float32."""
+    if torch.device(device).type == "cpu" and not native_bfloat16(device):
+        warnings.warn(
+            "bfloat16 asked for on a CPU without native bfloat16 (AVX-512 BF16 or AMX): it runs emulated, several "
+            "times slower than float32; 'auto' picks float32 here",
+            stacklevel=3,
+        )
 
 
 def _fold_batch_norm(conv: nn.Conv2d | DeformConv2d, norm: nn.Module) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import ops.module
+from engine.amp import resolve_amp
 from models import build_model
 from models.backbone import make_deformable
 from models.inference import fold_batch_norms, prepare_for_inference, resolve_inference_dtype
@@ -82,6 +84,26 @@ def test_auto_dtype_follows_what_torch_reports_about_the_cpu(monkeypatch: pytest
     assert resolve_inference_dtype("bfloat16", "cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="inference dtype must be one of"):
         resolve_inference_dtype("float16", "cpu")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_asked_for_without_native_bfloat16_warns(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """bfloat16 named where the CPU emulates it (an AVX2 EPYC: 10x slower than float32) warns, for inference and
+    for training's amp; where the CPU has it, or under "auto", nothing is said."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    calls = (lambda: resolve_inference_dtype("bfloat16", "cpu"), lambda: resolve_amp("bfloat16", torch.device("cpu")))
+    for call in calls:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        assert [str(w.message).startswith("bfloat16 asked for on a CPU without native") for w in caught] == (
+            [] if native else [True]
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_inference_dtype("auto", "cpu")
+        resolve_amp("auto", torch.device("cpu"))
 
 
 VARIANTS = {
