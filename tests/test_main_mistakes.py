@@ -408,10 +408,16 @@ def test_a_mistake_ends_in_one_error_line_without_a_traceback(name, tmp_path, sh
 def test_ctrl_c_in_training_ends_in_one_line_naming_the_checkpoint_to_resume_from(tmp_path, shared):
     given = Given(tmp=tmp_path, **shared)
     argv = given.train("epochs=20", "eval_every=0")
-    # -u: each line reaches the pipe when printed; block-buffered, "epoch 1 [" could arrive only at the end of the
-    # run, after which the interrupt finds the process gone (it exited 0 so once, on a 2-core EPYC)
+    # -u: each line reaches the pipe when printed (block-buffered, "epoch 1 [" could arrive at the end of the run).
+    # SIGINT back to its default in the child: a shell without job control starts a background job (`make test &`,
+    # a CI runner's) with SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt.
     process = subprocess.Popen(
-        [sys.executable, "-u", "main.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-u", "main.py", *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for line in process.stdout:
