@@ -13,6 +13,8 @@ an exporter knows).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,9 +33,10 @@ def inference_only(*tensors: torch.Tensor | None) -> bool:
     return not gradient and not _tracing()
 
 
+@functools.cache
 def onednn_dtype(dtype: torch.dtype) -> bool:
     """Whether oneDNN's fused ops take ``dtype`` on this CPU: float32 wherever oneDNN is built in, bfloat16 where
-    torch also reports oneDNN's bfloat16 support."""
+    torch also reports oneDNN's bfloat16 support. Asked once per dtype (every fused call asks)."""
     if dtype not in ONEDNN_DTYPES or not torch.backends.mkldnn.is_available():
         return False
     return dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported()

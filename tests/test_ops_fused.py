@@ -47,9 +47,13 @@ def test_fused_ops_give_the_plain_results(dtype: torch.dtype) -> None:
     _check(dtype)
 
 
-def test_bfloat16_runs_the_plain_ops_where_onednn_has_no_bfloat16(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bfloat16_runs_the_plain_ops_where_onednn_has_no_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     # a CPU without AVX-512 BW/VL/DQ or AVX-NE-CONVERT (e.g. an AVX2 AMD EPYC): oneDNN's fused ops refuse bfloat16
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    fused.onednn_dtype.cache_clear()  # it asks torch once per dtype
+    request.addfinalizer(fused.onednn_dtype.cache_clear)  # the real answer again after the patch is undone
     assert not fused.onednn_dtype(torch.bfloat16) and fused.onednn_dtype(torch.float32)
 
     def refuse(*args, **kwargs):
