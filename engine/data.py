@@ -14,6 +14,7 @@ from collections.abc import Callable
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from datasets import CocoDetection, build_dataset, build_transforms, collate_detection
+from datasets.grouping import OrientationBatchSampler, orientation_groups
 from datasets.transforms import Compose
 from util.config import Config
 from util.errors import UserError
@@ -47,7 +48,8 @@ def _collate(cfg: Config) -> Callable:
 
 
 def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Shuffled batches of ``cfg.batch_size`` images per rank, the last incomplete batch dropped.
+    """Shuffled batches of ``cfg.batch_size`` images per rank, the last incomplete batch dropped; with
+    ``cfg.group_by_orientation`` each batch of landscape or of portrait images (``datasets.grouping``).
 
     Its workers start anew every epoch, seeded from the global torch generator (which every epoch reseeds, see
     ``engine.train.epoch_seed``): each rank and each epoch gets its own augmentations, the same after a resume.
@@ -58,7 +60,10 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
             f"batch_size={cfg.batch_size} on each of {world_size} processes"
         )
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
-    batches = BatchSampler(sampler, cfg.batch_size, drop_last=True)
+    if cfg.group_by_orientation:
+        batches = OrientationBatchSampler(sampler, orientation_groups(dataset.records), cfg.batch_size)
+    else:
+        batches = BatchSampler(sampler, cfg.batch_size, drop_last=True)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_collate(cfg), num_workers=cfg.num_workers)
 
 
