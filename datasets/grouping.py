@@ -29,23 +29,26 @@ class OrientationBatchSampler(Sampler[list[int]]):
     """Batches of ``batch_size`` indices, taken in the order ``sampler`` yields them, each batch of one group.
 
     An index waits in its group's queue until the queue holds a batch. When the sampler is exhausted, the queues'
-    remainders (fewer than ``batch_size`` each) are joined in order and cut into mixed batches; the last incomplete
-    one is dropped. So an epoch has exactly ``len(sampler) // batch_size`` batches whatever the groups: every rank
-    of a distributed run (whose samplers yield equal counts) takes the same number of steps.
+    remainders (fewer than ``batch_size`` each) are joined in order and cut into mixed batches, the last incomplete
+    one dropped or kept (``drop_last``). So there are exactly ``len(sampler) // batch_size`` batches (rounded up
+    when kept) whatever the groups: every rank of a distributed run (whose samplers yield equal counts) takes the
+    same number of steps.
 
     Args:
         sampler: yields dataset indices (e.g. a ``DistributedSampler``, reached as ``.sampler`` for its
             ``set_epoch``, as in torch's ``BatchSampler``).
         groups: the group of every dataset index (:func:`orientation_groups`).
         batch_size: indices per batch.
+        drop_last: drop the last incomplete batch (training) or keep it (evaluation: every index once).
     """
 
-    def __init__(self, sampler: Sampler[int], groups: Sequence[int], batch_size: int) -> None:
+    def __init__(self, sampler: Sampler[int], groups: Sequence[int], batch_size: int, drop_last: bool = True) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.sampler = sampler
         self.groups = list(groups)
         self.batch_size = batch_size
+        self.drop_last = drop_last
 
     def __iter__(self) -> Iterator[list[int]]:
         queues: dict[int, list[int]] = {}
@@ -56,8 +59,11 @@ class OrientationBatchSampler(Sampler[list[int]]):
                 yield list(queue)
                 queue.clear()
         remainder = [index for queue in queues.values() for index in queue]
-        for start in range(0, len(remainder) - self.batch_size + 1, self.batch_size):
+        end = len(remainder) - self.batch_size + 1 if self.drop_last else len(remainder)
+        for start in range(0, end, self.batch_size):
             yield remainder[start : start + self.batch_size]
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size
+        if self.drop_last:
+            return len(self.sampler) // self.batch_size
+        return -(-len(self.sampler) // self.batch_size)

@@ -68,13 +68,12 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
 
 
 def build_eval_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Every image once per rank's share (a few repeated to even the shares), in order."""
+    """Every image once per rank's share (a few repeated to even the shares), in order; with
+    ``cfg.group_by_orientation`` in batches of one orientation as in training (the model sees the padding it was
+    trained with)."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        collate_fn=_collate(cfg),
-        num_workers=cfg.num_workers,
-        drop_last=False,
-    )
+    if cfg.group_by_orientation:
+        batches = OrientationBatchSampler(sampler, orientation_groups(dataset.records), cfg.batch_size, drop_last=False)
+    else:
+        batches = BatchSampler(sampler, cfg.batch_size, drop_last=False)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=_collate(cfg), num_workers=cfg.num_workers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from types import SimpleNamespace
 
@@ -17,19 +18,24 @@ def test_orientation_of_records():
     assert orientation_groups(records) == [LANDSCAPE, PORTRAIT, LANDSCAPE, PORTRAIT]
 
 
+@pytest.mark.parametrize("drop_last", [True, False])
 @pytest.mark.parametrize("seed", range(6))
-def test_batches_of_one_group_then_mixed_remainders(seed):
+def test_batches_of_one_group_then_mixed_remainders(seed, drop_last):
     rng = random.Random(seed)
     size, batch_size, num_groups = rng.randint(1, 60), rng.randint(1, 7), rng.randint(1, 3)
     groups = [rng.randrange(num_groups) for _ in range(size)]
     order = list(range(size))
     rng.shuffle(order)
-    batches = list(OrientationBatchSampler(order, groups, batch_size))
+    sampler = OrientationBatchSampler(order, groups, batch_size, drop_last=drop_last)
+    batches = list(sampler)
 
-    assert len(batches) == size // batch_size == len(OrientationBatchSampler(order, groups, batch_size))
-    assert all(len(batch) == batch_size for batch in batches)
+    expected = size // batch_size if drop_last else math.ceil(size / batch_size)
+    assert len(batches) == expected == len(sampler)
+    assert all(len(batch) == batch_size for batch in batches[: size // batch_size])
     taken = [index for batch in batches for index in batch]
-    assert len(set(taken)) == len(taken)  # no index twice; fewer than a batch dropped
+    assert len(set(taken)) == len(taken)  # no index twice
+    # kept: every index once; dropped: fewer than a batch
+    assert sorted(taken) == sorted(order) if not drop_last else size - len(taken) < batch_size
     # every group's full batches first, each of one group, its indices in the sampler's order
     for group in range(num_groups):
         in_order = [index for index in order if groups[index] == group]
@@ -70,8 +76,8 @@ def test_batch_size_must_be_positive():
 
 
 @pytest.mark.parametrize("grouped", [True, False])
-def test_the_training_loader_pads_each_batch_to_one_orientation(tmp_path, grouped):
-    from engine.data import build_split, build_train_loader
+def test_the_loaders_pad_each_batch_to_one_orientation(tmp_path, grouped):
+    from engine.data import build_eval_loader, build_split, build_train_loader
     from util.config import load_config
 
     data = annotation_dict()
@@ -83,7 +89,9 @@ def test_the_training_loader_pads_each_batch_to_one_orientation(tmp_path, groupe
     ]
     data["annotations"] = []
     write_coco(tmp_path, data)
+    write_coco(tmp_path, data, image_set="val")
     overrides = [f"coco_path={tmp_path}", "train_scales=[20]", "max_size=30", "train_crop=false", "num_classes=4"]
+    overrides += ["val_size=20"]
     overrides += ["batch_size=2", "num_workers=0", f"group_by_orientation={str(grouped).lower()}"]
     cfg = load_config(None, overrides)
     shapes = set()
@@ -95,3 +103,16 @@ def test_the_training_loader_pads_each_batch_to_one_orientation(tmp_path, groupe
         assert shapes == {(20, 30), (30, 20)}
     else:
         assert (30, 30) in shapes
+    # evaluation: every image once, in batches of one orientation when grouped (ids 1, 3 landscape; 2, 4 portrait)
+    evaluated = [
+        (batch.images.shape[-2:], [t["image_id"].item() for t in batch.targets])
+        for batch in build_eval_loader(build_split("val", cfg), cfg)
+    ]
+    assert sorted(i for _, ids in evaluated for i in ids) == [1, 2, 3, 4]
+    if grouped:
+        assert sorted((tuple(shape), sorted(ids)) for shape, ids in evaluated) == [
+            ((20, 30), [1, 3]),
+            ((30, 20), [2, 4]),
+        ]
+    else:
+        assert [shape[0] == shape[1] for shape, _ in evaluated] == [True, True]  # in id order: mixed, square

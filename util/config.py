@@ -98,8 +98,8 @@ class Config:
     # training and evaluation batches: height and width padded up to a multiple of this (1: the largest image's,
     # as the original); 32 gives few distinct batch shapes, so oneDNN reuses its CPU kernels (see the demo)
     size_divisibility: int = 1
-    # training batches of one orientation (landscape or portrait, datasets.grouping): less padding, faster steps;
-    # false: batches as the original, any images together
+    # training and evaluation batches of one orientation (landscape or portrait, datasets.grouping): less padding,
+    # faster steps; false: batches as the original, any images together
     group_by_orientation: bool = False
     # run
     coco_path: str = "data/coco"
