@@ -60,20 +60,22 @@ def build_train_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world
             f"batch_size={cfg.batch_size} on each of {world_size} processes"
         )
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed)
-    if cfg.group_by_orientation:
-        batches = OrientationBatchSampler(sampler, orientation_groups(dataset.records), cfg.batch_size)
-    else:
-        batches = BatchSampler(sampler, cfg.batch_size, drop_last=True)
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=_collate(cfg), num_workers=cfg.num_workers)
+    return _loader(dataset, sampler, cfg, drop_last=True)
 
 
 def build_eval_loader(dataset: CocoDetection, cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Every image once per rank's share (a few repeated to even the shares), in order; with
     ``cfg.group_by_orientation`` in batches of one orientation as in training (the model sees the padding it was
-    trained with)."""
+    trained with), in order within each."""
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+    return _loader(dataset, sampler, cfg, drop_last=False)
+
+
+def _loader(dataset: CocoDetection, sampler: DistributedSampler, cfg: Config, drop_last: bool) -> DataLoader:
+    """Batches of ``cfg.batch_size`` in ``sampler``'s order, of one orientation with ``cfg.group_by_orientation``."""
     if cfg.group_by_orientation:
-        batches = OrientationBatchSampler(sampler, orientation_groups(dataset.records), cfg.batch_size, drop_last=False)
+        groups = orientation_groups(dataset.records)
+        batches = OrientationBatchSampler(sampler, groups, cfg.batch_size, drop_last=drop_last)
     else:
-        batches = BatchSampler(sampler, cfg.batch_size, drop_last=False)
+        batches = BatchSampler(sampler, cfg.batch_size, drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=batches, collate_fn=_collate(cfg), num_workers=cfg.num_workers)
