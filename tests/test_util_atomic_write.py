@@ -84,6 +84,23 @@ def test_other_errors_in_the_block_propagate_as_they_are_and_leave_nothing(tmp_p
     assert path.read_text() == "earlier" and len(list(tmp_path.iterdir())) == 1
 
 
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, SystemExit])
+def test_an_interruption_while_an_os_error_is_handled_stays_an_interruption(tmp_path, interruption):
+    """Ctrl-C during a checkpoint's write once ended a run with "cannot write checkpoint.pth: File exists" (exit 1):
+    it arrived while mkdir(exist_ok=True) handled a FileExistsError, and the error's chain named that."""
+    path = tmp_path / "checkpoint.pth"
+    path.write_text("earlier")
+    with pytest.raises(interruption):
+        with atomic_write(path) as file:
+            file.write("new")
+            try:
+                raise FileExistsError(errno.EEXIST, "File exists")
+            except FileExistsError:
+                raise interruption from None
+    assert path.read_text() == "earlier"
+    assert list(tmp_path.iterdir()) == [path]
+
+
 def test_a_path_the_user_can_change_is_a_user_error(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(FileNotWritableError) as raised:

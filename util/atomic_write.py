@@ -149,7 +149,11 @@ def write_error(path: Path, error: OSError) -> FileWriteError | FileNotWritableE
 def os_error_of(error: BaseException, folder: Path) -> OSError | None:
     """The operating system's error behind ``error``, raised while writing into ``folder``: ``error`` itself or one
     in its chain (``__cause__``, ``__context__``) with an errno; for a ``RuntimeError`` without one (a writer that
-    lost it), ``ENOSPC`` when ``folder``'s file system has no space left. None: not a failed write."""
+    lost it), ``ENOSPC`` when ``folder``'s file system has no space left. None: not a failed write, and never for
+    an interruption (Ctrl-C's ``KeyboardInterrupt``, ``SystemExit``): it stays itself even when it arrives while an
+    ``OSError`` is being handled (``mkdir(exist_ok=True)`` handles a ``FileExistsError`` inside)."""
+    if not isinstance(error, Exception):
+        return None
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
