@@ -486,7 +486,8 @@ def numerics(cfg: Config, amp: str, device: torch.device) -> str:
     threads and the attention backend ``auto`` resolves to, e.g. ``"bfloat16 autocast, 2 threads, attention cpu"``."""
     dtype = autocast_dtype(amp)
     precision = "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    count = torch.get_num_threads()
+    threads = f", {count} thread{'s' if count != 1 else ''}" if device.type == "cpu" else ""
     return f"{precision}{threads}, attention {resolve_backend(cfg.attention_backend, device, dtype or torch.float32)}"
 
 

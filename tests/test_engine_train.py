@@ -124,9 +124,10 @@ def test_the_last_epoch_and_every_eval_every_are_evaluated():
     assert [epoch for epoch in range(7) if evaluation_due(epoch, dataclasses.replace(cfg, eval_every=0))] == [6]
 
 
-def test_the_start_line_names_what_besides_the_seed_fixes_the_numbers():
+@pytest.mark.parametrize(("count", "threads"), [(2, "2 threads"), (1, "1 thread")])
+def test_the_start_line_names_what_besides_the_seed_fixes_the_numbers(monkeypatch, count, threads):
     cfg = load_config(CONFIG, overrides=TINY)  # attention_backend=pytorch
-    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: count)
     cpu = torch.device("cpu")
-    assert numerics(cfg, "none", cpu) == f"float32, {threads} threads, attention pytorch"
-    assert numerics(cfg, "bfloat16", cpu) == f"bfloat16 autocast, {threads} threads, attention pytorch"
+    assert numerics(cfg, "none", cpu) == f"float32, {threads}, attention pytorch"
+    assert numerics(cfg, "bfloat16", cpu) == f"bfloat16 autocast, {threads}, attention pytorch"
