@@ -21,6 +21,11 @@ PROBLEMS = {
     "wide_rows": ([(5, 6), (3, 2)], 1, 5, 2, 48, 3),
     "narrow_rows": ([(6, 5), (3, 3), (1, 2)], 1, 7, 2, 16, 3),
     "portable_rows": ([(4, 3), (2, 2)], 2, 6, 2, 12, 3),
+    # the forward works on runs of 32 queries of one head: 89 queries end in a short run in each batch item; the
+    # queries sample every row more than once, so the forward reads each head's rows from a contiguous copy
+    "encoder_like_runs": ([(9, 7), (5, 4), (3, 2)], 2, 89, 8, 32, 2),
+    # few samples for many rows: the forward reads the rows where they are, M * D apart
+    "few_queries_in_place": ([(12, 10), (6, 5)], 2, 3, 4, 32, 2),
 }
 # largest |error| / largest |reference| of each tensor: float32 rounding, bfloat16 inputs with float32 sums
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}

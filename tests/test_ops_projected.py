@@ -63,7 +63,7 @@ def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     ("dtype", "tolerance"), [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 1e-2)]
 )
-@pytest.mark.parametrize(("batch", "queries"), [(1, 1), (2, 17)])
+@pytest.mark.parametrize(("batch", "queries"), [(1, 1), (2, 17), (2, 70)])  # 70: runs of 32 and one of 6
 def test_matches_the_float64_computation(monkeypatch, path, dtype, tolerance, batch, queries):
     """Value and projection rounded to ``dtype`` (the reference sees the same rounded numbers), reference points
     in float32 (float64 with a float64 value), as the module passes them."""

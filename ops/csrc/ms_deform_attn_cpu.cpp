@@ -19,6 +19,7 @@
 #include <cmath>
 #include <array>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -83,32 +84,105 @@ inline int64_t channel_count(const Sizes& s) {
   return kChannels > 0 ? kChannels : s.channels;
 }
 
-// Queries [begin, end) of the forward. `query_inputs(batch_query)` -> {the query's sampling locations (M * L * P, 2),
-// its attention weights (M * L * P)}, both of coord_t: scalar_t's dtype or float32 (a half-precision value sampled at
-// float32 locations, the inference path's mix); read before the next call.
-template <typename scalar_t, typename coord_t, int kChannels, typename QueryInputs>
-void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<scalar_t>>& levels,
-                     QueryInputs&& query_inputs, scalar_t* output, const Sizes& s, Path path, int64_t begin,
-                     int64_t end) {
+// Asks for the `bytes` at `data` to be brought into the cache (kWrite: to be written).
+template <bool kWrite = false>
+inline void prefetch(const void* data, int64_t bytes) {
+  const char* first = static_cast<const char*>(data);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset, kWrite ? 1 : 0, 3);
+}
+
+// Where a task reads the value rows of one head of one batch item: in value (N, S, M, D) itself, rows M * D apart,
+// or, with `contiguous`, in a copy of them one after another. In value's own layout a head's rows share 1 / M of the
+// cache's sets, so the rows around a query, which its neighbours sample again, do not stay in the cache. The copy
+// lives in a buffer each thread keeps between calls (a fresh one would fault in fresh pages on every call).
+template <typename scalar_t, int kChannels>
+class HeadRows {
+ public:
+  HeadRows(const scalar_t* value, const Sizes& s, bool contiguous) : value_(value), s_(s), contiguous_(contiguous) {}
+
+  // {the first row, the distance between rows} of head `head` of batch item `batch`
+  std::pair<const scalar_t*, int64_t> operator()(int64_t batch, int64_t head) {
+    const int64_t channels = channel_count<kChannels>(s_), row_stride = s_.heads * channels;
+    const scalar_t* first = value_ + batch * s_.positions * row_stride + head * channels;
+    if (!contiguous_) return {first, row_stride};
+    thread_local Buffer buffer;
+    if (buffer.owner != this || batch != batch_ || head != head_) {
+      buffer.owner = this, batch_ = batch, head_ = head;
+      constexpr int64_t kAlign = 64 / static_cast<int64_t>(sizeof(scalar_t));  // rows start on a cache line
+      if (static_cast<int64_t>(buffer.storage.size()) < s_.positions * channels + kAlign) {
+        buffer.storage.resize(s_.positions * channels + kAlign);
+      }
+      const auto address = reinterpret_cast<std::uintptr_t>(buffer.storage.data());
+      rows_ = buffer.storage.data() + (64 - address % 64) % 64 / sizeof(scalar_t);
+      // rows M * D apart: too far apart for the hardware prefetchers, so ask for the row kAhead on
+      constexpr int64_t kAhead = 16;
+      const int64_t row_bytes = channels * static_cast<int64_t>(sizeof(scalar_t));
+      for (int64_t position = 0; position < s_.positions; ++position) {
+        if (position + kAhead < s_.positions) prefetch(first + (position + kAhead) * row_stride, row_bytes);
+        std::copy_n(first + position * row_stride, channels, rows_ + position * channels);
+      }
+    }
+    return {rows_, channels};
+  }
+
+ private:
+  struct Buffer {
+    std::vector<scalar_t> storage;
+    const HeadRows* owner = nullptr;  // whose head the storage holds
+  };
+  const scalar_t* value_;
+  Sizes s_;
+  bool contiguous_;
+  int64_t batch_ = -1, head_ = -1;
+  scalar_t* rows_ = nullptr;
+};
+
+constexpr int64_t kChunk = 32;  // queries of a forward task
+
+// Tasks [begin, end) of the forward: task t = (batch, head, chunk of kChunk queries), the chunk fastest; `chunk_levels`
+// holds the head's levels kChunk times over (a SampleLevels of kChunk heads). `head_inputs(batch_query, head)` -> {the
+// head's sampling locations (L * P, 2), its attention weights (L * P)}, both of coord_t: scalar_t's dtype or float32
+// (a half-precision value sampled at float32 locations, the inference path's mix); read before the next call.
+template <typename scalar_t, typename coord_t, int kChannels, typename HeadInputs>
+void forward_tasks(const scalar_t* value, bool contiguous,
+                   const SampleLevels<at::opmath_type<scalar_t>>& chunk_levels, HeadInputs&& head_inputs,
+                   scalar_t* output, const Sizes& s, Path path, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = channel_count<kChannels>(s);
-  const int64_t row_stride = s.heads * channels;
   const int64_t head_samples = s.levels * s.points;
-  const int64_t query_samples = s.heads * head_samples;
-  SampleGeometry<acc_t> geometry(query_samples);
-  CornerRows<const scalar_t> corners(query_samples);
+  const int64_t chunks = (s.queries + kChunk - 1) / kChunk;
+  // the chunk's inputs gathered from the queries' rows, then its geometry in one run of kChunk * L * P samples
+  std::vector<coord_t> locations(2 * kChunk * head_samples), attention(kChunk * head_samples);
+  SampleGeometry<acc_t> geometry(kChunk * head_samples);
+  CornerRows<const scalar_t> corners(kChunk * head_samples);
   const acc_t* weights[4] = {geometry.scaled[0].data(), geometry.scaled[1].data(), geometry.scaled[2].data(),
                              geometry.scaled[3].data()};
   const std::vector<scalar_t> zeros(channels, scalar_t(0));
   std::vector<acc_t> accumulator(channels);
-  for (int64_t batch_query = begin; batch_query < end; ++batch_query) {
-    const std::pair<const coord_t*, const coord_t*> inputs = query_inputs(batch_query);
-    locate_samples<false>(inputs.first, inputs.second, 0, query_samples, levels, geometry);
-    const scalar_t* value_batch = value + (batch_query / s.queries) * s.positions * row_stride;
-    corner_rows<true>(geometry, levels, 0, query_samples, value_batch, row_stride, 0, zeros.data(), corners.rows);
-    for (int64_t head = 0; head < s.heads; ++head) {
-      const int64_t first = head * head_samples, last = first + head_samples;
-      scalar_t* __restrict__ out = output + (batch_query * s.heads + head) * channels;
+  HeadRows<scalar_t, kChannels> head_rows(value, s, contiguous);
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t batch = task / (s.heads * chunks), head = task / chunks % s.heads;
+    const int64_t first_query = batch * s.queries + task % chunks * kChunk;
+    const int64_t count = std::min(kChunk, (batch + 1) * s.queries - first_query);
+    for (int64_t k = 0; k < count; ++k) {
+      // a head's inputs are a slice of each query's, M slices apart: ask for those of a query kAhead on
+      constexpr int64_t kAhead = 8;
+      if (first_query + k + kAhead < (batch + 1) * s.queries) {
+        head_inputs.prefetch_head(first_query + k + kAhead, head);
+      }
+      const std::pair<const coord_t*, const coord_t*> inputs = head_inputs(first_query + k, head);
+      coord_t* __restrict__ location = locations.data() + 2 * k * head_samples;
+      coord_t* __restrict__ weight = attention.data() + k * head_samples;
+      for (int64_t c = 0; c < 2 * head_samples; ++c) location[c] = inputs.first[c];  // no call: a few dozen
+      for (int64_t j = 0; j < head_samples; ++j) weight[j] = inputs.second[j];
+    }
+    const std::pair<const scalar_t*, int64_t> rows = head_rows(batch, head);
+    locate_samples<false>(locations.data(), attention.data(), 0, count * head_samples, chunk_levels, geometry);
+    corner_rows<false>(geometry, chunk_levels, 0, count * head_samples, rows.first, rows.second, 0, zeros.data(),
+                       corners.rows);
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t first = k * head_samples, last = first + head_samples;
+      scalar_t* __restrict__ out = output + ((first_query + k) * s.heads + head) * channels;
 #if DETR_MSDA_HAVE_AVX512
       if constexpr (kAvx512Covers<scalar_t, kChannels>) {
         if (path >= Path::kAvx512) {
@@ -143,33 +217,56 @@ void forward_queries(const scalar_t* value, const SampleLevels<at::opmath_type<s
   }
 }
 
-// The forward over every query, in parallel: forward_queries with `make_inputs()` (a fresh QueryInputs per task).
+// The forward over every query and head, in parallel: forward_tasks with `make_inputs()` (a fresh HeadInputs per
+// thread). One head at a time, kChunk consecutive queries: neighbouring queries sample neighbouring rows, which
+// then stay in the caches, where the rows are contiguous (HeadRows). The copy pays where the queries sample each
+// row more than once on average (the encoder: the forward at 800x1333 took 17% less time in float32, 30% less in
+// bfloat16 on a 2-core AVX2 EPYC, the copy included); the decoder's 300 queries read value in place.
 template <typename scalar_t, typename coord_t, typename MakeInputs>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
                     MakeInputs&& make_inputs, scalar_t* output, const Sizes& s) {
-  const SampleLevels<at::opmath_type<scalar_t>> levels(spatial_shapes, level_start_index, s);
+  Sizes chunk_sizes = s;
+  chunk_sizes.heads = kChunk;
+  const SampleLevels<at::opmath_type<scalar_t>> chunk_levels(spatial_shapes, level_start_index, chunk_sizes);
   const Path path = chosen_path();
-  const int64_t grain = std::max<int64_t>(1, 2048 / (s.heads * s.levels * s.points));
-  at::parallel_for(0, s.batch * s.queries, grain, [&](int64_t begin, int64_t end) {
-    auto query_inputs = make_inputs();
+  // a head's rows copied contiguous where the queries sample them more than once on average (the encoder)
+  const bool contiguous = s.heads > 1 && s.queries * s.levels * s.points >= s.positions;
+  const int64_t chunks = (s.queries + kChunk - 1) / kChunk;
+  at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    auto head_inputs = make_inputs();
     if (s.channels == 32) {
-      forward_queries<scalar_t, coord_t, 32>(value, levels, query_inputs, output, s, path, begin, end);
+      forward_tasks<scalar_t, coord_t, 32>(value, contiguous, chunk_levels, head_inputs, output, s, path, begin, end);
     } else {
-      forward_queries<scalar_t, coord_t, 0>(value, levels, query_inputs, output, s, path, begin, end);
+      forward_tasks<scalar_t, coord_t, 0>(value, contiguous, chunk_levels, head_inputs, output, s, path, begin, end);
     }
   });
 }
 
-// The op's own inputs: each query's rows of sampling_locations and attention_weights.
+// The op's own inputs: each head's rows of sampling_locations and attention_weights.
+template <typename coord_t>
+struct GivenInputs {
+  const coord_t* sampling_locations;
+  const coord_t* attention_weights;
+  int64_t heads, head_samples;
+
+  std::pair<const coord_t*, const coord_t*> operator()(int64_t batch_query, int64_t head) const {
+    const int64_t first = (batch_query * heads + head) * head_samples;
+    return {sampling_locations + 2 * first, attention_weights + first};
+  }
+  void prefetch_head(int64_t batch_query, int64_t head) const {
+    const int64_t first = (batch_query * heads + head) * head_samples;
+    const char* loc = reinterpret_cast<const char*>(sampling_locations + 2 * first);
+    const char* att = reinterpret_cast<const char*>(attention_weights + first);
+    __builtin_prefetch(loc, 0, 3);
+    __builtin_prefetch(loc + 64, 0, 3);
+    __builtin_prefetch(att, 0, 3);
+  }
+};
+
 template <typename coord_t>
 auto given_inputs(const coord_t* sampling_locations, const coord_t* attention_weights, const Sizes& s) {
-  const int64_t query_samples = s.heads * s.levels * s.points;
-  return [=]() {
-    return [=](int64_t batch_query) {
-      const int64_t first = batch_query * query_samples;
-      return std::pair<const coord_t*, const coord_t*>(sampling_locations + 2 * first, attention_weights + first);
-    };
-  };
+  const GivenInputs<coord_t> inputs{sampling_locations, attention_weights, s.heads, s.levels * s.points};
+  return [=]() { return inputs; };
 }
 
 // exp(x) for x <= 0 in float32 within 2 ulp, in plain arithmetic the compiler vectorises (std::exp it does not, and
@@ -199,66 +296,85 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 // The inputs computed from the query's projection, as MSDeformAttn does for 2-d reference points (the inference
 // op): location = reference point of the level + offset / (W, H); weights = softmax over the L * P logits of each
 // head. `projected` (N, Lq, M * L * P * 3) holds a query's offsets (M, L, P, 2) then its logits (M, L * P);
-// reference_points (N, Lq, L, 2) are (x, y) in [0, 1].
+// reference_points (N, Lq, L, 2) are (x, y) in [0, 1]. One per thread: it owns the buffers it returns.
+template <typename scalar_t, typename coord_t>
+class ProjectedInputs {
+ public:
+  ProjectedInputs(const scalar_t* projected, const coord_t* reference_points, const int64_t* spatial_shapes,
+                  const Sizes& s)
+      : projected_(projected),
+        reference_points_(reference_points),
+        levels_(s.levels),
+        head_samples_(s.levels * s.points),
+        query_samples_(s.heads * s.levels * s.points),
+        inverse_size_(2 * head_samples_),
+        reference_index_(2 * head_samples_),
+        locations_(2 * head_samples_),
+        weights_(head_samples_) {
+    // per coordinate c = 2 * (level * P + point) + axis of a head (every head alike): 1 / W or 1 / H of its
+    // level, and where its reference coordinate lies in the query's (L, 2) reference points
+    for (int64_t c = 0; c < 2 * head_samples_; ++c) {
+      const int64_t level = c / 2 / s.points, axis = c % 2;
+      inverse_size_[c] = coord_t(1) / static_cast<coord_t>(spatial_shapes[2 * level + 1 - axis]);
+      reference_index_[c] = static_cast<int32_t>(2 * level + axis);
+    }
+  }
+
+  std::pair<const coord_t*, const coord_t*> operator()(int64_t batch_query, int64_t head) {
+    const int64_t head_coordinates = 2 * head_samples_;
+    const scalar_t* __restrict__ offsets = offsets_of(batch_query, head);
+    const scalar_t* __restrict__ logits = logits_of(batch_query, head);
+    const coord_t* __restrict__ reference = reference_points_ + batch_query * 2 * levels_;
+    const coord_t* __restrict__ inverse = inverse_size_.data();
+    const int32_t* __restrict__ index = reference_index_.data();
+    coord_t* __restrict__ location = locations_.data();
+    for (int64_t c = 0; c < head_coordinates; ++c) {
+      location[c] = reference[index[c]] + static_cast<coord_t>(offsets[c]) * inverse[c];
+    }
+    coord_t* __restrict__ weight = weights_.data();
+    coord_t largest = static_cast<coord_t>(logits[0]);
+    for (int64_t j = 1; j < head_samples_; ++j) {
+      const coord_t logit = static_cast<coord_t>(logits[j]);
+      largest = logit > largest ? logit : largest;
+    }
+    coord_t total = 0;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < head_samples_; ++j) {
+      weight[j] = exp_nonpositive(static_cast<coord_t>(logits[j]) - largest);
+      total += weight[j];
+    }
+    const coord_t scale = coord_t(1) / total;
+#pragma omp simd
+    for (int64_t j = 0; j < head_samples_; ++j) weight[j] *= scale;
+    return {location, weight};
+  }
+
+  void prefetch_head(int64_t batch_query, int64_t head) const {
+    prefetch(offsets_of(batch_query, head), 2 * head_samples_ * static_cast<int64_t>(sizeof(scalar_t)));
+    prefetch(logits_of(batch_query, head), head_samples_ * static_cast<int64_t>(sizeof(scalar_t)));
+  }
+
+ private:
+  const scalar_t* offsets_of(int64_t batch_query, int64_t head) const {
+    return projected_ + batch_query * 3 * query_samples_ + head * 2 * head_samples_;
+  }
+  const scalar_t* logits_of(int64_t batch_query, int64_t head) const {
+    return projected_ + batch_query * 3 * query_samples_ + 2 * query_samples_ + head * head_samples_;
+  }
+
+  const scalar_t* projected_;
+  const coord_t* reference_points_;
+  int64_t levels_, head_samples_, query_samples_;
+  std::vector<coord_t> inverse_size_;
+  std::vector<int32_t> reference_index_;
+  std::vector<coord_t> locations_, weights_;
+};
+
 template <typename scalar_t, typename coord_t>
 auto projected_inputs(const scalar_t* projected, const coord_t* reference_points, const int64_t* spatial_shapes,
                       const Sizes& s) {
-  const int64_t levels = s.levels, points = s.points, query_samples = s.heads * levels * points;
-  // per coordinate c = 2 * (level * P + point) + axis of a head (every head alike): 1 / W or 1 / H of its level,
-  // and where its reference coordinate lies in the query's (L, 2) reference points
-  const int64_t head_coordinates = 2 * levels * points;
-  std::vector<coord_t> inverse_size(head_coordinates);
-  std::vector<int32_t> reference_index(head_coordinates), head_of(query_samples);
-  for (int64_t j = 0; j < query_samples; ++j) head_of[j] = static_cast<int32_t>(j / (levels * points));
-  for (int64_t c = 0; c < head_coordinates; ++c) {
-    const int64_t level = c / 2 / points, axis = c % 2;
-    inverse_size[c] = coord_t(1) / static_cast<coord_t>(spatial_shapes[2 * level + 1 - axis]);
-    reference_index[c] = static_cast<int32_t>(2 * level + axis);
-  }
-  return [=]() {
-    return [=, locations = std::vector<coord_t>(2 * query_samples), weights = std::vector<coord_t>(query_samples),
-            head_values = std::vector<coord_t>(s.heads),
-            centre = std::vector<coord_t>(head_coordinates)](int64_t batch_query) mutable {
-      const scalar_t* __restrict__ offsets = projected + batch_query * 3 * query_samples;
-      const scalar_t* __restrict__ logits = offsets + 2 * query_samples;
-      const coord_t* __restrict__ reference = reference_points + batch_query * 2 * levels;
-      const coord_t* __restrict__ inverse = inverse_size.data();
-      coord_t* __restrict__ pattern = centre.data();  // a head's reference coordinates, contiguous
-      for (int64_t c = 0; c < head_coordinates; ++c) pattern[c] = reference[reference_index[c]];
-      coord_t* __restrict__ location = locations.data();
-      for (int64_t first = 0; first < 2 * query_samples; first += head_coordinates) {
-#pragma omp simd
-        for (int64_t c = 0; c < head_coordinates; ++c) {
-          location[first + c] = pattern[c] + static_cast<coord_t>(offsets[first + c]) * inverse[c];
-        }
-      }
-      // softmax over each head's L * P logits, in loops over the whole query (a head's 16 are too few to vectorise)
-      coord_t* __restrict__ weight = weights.data();
-      coord_t* __restrict__ per_head = head_values.data();  // each head's largest logit, then 1 / its sum
-      const int32_t* __restrict__ head = head_of.data();
-      const int64_t head_samples = levels * points;
-      for (int64_t h = 0; h < s.heads; ++h) {
-        coord_t largest = static_cast<coord_t>(logits[h * head_samples]);
-        for (int64_t j = h * head_samples + 1; j < (h + 1) * head_samples; ++j) {
-          const coord_t logit = static_cast<coord_t>(logits[j]);
-          largest = logit > largest ? logit : largest;
-        }
-        per_head[h] = largest;
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < query_samples; ++j) {
-        weight[j] = exp_nonpositive(static_cast<coord_t>(logits[j]) - per_head[head[j]]);
-      }
-      for (int64_t h = 0; h < s.heads; ++h) {
-        coord_t total = 0;
-        for (int64_t j = h * head_samples; j < (h + 1) * head_samples; ++j) total += weight[j];
-        per_head[h] = coord_t(1) / total;
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < query_samples; ++j) weight[j] *= per_head[head[j]];
-      return std::pair<const coord_t*, const coord_t*>(location, weight);
-    };
-  };
+  const ProjectedInputs<scalar_t, coord_t> prototype(projected, reference_points, spatial_shapes, s);
+  return [=]() { return prototype; };
 }
 
 // The tensors of the backward (grad_value, grad_sampling_locations, grad_attention_weights null if not asked for).
@@ -273,23 +389,11 @@ struct BackwardPointers {
   scalar_t* grad_attention_weights;
 };
 
-// Asks for the `bytes` at `data` to be brought into the cache (kWrite: to be written).
-template <bool kWrite = false>
-inline void prefetch(const void* data, int64_t bytes) {
-  const char* first = static_cast<const char*>(data);
-  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(first + offset, kWrite ? 1 : 0, 3);
-}
-
-template <typename acc_t>
-void zero_rows(acc_t* rows, int64_t count, int64_t stride, int64_t channels) {
-  for (int64_t row = 0; row < count; ++row) std::fill(rows + row * stride, rows + row * stride + channels, acc_t(0));
-}
-
-// Stores `count` float32 rows of `channels` (stride `channels`) rounded into scalar_t rows of stride `out_stride`.
-template <typename scalar_t, int kChannels>
-void store_rows(const float* rows, int64_t count, int64_t channels, scalar_t* out, int64_t out_stride, Path path) {
+// Stores `count` acc_t rows of `channels` (stride `channels`) rounded into scalar_t rows of stride `out_stride`.
+template <typename scalar_t, int kChannels, typename acc_t>
+void store_rows(const acc_t* rows, int64_t count, int64_t channels, scalar_t* out, int64_t out_stride, Path path) {
   for (int64_t row = 0; row < count; ++row) {
-    const float* __restrict__ source = rows + row * channels;
+    const acc_t* __restrict__ source = rows + row * channels;
     scalar_t* __restrict__ target = out + row * out_stride;
 #if DETR_MSDA_HAVE_AVX512
     if constexpr (kAvx512Covers<scalar_t, kChannels> && std::is_same_v<scalar_t, c10::BFloat16>) {
@@ -321,16 +425,16 @@ void store_rows(const float* rows, int64_t count, int64_t channels, scalar_t* ou
 
 // One backward task: the gradients of head `head` of batch item `batch`, levels [first_level, last_level). The
 // task owns the grad_value rows of those levels and head: it accumulates into them without atomics, in an order
-// that does not depend on the thread count (the results are bitwise deterministic), in grad_value itself for
-// float32 and float64, in a float32 buffer of the task's rows for half precision (stored rounded at the end).
+// that does not depend on the thread count (the results are bitwise deterministic), in a buffer of the task's rows
+// one after another (acc_t: float32 for half precision), stored (rounded) into grad_value at the end: in grad_value
+// itself a head's rows lie M * D apart and share 1 / M of the cache's sets. Value rows come from `head_rows`.
 // kGradValue / kGradSampling drop the scatter / the dot products that nobody asked for.
 template <typename scalar_t, int kChannels, bool kGradValue, bool kGradSampling>
 void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_shapes,
                    const int64_t* level_start_index, const SampleLevels<at::opmath_type<scalar_t>>& levels,
                    const Sizes& s, Path path, int64_t batch, int64_t head, int64_t first_level, int64_t last_level,
-                   std::vector<at::opmath_type<scalar_t>>& buffer) {
+                   std::vector<at::opmath_type<scalar_t>>& buffer, HeadRows<scalar_t, kChannels>& head_rows) {
   using acc_t = at::opmath_type<scalar_t>;
-  constexpr bool kInPlace = std::is_same_v<scalar_t, acc_t>;  // accumulate in grad_value itself
   const int64_t channels = channel_count<kChannels>(s);
   const int64_t row_stride = s.heads * channels;
   const int64_t first_sample = (head * s.levels + first_level) * s.points;  // of a query's M * L * P samples
@@ -346,18 +450,11 @@ void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_s
   }
   if (first_position >= last_position) return;  // no valid level: grad_value stays zero, samples are skipped
   const int64_t head_base = batch * s.positions * row_stride + head * channels;
-  acc_t* accumulate = nullptr;
-  int64_t accumulate_stride = 0;
+  acc_t* accumulate = nullptr;  // the task's rows of grad_value, contiguous
   if constexpr (kGradValue) {
-    if constexpr (kInPlace) {
-      accumulate = p.grad_value + head_base + first_position * row_stride;
-      accumulate_stride = row_stride;
-    } else {
-      buffer.resize((last_position - first_position) * channels);
-      accumulate = buffer.data();
-      accumulate_stride = channels;
-    }
-    zero_rows(accumulate, last_position - first_position, accumulate_stride, channels);
+    buffer.resize((last_position - first_position) * channels);
+    accumulate = buffer.data();
+    std::fill(buffer.begin(), buffer.end(), acc_t(0));
   }
   // the widest loops the path has for scalar_t and kChannels (none: the portable ones)
   const bool avx512_loops = kAvx512Covers<scalar_t, kChannels> && path >= Path::kAvx512;
@@ -394,11 +491,12 @@ void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_s
     locate_samples<true>(p.sampling_locations + 2 * sample_offset, attention, first_sample, count, levels,
                          geometry);
     if constexpr (kGradSampling) {
-      corner_rows<false>(geometry, levels, first_sample, count, p.value + head_base, row_stride, 0, zeros.data(),
+      const std::pair<const scalar_t*, int64_t> rows = head_rows(batch, head);
+      corner_rows<false>(geometry, levels, first_sample, count, rows.first, rows.second, 0, zeros.data(),
                          value_rows.rows);
     }
     if constexpr (kGradValue) {
-      corner_rows<false>(geometry, levels, first_sample, count, accumulate, accumulate_stride, first_position,
+      corner_rows<false>(geometry, levels, first_sample, count, accumulate, channels, first_position,
                          discard.data(), grad_rows.rows);
     }
     const scalar_t* grad_out_row = p.grad_output + (batch_query * s.heads + head) * channels;
@@ -482,7 +580,7 @@ void backward_task(const BackwardPointers<scalar_t>& p, const int64_t* spatial_s
       }
     }
   }
-  if constexpr (kGradValue && !kInPlace) {
+  if constexpr (kGradValue) {
     store_rows<scalar_t, kChannels>(accumulate, last_position - first_position, channels,
                                     p.grad_value + head_base + first_position * row_stride, row_stride, path);
   }
@@ -497,8 +595,14 @@ void backward_kernel(const BackwardPointers<scalar_t>& p, const int64_t* spatial
   const Path path = chosen_path();
   const int64_t level_groups = s.batch * s.heads >= 2 * at::get_num_threads() ? 1 : s.levels;
   const int64_t levels_per_group = (s.levels + level_groups - 1) / level_groups;
+  // each head's value rows read from a contiguous copy (HeadRows) where the forward does, and a task's levels are all
+  // of them (one copy per task)
+  const bool contiguous = kGradSampling && level_groups == 1 && s.heads > 1 &&
+                          s.queries * s.levels * s.points >= s.positions;
   at::parallel_for(0, s.batch * s.heads * level_groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buffer;
+    thread_local std::vector<acc_t> buffer;  // kept between calls: no fresh pages to fault in on every call
+    HeadRows<scalar_t, 32> rows32(p.value, s, contiguous);
+    HeadRows<scalar_t, 0> rows(p.value, s, contiguous);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t first_level = (task % level_groups) * levels_per_group;
       const int64_t last_level = std::min(s.levels, first_level + levels_per_group);
@@ -507,10 +611,12 @@ void backward_kernel(const BackwardPointers<scalar_t>& p, const int64_t* spatial
       if (first_level >= last_level) continue;
       if (s.channels == 32) {
         backward_task<scalar_t, 32, kGradValue, kGradSampling>(p, spatial_shapes, level_start_index, levels, s,
-                                                                path, batch, head, first_level, last_level, buffer);
+                                                                path, batch, head, first_level, last_level, buffer,
+                                                                rows32);
       } else {
         backward_task<scalar_t, 0, kGradValue, kGradSampling>(p, spatial_shapes, level_start_index, levels, s,
-                                                               path, batch, head, first_level, last_level, buffer);
+                                                               path, batch, head, first_level, last_level, buffer,
+                                                               rows);
       }
     }
   });
