@@ -7,8 +7,9 @@
 // float32 sampling_locations and attention_weights with a half-precision value (the inference path: no float32
 // copy of value; the backward takes one dtype).
 //
-// Both kernels first locate all samples of a query at once (ms_deform_attn_cpu_sampling.h), then run over the
-// channels of each sample's four corner rows. D = 32 (the model's) is compiled with its size known.
+// Both kernels work one head at a time: they locate many samples at once (ms_deform_attn_cpu_sampling.h), then run
+// over the channels of each sample's four corner rows, read from a contiguous copy of the head's rows where the
+// queries sample each row more than once (HeadRows). D = 32 (the model's) is compiled with its size known.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,7 +20,7 @@
 #include <cmath>
 #include <array>
 #include <cstdlib>
-#include <cstring>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
