@@ -99,15 +99,18 @@ def test_emulated_samples_on_the_edges_of_the_map_match_reference(emulated):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_emulated_kernels_on_misaligned_tensors_fall_back_to_narrower_loads(emulated, dtype):
     """A value or output gradient off a 16-byte boundary must not be read with 16-byte loads (the emulation
-    rejects misaligned accesses): the kernels choose a narrower vector and give the same result."""
+    rejects misaligned accesses): the kernels choose a narrower vector and give the same result, up to the
+    rounding of sums taken in other groups (a location gradient is a dot product over channels, which can cancel
+    to a small number: its error is measured against the largest gradient)."""
     problem = make_problem(*CASES["model_like"], dtype=dtype, seed=3)
-    grad_output = torch.randn(2, 10, 8 * 32, dtype=dtype)
+    grad_output = torch.randn(2, 10, 8 * 32, generator=torch.Generator().manual_seed(4), dtype=dtype)
     expected = emulated.ms_deform_attn_forward(*op_args(problem))
     expected_grads = _grads_of(emulated, problem, grad_output)
     shifted = dict(problem, value=_misaligned(problem["value"]))
     torch.testing.assert_close(emulated.ms_deform_attn_forward(*op_args(shifted)), expected)
+    relative = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     for got, want in zip(_grads_of(emulated, shifted, _misaligned(grad_output)), expected_grads):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, rtol=0, atol=relative * float(want.abs().max()))
 
 
 def _emulated_autograd(value, shapes, starts, locations, weights):
