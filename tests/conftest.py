@@ -1,4 +1,5 @@
-"""Shared fixtures: random multi-scale deformable attention problems, the original checkpoints' keys."""
+"""Shared fixtures: random multi-scale deformable attention problems, the original checkpoints' keys, the tiny
+shapes set and its one-epoch training run (``tests.tiny_training``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,24 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # The original implementation's published checkpoints: state-dict keys, shapes, parameter counts per variant.
 REFERENCE_KEYS = Path(__file__).resolve().parent / "data" / "checkpoint_keys.json"
+
+
+@pytest.fixture(scope="module")
+def coco_path(tmp_path_factory) -> Path:
+    """The tiny shapes set of ``tests.tiny_training`` (made once per test module)."""
+    from tests.tiny_training import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("data") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def first_run(coco_path, tmp_path_factory) -> Path:
+    """One epoch of the tiny training from scratch (once per test module): its output folder."""
+    from tests.tiny_training import run_main, tiny_overrides
+
+    output_dir = tmp_path_factory.mktemp("first")
+    assert run_main("train", opts=tiny_overrides(coco_path, output_dir)) == 0
+    return output_dir
 
 
 @pytest.fixture(scope="session")

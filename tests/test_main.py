@@ -18,30 +18,13 @@ import torch
 import engine.train
 import main
 from engine.train import NonFiniteLossError
-from tests.tiny_training import CONFIG, NUM_TRAIN, make_shapes, tiny_overrides
+from tests.tiny_training import CONFIG, NUM_TRAIN, run_main, tiny_overrides
 from util.checkpoint import load_checkpoint
 from util.config import load_config
 from util.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILES = {"config.yaml", "checkpoint.pth", "checkpoint0000.pth", "log.txt", "detections.json", "metrics.json"}
-
-
-def run(*command: str, opts: list[str]) -> int:
-    return main.main([*command, "--config", str(CONFIG), "--opts", *opts])
-
-
-@pytest.fixture(scope="module")
-def coco_path(tmp_path_factory):
-    return make_shapes(tmp_path_factory.mktemp("data") / "shapes")
-
-
-@pytest.fixture(scope="module")
-def first_run(coco_path, tmp_path_factory):
-    """One epoch of training from scratch."""
-    output_dir = tmp_path_factory.mktemp("first")
-    assert run("train", opts=tiny_overrides(coco_path, output_dir)) == 0
-    return output_dir
 
 
 def log_lines(output_dir) -> list[dict]:
@@ -65,7 +48,7 @@ def test_checkpoint_holds_everything_to_resume(first_run):
 
 def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "epochs=2", f"resume={first_run / 'checkpoint.pth'}")
-    assert run("train", opts=opts) == 0
+    assert run_main("train", opts=opts) == 0
     assert "continuing at epoch 1 of 2" in capsys.readouterr().out
     assert [record["epoch"] for record in log_lines(tmp_path)] == [1]
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
@@ -84,12 +67,10 @@ def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(coco_pa
     # Three scales and a flip per image: enough random draws that other augmentations would change the weights.
     opts = [f"num_workers={num_workers}", "train_scales=[80,88,96]", "max_size=112"]
     first, straight, resumed = tmp_path / "first", tmp_path / "straight", tmp_path / "resumed"
-    assert run("train", opts=tiny_overrides(coco_path, first, *opts)) == 0
-    assert run("train", opts=tiny_overrides(coco_path, straight, *opts, "epochs=3")) == 0
-    assert (
-        run("train", opts=tiny_overrides(coco_path, resumed, *opts, "epochs=3", f"resume={first / 'checkpoint.pth'}"))
-        == 0
-    )
+    assert run_main("train", opts=tiny_overrides(coco_path, first, *opts)) == 0
+    assert run_main("train", opts=tiny_overrides(coco_path, straight, *opts, "epochs=3")) == 0
+    resume = f"resume={first / 'checkpoint.pth'}"
+    assert run_main("train", opts=tiny_overrides(coco_path, resumed, *opts, "epochs=3", resume)) == 0
     expected, actual = final_weights(straight), final_weights(resumed)
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -114,7 +95,7 @@ def test_the_same_seed_in_another_process_gives_the_same_weights_losses_and_ap(a
         here = first_run  # the tiny config trains in float32
     else:
         here = tmp_path / "here"
-        assert run("train", opts=tiny_overrides(coco_path, here, f"amp={amp}")) == 0
+        assert run_main("train", opts=tiny_overrides(coco_path, here, f"amp={amp}")) == 0
     there = tmp_path / "there"
     environment = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     command = [sys.executable, "main.py", "train", "--config", str(CONFIG), "--opts"]
@@ -128,7 +109,7 @@ def test_the_same_seed_in_another_process_gives_the_same_weights_losses_and_ap(a
 
 def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "num_classes=9", f"finetune_from={first_run / 'checkpoint.pth'}")
-    assert run("train", opts=opts) == 0
+    assert run_main("train", opts=opts) == 0
     assert "class-head tensors (another num_classes) keep their initialisation" in capsys.readouterr().out
     assert [record["epoch"] for record in log_lines(tmp_path)] == [0]
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pth")
@@ -140,14 +121,14 @@ def test_finetune_from_starts_a_new_run_from_the_weights_with_new_class_heads(fi
 def test_resume_and_finetune_from_together_are_refused(first_run, coco_path, tmp_path, capsys):
     path = first_run / "checkpoint.pth"
     output_dir = tmp_path / "run"
-    assert run("train", opts=tiny_overrides(coco_path, output_dir, f"resume={path}", f"finetune_from={path}")) == 2
+    assert run_main("train", opts=tiny_overrides(coco_path, output_dir, f"resume={path}", f"finetune_from={path}")) == 2
     assert "not both" in capsys.readouterr().err
     assert not output_dir.exists()  # refused before the folder was claimed
 
 
 def test_eval_of_a_checkpoint_of_another_variant_names_both(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "with_box_refine=true", f"resume={first_run / 'checkpoint.pth'}")
-    assert run("eval", opts=opts) == 2
+    assert run_main("eval", opts=opts) == 2
     error = capsys.readouterr().err
     assert re.search("The checkpoint: one-stage, no box refinement.*This model: one-stage, box", error)
 
@@ -165,28 +146,28 @@ def test_a_checkpoint_replaces_the_backbone_so_imagenet_weights_are_not_fetched(
     path = first_run / "checkpoint.pth"
     key = "finetune_from" if command == "finetune" else "resume"
     opts = tiny_overrides(coco_path, tmp_path, "pretrained_backbone=true", "epochs=2", f"{key}={path}")
-    assert run("eval" if command == "eval" else "train", opts=opts) == 0
+    assert run_main("eval" if command == "eval" else "train", opts=opts) == 0
     with pytest.raises(RuntimeError, match="could not download"):  # without a checkpoint they are fetched
-        run("train", opts=tiny_overrides(coco_path, tmp_path / "fresh", "pretrained_backbone=true"))
+        run_main("train", opts=tiny_overrides(coco_path, tmp_path / "fresh", "pretrained_backbone=true"))
 
 
 def test_resume_with_no_epoch_left_says_so(first_run, coco_path, tmp_path, capsys):
     opts = tiny_overrides(coco_path, tmp_path, "epochs=1", f"resume={first_run / 'checkpoint.pth'}")
-    assert run("train", opts=opts) == 0
+    assert run_main("train", opts=opts) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert not (tmp_path / "log.txt").exists()
 
 
 def test_eval_of_a_checkpoint_reproduces_the_training_evaluation(first_run, coco_path, tmp_path):
     opts = tiny_overrides(coco_path, tmp_path, f"resume={first_run / 'checkpoint.pth'}")
-    assert run("eval", opts=opts) == 0
+    assert run_main("eval", opts=opts) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics == pytest.approx(json.loads((first_run / "metrics.json").read_text()))
     assert len(json.loads((tmp_path / "detections.json").read_text())) > 0
 
 
 def test_eval_without_a_checkpoint_is_refused_without_a_traceback(coco_path, tmp_path, capsys):
-    assert run("eval", opts=tiny_overrides(coco_path, tmp_path)) == 2
+    assert run_main("eval", opts=tiny_overrides(coco_path, tmp_path)) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: eval needs a checkpoint: --opts resume=PATH") and "Traceback" not in error
 
@@ -234,7 +215,7 @@ def test_training_into_a_finished_run_is_refused_and_leaves_it_as_it_was(first_r
     output_dir = tmp_path / "run"
     shutil.copytree(first_run, output_dir)
     before = {path.name: path.read_bytes() for path in output_dir.iterdir()}
-    assert run("train", opts=tiny_overrides(coco_path, output_dir)) == 2
+    assert run_main("train", opts=tiny_overrides(coco_path, output_dir)) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: output_dir {output_dir} already holds a training run")
     assert f"resume={output_dir / 'checkpoint.pth'}" in error and "overwrite=true" in error
@@ -245,7 +226,7 @@ def test_overwrite_replaces_the_earlier_run(first_run, coco_path, tmp_path):
     output_dir = tmp_path / "run"
     shutil.copytree(first_run, output_dir)
     shutil.copy(output_dir / "checkpoint.pth", output_dir / "checkpoint0004.pth")  # the earlier run was longer
-    assert run("train", opts=tiny_overrides(coco_path, output_dir, "overwrite=true")) == 0
+    assert run_main("train", opts=tiny_overrides(coco_path, output_dir, "overwrite=true")) == 0
     assert [record["epoch"] for record in log_lines(output_dir)] == [0]
     assert not (output_dir / "checkpoint0004.pth").exists()
 
@@ -261,10 +242,10 @@ def test_a_run_stopped_in_its_evaluation_completes_its_log_when_resumed(first_ru
     with monkeypatch.context() as patched:
         patched.setattr(engine.train, "evaluate", stop)
         with pytest.raises(RuntimeError, match="stopped during the evaluation"):
-            run("train", opts=tiny_overrides(coco_path, output_dir, "epochs=2", f"resume={checkpoint}"))
+            run_main("train", opts=tiny_overrides(coco_path, output_dir, "epochs=2", f"resume={checkpoint}"))
     assert load_checkpoint(checkpoint)["epoch"] == 1  # epoch 1's training is kept
     assert [record["epoch"] for record in log_lines(output_dir)] == [0]
-    assert run("train", opts=tiny_overrides(coco_path, output_dir, "epochs=3", f"resume={checkpoint}")) == 0
+    assert run_main("train", opts=tiny_overrides(coco_path, output_dir, "epochs=3", f"resume={checkpoint}")) == 0
     records = log_lines(output_dir)
     assert [record["epoch"] for record in records] == [0, 1, 2]
     assert all({"train_loss", "lr", "val_AP", "epoch_time_s", "epoch_cpu_s"} <= set(record) for record in records)
@@ -279,14 +260,14 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(first_run, coco_p
 
     monkeypatch.setattr(engine.train, "train_one_epoch", diverge)
     opts = tiny_overrides(coco_path, output_dir, "epochs=2", f"resume={output_dir / 'checkpoint.pth'}")
-    assert run("train", opts=opts) == 1
+    assert run_main("train", opts=opts) == 1
     error = capsys.readouterr().err
     assert "the loss is nan" in error and f"the last good checkpoint is {output_dir / 'checkpoint.pth'}" in error
     assert load_checkpoint(output_dir / "checkpoint.pth")["epoch"] == 0
 
 
 def test_unknown_override_is_printed_with_a_close_key_and_exit_status_2(capsys):
-    assert run("train", opts=["lr_dorp=3"]) == 2
+    assert run_main("train", opts=["lr_dorp=3"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: unknown config key 'lr_dorp' in --opts lr_dorp=3; did you mean 'lr_drop'?")
     assert "Traceback" not in error
@@ -305,7 +286,7 @@ def test_out_of_range_value_exits_2_before_anything_is_built(override, monkeypat
         raise AssertionError("training started with an invalid config")
 
     monkeypatch.setattr(main, "train", must_not_run)
-    assert run("train", opts=[override]) == 2
+    assert run_main("train", opts=[override]) == 2
     key = override.partition("=")[0]
     assert f"error: config key '{key}' in --opts {override} must be >= " in capsys.readouterr().err
 

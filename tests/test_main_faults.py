@@ -24,29 +24,12 @@ from engine.export import export_onnx
 from models import build_model
 from tests.full_disk import disk_full_after, fill, small_file_system
 from tests.tiny_model import tiny_config
-from tests.tiny_training import CONFIG, make_shapes, tiny_overrides, tiny_training_config
+from tests.tiny_training import CONFIG, run_main, tiny_overrides, tiny_training_config
 from util.atomic_write import FileWriteError
 from util.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_SPACE = "No space left on device; free some space there or write elsewhere"
-
-
-def run(*command: str, opts: list[str]) -> int:
-    return main.main([*command, "--config", str(CONFIG), "--opts", *opts])
-
-
-@pytest.fixture(scope="module")
-def coco_path(tmp_path_factory):
-    return make_shapes(tmp_path_factory.mktemp("data") / "shapes")
-
-
-@pytest.fixture(scope="module")
-def first_run(coco_path, tmp_path_factory):
-    """One epoch of training from scratch."""
-    output_dir = tmp_path_factory.mktemp("first")
-    assert run("train", opts=tiny_overrides(coco_path, output_dir)) == 0
-    return output_dir
 
 
 @pytest.fixture
@@ -94,7 +77,7 @@ def test_a_second_run_into_a_folder_in_use_stops_at_once_and_a_killed_runs_lock_
     )
     try:
         holder = wait_for_holder(output_dir / "train.lock", first)
-        assert run("train", opts=tiny_overrides(coco_path, output_dir, "overwrite=true")) == 2
+        assert run_main("train", opts=tiny_overrides(coco_path, output_dir, "overwrite=true")) == 2
         error = capsys.readouterr().err
         assert error == (
             f"error: output_dir {output_dir} is in use by process {first.pid} on host {socket.gethostname()} "
@@ -105,7 +88,7 @@ def test_a_second_run_into_a_folder_in_use_stops_at_once_and_a_killed_runs_lock_
         first.kill()  # SIGKILL: no clean-up, the lock file stays
         first.wait()
     assert (output_dir / "train.lock").is_file()
-    assert run("train", opts=tiny_overrides(coco_path, output_dir, "overwrite=true")) == 0
+    assert run_main("train", opts=tiny_overrides(coco_path, output_dir, "overwrite=true")) == 0
     assert f"took over the lock {output_dir / 'train.lock'} of process {first.pid} " in capsys.readouterr().out
     assert not (output_dir / "train.lock").exists() and log_epochs(output_dir) == [0]
 
@@ -123,10 +106,10 @@ def test_ctrl_c_during_training_releases_the_lock(coco_path, tmp_path, monkeypat
 def test_a_refused_resume_and_one_with_nothing_to_train_leave_the_folder_as_it_was(copied_run, coco_path, capsys):
     before = contents(copied_run)
     checkpoint = f"resume={copied_run / 'checkpoint.pth'}"
-    assert run("train", opts=tiny_overrides(coco_path, copied_run, checkpoint, "two_stage=true")) == 2
+    assert run_main("train", opts=tiny_overrides(coco_path, copied_run, checkpoint, "two_stage=true")) == 2
     assert "does not fit this model" in capsys.readouterr().err
     assert contents(copied_run) == before
-    assert run("train", opts=tiny_overrides(coco_path, copied_run, checkpoint, "epochs=1", "lr=1e-5")) == 0
+    assert run_main("train", opts=tiny_overrides(coco_path, copied_run, checkpoint, "epochs=1", "lr=1e-5")) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert contents(copied_run) == before
 
@@ -134,7 +117,7 @@ def test_a_refused_resume_and_one_with_nothing_to_train_leave_the_folder_as_it_w
 def test_a_resumed_run_keeps_its_config_and_logs_what_changed(first_run, copied_run, coco_path, capsys):
     config = (copied_run / "config.yaml").read_bytes()
     opts = tiny_overrides(coco_path, copied_run, f"resume={copied_run / 'checkpoint.pth'}", "epochs=2", "lr=1e-4")
-    assert run("train", opts=opts) == 0
+    assert run_main("train", opts=opts) == 0
     changes = {"lr": [0.0002, 0.0001], "epochs": [1, 2], "output_dir": [str(first_run), str(copied_run)]}
     out = capsys.readouterr().out
     assert "config changed since" in out and "lr 0.0002 -> 0.0001" in out
@@ -150,7 +133,7 @@ def test_a_torn_last_line_of_the_log_is_set_aside_and_the_run_resumes(copied_run
     with open(copied_run / "log.txt", "a", encoding="utf-8") as file:
         file.write(torn)  # a writer killed mid-line
     opts = tiny_overrides(coco_path, copied_run, f"resume={copied_run / 'checkpoint.pth'}", "epochs=2")
-    assert run("train", opts=opts) == 0
+    assert run_main("train", opts=opts) == 0
     assert "its last line was cut short (a write killed mid-line) and is set aside in log.txt.torn" in (
         capsys.readouterr().out
     )
@@ -166,7 +149,7 @@ def assert_one_error_line_and_nothing_left(error: str, path: Path, reason: str =
 def test_a_full_disk_while_checkpointing_keeps_the_last_checkpoint(copied_run, coco_path, monkeypatch, capsys):
     disk_full_after(monkeypatch, free_bytes=4096)
     opts = tiny_overrides(coco_path, copied_run, f"resume={copied_run / 'checkpoint.pth'}", "epochs=2")
-    assert run("train", opts=opts) == 1
+    assert run_main("train", opts=opts) == 1
     error = capsys.readouterr().err
     assert error == f"error: cannot write {copied_run / 'checkpoint.pth'}: {NO_SPACE}\n"
     assert load_checkpoint(copied_run / "checkpoint.pth")["epoch"] == 0 and log_epochs(copied_run) == [0]
@@ -177,7 +160,7 @@ def test_a_full_disk_during_evaluation_leaves_no_truncated_detections(first_run,
     with small_file_system(tmp_path / "disk") as disk:
         fill(disk, leave=8192)  # the detections take about 25 KB
         out = disk / "eval"
-        assert run("eval", opts=tiny_overrides(coco_path, out, f"resume={first_run / 'checkpoint.pth'}")) == 1
+        assert run_main("eval", opts=tiny_overrides(coco_path, out, f"resume={first_run / 'checkpoint.pth'}")) == 1
         assert_one_error_line_and_nothing_left(capsys.readouterr().err, out / "detections.json")
         assert list(out.iterdir()) == []
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+import main
 from datasets import Batch
 from datasets.shapes import generate_shapes_dataset
 from util.config import Config, load_config
@@ -49,6 +50,11 @@ def make_shapes(root: Path) -> Path:
 
 def tiny_overrides(coco_path: Path, output_dir: Path, *extra: str) -> list[str]:
     return [*TINY, f"coco_path={coco_path}", f"output_dir={output_dir}", *extra]
+
+
+def run_main(*command: str, opts: list[str]) -> int:
+    """``main.py COMMAND --config configs/deformable_detr.yaml --opts OPTS`` in this process; its exit status."""
+    return main.main([*command, "--config", str(CONFIG), "--opts", *opts])
 
 
 def tiny_training_config(coco_path: Path, output_dir: Path, *extra: str) -> Config:
