@@ -141,12 +141,12 @@ class HeadRows {
 constexpr int64_t kChunk = 32;  // queries of a forward task
 
 // Tasks [begin, end) of the forward: task t = (batch, head, chunk of kChunk queries), the chunk fastest; `chunk_levels`
-// holds the head's levels kChunk times over (a SampleLevels of kChunk heads). `head_inputs(batch_query, head)` -> {the
-// head's sampling locations (L * P, 2), its attention weights (L * P)}, both of coord_t: scalar_t's dtype or float32
-// (a half-precision value sampled at float32 locations, the inference path's mix); read before the next call.
+// holds the head's levels kChunk times over (a SampleLevels of kChunk heads). `head_inputs.gather(batch_query, head,
+// location, weight)` writes the head's sampling locations (L * P, 2) and attention weights (L * P), both of coord_t:
+// scalar_t's dtype or float32 (a half-precision value sampled at float32 locations, the inference path's mix).
 template <typename scalar_t, typename coord_t, int kChannels, typename HeadInputs>
 void forward_tasks(const scalar_t* value, bool contiguous,
-                   const SampleLevels<at::opmath_type<scalar_t>>& chunk_levels, HeadInputs&& head_inputs,
+                   const SampleLevels<at::opmath_type<scalar_t>>& chunk_levels, const HeadInputs& head_inputs,
                    scalar_t* output, const Sizes& s, Path path, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = channel_count<kChannels>(s);
@@ -175,11 +175,8 @@ void forward_tasks(const scalar_t* value, bool contiguous,
       if (first_query + k + kAhead < (batch + 1) * s.queries) {
         head_inputs.prefetch_head(first_query + k + kAhead, head);
       }
-      const std::pair<const coord_t*, const coord_t*> inputs = head_inputs(first_query + k, head);
-      coord_t* __restrict__ location = locations.data() + 2 * k * head_samples;
-      coord_t* __restrict__ weight = attention.data() + k * head_samples;
-      for (int64_t c = 0; c < 2 * head_samples; ++c) location[c] = inputs.first[c];  // no call: a few dozen
-      for (int64_t j = 0; j < head_samples; ++j) weight[j] = inputs.second[j];
+      head_inputs.gather(first_query + k, head, locations.data() + 2 * k * head_samples,
+                         attention.data() + k * head_samples);
     }
     const std::pair<const scalar_t*, int64_t> rows = head_rows(batch, head);
     locate_samples<false>(locations.data(), attention.data(), 0, count * head_samples, chunk_levels, geometry);
@@ -222,14 +219,14 @@ void forward_tasks(const scalar_t* value, bool contiguous,
   }
 }
 
-// The forward over every query and head, in parallel: forward_tasks with `make_inputs()` (a fresh HeadInputs per
-// thread). One head at a time, kChunk consecutive queries: neighbouring queries sample neighbouring rows, which
-// then stay in the caches, where the rows are contiguous (HeadRows). The copy pays where the queries sample each
-// row more than once on average (the encoder: the forward at 800x1333 took 17% less time in float32, 30% less in
-// bfloat16 on a 2-core AVX2 EPYC, the copy included); the decoder's 300 queries read value in place.
-template <typename scalar_t, typename coord_t, typename MakeInputs>
+// The forward over every query and head, in parallel (forward_tasks). One head at a time, kChunk consecutive
+// queries: neighbouring queries sample neighbouring rows, which then stay in the caches, where the rows are
+// contiguous (HeadRows). The copy pays where the queries sample each row more than once on average (the encoder:
+// the forward at 800x1333 took 17% less time in float32, 30% less in bfloat16 on a 2-core AVX2 EPYC, the copy
+// included); the decoder's 300 queries read value in place.
+template <typename scalar_t, typename coord_t, typename HeadInputs>
 void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const int64_t* level_start_index,
-                    MakeInputs&& make_inputs, scalar_t* output, const Sizes& s) {
+                    const HeadInputs& head_inputs, scalar_t* output, const Sizes& s) {
   Sizes chunk_sizes = s;
   chunk_sizes.heads = kChunk;
   const SampleLevels<at::opmath_type<scalar_t>> chunk_levels(spatial_shapes, level_start_index, chunk_sizes);
@@ -238,7 +235,6 @@ void forward_kernel(const scalar_t* value, const int64_t* spatial_shapes, const 
   const bool contiguous = s.heads > 1 && s.queries * s.levels * s.points >= s.positions;
   const int64_t chunks = (s.queries + kChunk - 1) / kChunk;
   at::parallel_for(0, s.batch * s.heads * chunks, 1, [&](int64_t begin, int64_t end) {
-    auto head_inputs = make_inputs();
     if (s.channels == 32) {
       forward_tasks<scalar_t, coord_t, 32>(value, contiguous, chunk_levels, head_inputs, output, s, path, begin, end);
     } else {
@@ -254,9 +250,18 @@ struct GivenInputs {
   const coord_t* attention_weights;
   int64_t heads, head_samples;
 
-  std::pair<const coord_t*, const coord_t*> operator()(int64_t batch_query, int64_t head) const {
+  GivenInputs(const coord_t* sampling_locations, const coord_t* attention_weights, const Sizes& s)
+      : sampling_locations(sampling_locations),
+        attention_weights(attention_weights),
+        heads(s.heads),
+        head_samples(s.levels * s.points) {}
+
+  void gather(int64_t batch_query, int64_t head, coord_t* __restrict__ location, coord_t* __restrict__ weight) const {
     const int64_t first = (batch_query * heads + head) * head_samples;
-    return {sampling_locations + 2 * first, attention_weights + first};
+    const coord_t* __restrict__ given_location = sampling_locations + 2 * first;
+    const coord_t* __restrict__ given_weight = attention_weights + first;
+    for (int64_t c = 0; c < 2 * head_samples; ++c) location[c] = given_location[c];  // no call: a few dozen
+    for (int64_t j = 0; j < head_samples; ++j) weight[j] = given_weight[j];
   }
   void prefetch_head(int64_t batch_query, int64_t head) const {
     const int64_t first = (batch_query * heads + head) * head_samples;
@@ -268,14 +273,8 @@ struct GivenInputs {
   }
 };
 
-template <typename coord_t>
-auto given_inputs(const coord_t* sampling_locations, const coord_t* attention_weights, const Sizes& s) {
-  const GivenInputs<coord_t> inputs{sampling_locations, attention_weights, s.heads, s.levels * s.points};
-  return [=]() { return inputs; };
-}
-
 // exp(x) for x <= 0 in float32 within 2 ulp, in plain arithmetic the compiler vectorises (std::exp it does not, and
-// the softmax of projected_inputs takes one per sample): x = n ln 2 + r, |r| <= ln 2 / 2, exp(r) by its Taylor
+// the softmax of ProjectedInputs takes one per sample): x = n ln 2 + r, |r| <= ln 2 / 2, exp(r) by its Taylor
 // polynomial to r^7, 2^n from the exponent bits; below -87 (where exp underflows to 0 in float32) the result is 0.
 inline float exp_nonpositive(float x) {
   const bool underflow = x < -87.0f;
@@ -301,7 +300,7 @@ inline double exp_nonpositive(double x) { return std::exp(x); }
 // The inputs computed from the query's projection, as MSDeformAttn does for 2-d reference points (the inference
 // op): location = reference point of the level + offset / (W, H); weights = softmax over the L * P logits of each
 // head. `projected` (N, Lq, M * L * P * 3) holds a query's offsets (M, L, P, 2) then its logits (M, L * P);
-// reference_points (N, Lq, L, 2) are (x, y) in [0, 1]. One per thread: it owns the buffers it returns.
+// reference_points (N, Lq, L, 2) are (x, y) in [0, 1].
 template <typename scalar_t, typename coord_t>
 class ProjectedInputs {
  public:
@@ -313,9 +312,7 @@ class ProjectedInputs {
         head_samples_(s.levels * s.points),
         query_samples_(s.heads * s.levels * s.points),
         inverse_size_(2 * head_samples_),
-        reference_index_(2 * head_samples_),
-        locations_(2 * head_samples_),
-        weights_(head_samples_) {
+        reference_index_(2 * head_samples_) {
     // per coordinate c = 2 * (level * P + point) + axis of a head (every head alike): 1 / W or 1 / H of its
     // level, and where its reference coordinate lies in the query's (L, 2) reference points
     for (int64_t c = 0; c < 2 * head_samples_; ++c) {
@@ -325,18 +322,16 @@ class ProjectedInputs {
     }
   }
 
-  std::pair<const coord_t*, const coord_t*> operator()(int64_t batch_query, int64_t head) {
+  void gather(int64_t batch_query, int64_t head, coord_t* __restrict__ location, coord_t* __restrict__ weight) const {
     const int64_t head_coordinates = 2 * head_samples_;
     const scalar_t* __restrict__ offsets = offsets_of(batch_query, head);
     const scalar_t* __restrict__ logits = logits_of(batch_query, head);
     const coord_t* __restrict__ reference = reference_points_ + batch_query * 2 * levels_;
     const coord_t* __restrict__ inverse = inverse_size_.data();
     const int32_t* __restrict__ index = reference_index_.data();
-    coord_t* __restrict__ location = locations_.data();
     for (int64_t c = 0; c < head_coordinates; ++c) {
       location[c] = reference[index[c]] + static_cast<coord_t>(offsets[c]) * inverse[c];
     }
-    coord_t* __restrict__ weight = weights_.data();
     coord_t largest = static_cast<coord_t>(logits[0]);
     for (int64_t j = 1; j < head_samples_; ++j) {
       const coord_t logit = static_cast<coord_t>(logits[j]);
@@ -351,7 +346,6 @@ class ProjectedInputs {
     const coord_t scale = coord_t(1) / total;
 #pragma omp simd
     for (int64_t j = 0; j < head_samples_; ++j) weight[j] *= scale;
-    return {location, weight};
   }
 
   void prefetch_head(int64_t batch_query, int64_t head) const {
@@ -372,15 +366,7 @@ class ProjectedInputs {
   int64_t levels_, head_samples_, query_samples_;
   std::vector<coord_t> inverse_size_;
   std::vector<int32_t> reference_index_;
-  std::vector<coord_t> locations_, weights_;
 };
-
-template <typename scalar_t, typename coord_t>
-auto projected_inputs(const scalar_t* projected, const coord_t* reference_points, const int64_t* spatial_shapes,
-                      const Sizes& s) {
-  const ProjectedInputs<scalar_t, coord_t> prototype(projected, reference_points, spatial_shapes, s);
-  return [=]() { return prototype; };
-}
 
 // The tensors of the backward (grad_value, grad_sampling_locations, grad_attention_weights null if not asked for).
 template <typename scalar_t>
@@ -658,20 +644,20 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
       if (float_coordinates) {
         forward_kernel<scalar_t, float>(
             value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
-            given_inputs(sampling_locations.data_ptr<float>(), attention_weights.data_ptr<float>(), s),
+            GivenInputs<float>(sampling_locations.data_ptr<float>(), attention_weights.data_ptr<float>(), s),
             output.data_ptr<scalar_t>(), s);
         return;
       }
     }
     forward_kernel<scalar_t, scalar_t>(
         value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(), level_start_index.data_ptr<int64_t>(),
-        given_inputs(sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(), s),
+        GivenInputs<scalar_t>(sampling_locations.data_ptr<scalar_t>(), attention_weights.data_ptr<scalar_t>(), s),
         output.data_ptr<scalar_t>(), s);
   });
   return output;
 }
 
-// The forward from the query's projection (see projected_inputs), for inference: no gradient. value (N, S, M, D) and
+// The forward from the query's projection (see ProjectedInputs), for inference: no gradient. value (N, S, M, D) and
 // projected (N, Lq, M * L * P * 3) share a dtype; reference_points (N, Lq, L, 2) are float32 (float64 with a float64
 // value). P is read from projected's last size.
 at::Tensor ms_deform_attn_projected_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -710,7 +696,8 @@ at::Tensor ms_deform_attn_projected_forward_cpu(const at::Tensor& value, const a
     using coord_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, coord_t>(
         value.data_ptr<scalar_t>(), shapes, level_start_index.data_ptr<int64_t>(),
-        projected_inputs(projected.data_ptr<scalar_t>(), reference_points.data_ptr<coord_t>(), shapes, s),
+        ProjectedInputs<scalar_t, coord_t>(projected.data_ptr<scalar_t>(), reference_points.data_ptr<coord_t>(), shapes,
+                                           s),
         output.data_ptr<scalar_t>(), s);
   });
   return output;
