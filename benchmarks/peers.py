@@ -8,8 +8,9 @@ Random weights (latency does not depend on them), batch 1, one process, rows one
 
 - ours, ``models.inference.prepare_for_inference`` in bfloat16 and in float32 (the path of a CPU without native
   bfloat16), and the model as built in float32 ("eager");
-- our ONNX graph (``engine.export.export_onnx``, dynamo, dynamic size) in onnxruntime float32 and in OpenVINO with
-  the bfloat16 and the float32 inference precision, reshaped to each size; when those packages are installed;
+- our ONNX graph (``engine.export.export_onnx``, dynamo, dynamic size) in onnxruntime float32 (the attention as
+  DeformConv and as GridSample) and in OpenVINO (GridSample, which it reads) with the bfloat16 and the float32
+  inference precision, reshaped to each size; when those packages are installed;
 - transformers' ``DeformableDetrForObjectDetection`` (its own ResNet-50, the same multi-scale configuration) in
   float32 and under bfloat16 autocast, when transformers is installed;
 - the arithmetic floor: the forward's FLOPs (``torch.utils.flop_counter``, 2 per multiply-add, float32 eager)
@@ -123,6 +124,12 @@ def matmul_rate(dtype: torch.dtype, repeats: int) -> float:
     return 2 * MATMUL_SIDE**3 / (milliseconds / 1e3)
 
 
+def onnx_graph(folder: Path, attention: str) -> Path:
+    """Our model exported (dynamo, dynamic size) with the attention as ``attention``, once per folder."""
+    path = folder / f"model_{attention}.onnx"
+    return path if path.exists() else export_onnx(our_model(), path, attention=attention)
+
+
 def runners(wanted: list[str], folder: Path) -> tuple[dict[str, Runner], list[str]]:
     """The rows of ``wanted`` (keys of ROWS) that can run here, by label, and a note for each that cannot."""
     rows: dict[str, Runner] = {}
@@ -139,19 +146,19 @@ def runners(wanted: list[str], folder: Path) -> tuple[dict[str, Runner], list[st
         )
     if "ours-eager" in wanted:
         rows["ours, float32 eager"] = torch_runner(our_model())
-    onnx_rows = [name for name in ("onnxruntime", "openvino") if name in wanted]
-    if onnx_rows:
-        onnx_path = export_onnx(our_model(), folder / "model.onnx")
-    for package in onnx_rows:
+    for package in [name for name in ("onnxruntime", "openvino") if name in wanted]:
         if importlib.util.find_spec(package) is None:
             notes.append(f"{package} is not installed: its rows are left out")
             continue
         version = importlib.import_module(package).__version__.split("-")[0]
         if package == "onnxruntime":
-            rows[f"onnxruntime {version}, float32, on our ONNX graph"] = onnxruntime_runner(onnx_path)
-        else:
+            for attention, ops in (("deformconv", "DeformConv"), ("gridsample", "GridSample")):
+                path = onnx_graph(folder, attention)
+                rows[f"onnxruntime {version}, float32, on our ONNX graph ({ops})"] = onnxruntime_runner(path)
+        else:  # OpenVINO 2026.4 cannot read DeformConv
             for precision, name in (("bf16", "bfloat16"), ("f32", "float32")):
-                rows[f"OpenVINO {version}, {name}, on our ONNX graph"] = openvino_runner(onnx_path, precision)
+                path = onnx_graph(folder, "gridsample")
+                rows[f"OpenVINO {version}, {name}, on our ONNX graph (GridSample)"] = openvino_runner(path, precision)
     if "transformers" in wanted:
         if importlib.util.find_spec("transformers") is None:
             notes.append("transformers is not installed: its rows are left out")

@@ -3,8 +3,13 @@
 The exported graph takes ``images`` (B, 3, H, W) float32, normalised with ImageNet's mean and std as for
 ``main.py predict``, any B and any H, W of at least :func:`min_image_side` pixels, all images of a batch unpadded,
 and returns ``logits`` (B, Q, num_classes) before sigmoid and ``boxes`` (B, Q, 4) as cx, cy, w, h in [0, 1] of
-the image: the two inputs of ``models.PostProcess``. Multi-scale deformable attention is exported through its
-``grid_sample`` formulation (the ``pytorch`` backend: ONNX GridSample, opset 16 and later).
+the image: the two inputs of ``models.PostProcess``. Multi-scale deformable attention is exported in one of two
+standard formulations (``--attention``):
+
+- ``gridsample`` (default): the ``pytorch`` backend, ONNX ``GridSample`` (opset 18 here); runs in onnxruntime,
+  OpenVINO and any runtime of opset 16 and later.
+- ``deformconv``: the ``deformconv`` backend, one ONNX ``DeformConv`` per level (opset 19); onnxruntime samples it
+  about twice as fast as ``GridSample`` (benchmarks/RESULTS.md); OpenVINO 2026.4 cannot read ``DeformConv``.
 
 Two exporters of ``torch.onnx``:
 
@@ -31,7 +36,9 @@ from util.config import Config
 from util.errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
-OPSET = 18  # GridSample needs 16; 18 is the dynamo exporter's lowest
+# --attention: (the MSDeformAttn backend traced, the opset written); GridSample needs 16, DeformConv 19, and 18
+# is the dynamo exporter's lowest
+ATTENTIONS = {"gridsample": ("pytorch", 18), "deformconv": ("deformconv", 19)}
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["logits", "boxes"]
 
@@ -74,14 +81,16 @@ def export_onnx(
     path: str | Path,
     *,
     exporter: str = "dynamo",
+    attention: str = "gridsample",
     example_size: tuple[int, int] | None = None,
 ) -> Path:
-    """Write ``detector`` (in eval mode, attention on the pytorch backend) as ONNX to ``path``.
+    """Write ``detector`` (in eval mode, its attention on the backend of ``attention``) as ONNX to ``path``.
 
     Args:
-        detector: the model; it is put in eval mode and its deformable attention on the ``pytorch`` backend.
+        detector: the model; it is put in eval mode and its deformable attention on the backend of ``attention``.
         path: the ``.onnx`` file to write (its folder is created).
         exporter: ``"dynamo"`` or ``"torchscript"`` (see the module docstring).
+        attention: ``"gridsample"`` or ``"deformconv"`` (see the module docstring).
         example_size: (H, W) of the example batch traced, default 4 x the coarsest stride (a multiple of every
             level's stride, so that no size is rounded while tracing).
 
@@ -90,10 +99,15 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise UserError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if attention not in ATTENTIONS:
+        raise UserError(f"attention must be one of {tuple(ATTENTIONS)}, got {attention!r}")
+    if attention == "deformconv" and exporter != "dynamo":
+        raise UserError("--attention deformconv needs --exporter dynamo (the torchscript exporter has no DeformConv)")
+    backend, opset = ATTENTIONS[attention]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     detector.eval()
-    use_attention_backend(detector, "pytorch")
+    use_attention_backend(detector, backend)
     wrapped = ExportableDetector(detector).eval()
     side = 4 * coarsest_stride(detector)
     height, width = example_size or (side, side)
@@ -111,7 +125,7 @@ def export_onnx(
                 wrapped,
                 (example,),
                 dynamo=True,
-                opset_version=OPSET,
+                opset_version=opset,
                 input_names=INPUT_NAMES,
                 output_names=OUTPUT_NAMES,
                 dynamic_shapes={"images": dynamic},
@@ -129,7 +143,7 @@ def export_onnx(
                     (example,),
                     str(temporary),
                     dynamo=False,
-                    opset_version=OPSET,
+                    opset_version=opset,
                     input_names=INPUT_NAMES,
                     output_names=OUTPUT_NAMES,
                     dynamic_axes={
@@ -141,7 +155,7 @@ def export_onnx(
     return path
 
 
-def export_checkpoint(cfg: Config, out: str | Path, exporter: str = "dynamo") -> Path:
+def export_checkpoint(cfg: Config, out: str | Path, exporter: str = "dynamo", attention: str = "gridsample") -> Path:
     """``main.py export``: build the model of ``cfg``, load ``cfg.resume`` and export it to ``out``."""
     if not cfg.resume:
         raise UserError(
@@ -155,4 +169,4 @@ def export_checkpoint(cfg: Config, out: str | Path, exporter: str = "dynamo") ->
         load_model_weights(model, load_checkpoint(cfg.resume), cfg.resume, describe=describe_state_dict)
     except ValueError as error:  # a checkpoint of another variant or size: the message names both
         raise UserError(str(error)) from error
-    return export_onnx(model, out, exporter=exporter)
+    return export_onnx(model, out, exporter=exporter, attention=attention)

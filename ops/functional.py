@@ -9,10 +9,13 @@ from collections.abc import Sequence
 import torch
 
 from ops import backend_cache, self_check, triton_backend
+from ops.deformconv_backend import ms_deform_attn_deformconv
 from ops.pytorch_backend import ms_deform_attn_pytorch
 from ops.validation import _FLOAT_DTYPES, checked_level_shapes, validate_inputs
 
-BACKENDS = ("auto", "pytorch", "cpu", "cuda", "triton")
+BACKENDS = ("auto", "pytorch", "cpu", "cuda", "triton", "deformconv")
+# formulations in plain PyTorch ops: they run wherever those ops run and export to ONNX
+FORMULATIONS = {"pytorch": ms_deform_attn_pytorch, "deformconv": ms_deform_attn_deformconv}
 KERNELS = ("cpu", "cuda")
 _warned_fallback: set[str] = set()
 
@@ -57,7 +60,7 @@ def _resolve_backend_traced(backend: str, device: torch.device) -> str:
         return kind
     if backend == "auto":
         return "pytorch"
-    if backend in ("pytorch", "triton"):
+    if backend in FORMULATIONS or backend == "triton":
         return backend
     raise RuntimeError(
         f"the {backend} kernel must be loaded before torch.compile traces ms_deform_attn: call it "
@@ -105,7 +108,8 @@ def _resolve_preferred(preferred: str, device: torch.device) -> str | None:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu", "cuda" or "triton".
+    """The implementation that runs for ``backend`` on ``device``: "pytorch", "cpu", "cuda", "triton" or
+    "deformconv".
 
     "auto" takes, in this order, the backend named by ``DETR_MSDA_BACKEND``, the one ``python -m ops.check`` found
     fastest for this device model, torch and ``dtype``, and else the kernel of the device (pytorch if it cannot be
@@ -113,7 +117,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | Non
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "pytorch":
+    if backend in FORMULATIONS:
         return backend
     if backend == "triton":
         triton_backend.check_usable(device)
@@ -169,8 +173,9 @@ def ms_deform_attn(
         attention_weights: (N, Lq, M, L, P).
         backend: "auto" (``DETR_MSDA_BACKEND`` if set, else the fastest found by ``python -m ops.check`` on this
             device, else the compiled kernel for the tensors' device, else pytorch with one warning; see
-            :func:`resolve_backend`), "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel) or
-            "triton" (Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``).
+            :func:`resolve_backend`), "pytorch" (``grid_sample``), "cpu" (C++ kernel), "cuda" (CUDA kernel),
+            "triton" (Triton kernels: CUDA tensors, or CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``)
+            or "deformconv" (torchvision's ``deform_conv2d``: for ONNX export as DeformConv; the slowest here).
             The first use of "cuda" or "triton" on a device checks the kernel against the float64 reference and
             runs "pytorch" instead if it disagrees (:mod:`ops.self_check`; ``DETR_MSDA_SELF_CHECK=0``: no check).
         level_shapes: ``spatial_shapes`` as L pairs of Python (or symbolic) ints, for the pytorch backend; None
@@ -211,11 +216,11 @@ def ms_deform_attn(
     )
     if not _is_compiling():  # a GPU kernel that never ran on this device is checked first (ops.self_check)
         chosen = self_check.confirmed(chosen, value.device, functools.partial(_run_kernel, chosen))
-    if chosen == "pytorch":
+    if chosen in FORMULATIONS:
         level_shapes = level_shapes if level_shapes is not None else checked_shapes
         if level_shapes is None:  # traced by torch.compile, or a CUDA graph capture of tensors not checked before
             level_shapes = [(int(height), int(width)) for height, width in spatial_shapes.tolist()]
-        return ms_deform_attn_pytorch(value, level_shapes, sampling_locations, attention_weights)
+        return FORMULATIONS[chosen](value, level_shapes, sampling_locations, attention_weights)
     return _run_kernel(chosen, value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 

@@ -1,5 +1,6 @@
-"""engine.export: a tiny detector exported to ONNX, run in onnxruntime at two image sizes and batch 1 and 2,
-compared with PyTorch (max absolute difference at most 1e-4 on logits and boxes; about 5e-7 observed)."""
+"""engine.export: a tiny detector exported to ONNX (the attention as GridSample or as DeformConv), run in
+onnxruntime at two image sizes and batch 1 and 2, compared with PyTorch (max absolute difference at most 1e-4 on
+logits and boxes; about 5e-7 observed)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,28 @@ def test_dynamo_exporter_gives_the_same_outputs(tmp_path):
     path = export_onnx(model, tmp_path / "box_refine.onnx", exporter="dynamo")
     assert "GridSample" in op_types(path)
     assert_onnx_matches_pytorch(path, model)
+
+
+@pytest.mark.slow
+def test_deformconv_attention_exports_to_deformconv_with_dynamic_sizes(tmp_path):
+    model = tiny_detector("deformable_detr")
+    checkpoint = save_checkpoint({"model": model.state_dict()}, tmp_path / "checkpoint.pth")
+    out = tmp_path / "model.onnx"
+    config = str(CONFIG_DIR / "deformable_detr.yaml")
+    arguments = ["export", "--config", config, "--opts", *TINY, f"resume={checkpoint}", "--out", str(out)]
+    assert main.main([*arguments, "--attention", "deformconv"]) == 0
+    types = op_types(out)
+    assert "DeformConv" in types and "GridSample" not in types
+    assert_onnx_matches_pytorch(out, model)
+
+
+def test_deformconv_attention_with_the_torchscript_exporter_is_refused(tmp_path, capsys):
+    checkpoint = save_checkpoint({"model": tiny_detector("deformable_detr").state_dict()}, tmp_path / "checkpoint.pth")
+    config = str(CONFIG_DIR / "deformable_detr.yaml")
+    arguments = ["export", "--config", config, "--opts", *TINY, f"resume={checkpoint}", "--out", str(tmp_path / "m")]
+    assert main.main([*arguments, "--attention", "deformconv", "--exporter", "torchscript"]) == 2
+    assert "--attention deformconv needs --exporter dynamo" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
 
 
 def test_min_image_side_is_one_pixel_more_than_the_coarsest_stride():

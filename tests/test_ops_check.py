@@ -95,6 +95,7 @@ def test_a_crashing_kernel_fails_the_check(xdg_cache, monkeypatch, capsys):
         return correct(*args, backend=backend)
 
     monkeypatch.setattr(functional, "ms_deform_attn", cpu_crashes)
+    monkeypatch.setattr(check.problems, "time_backend", _fake_timings("pytorch"))  # (Triton's interpreter: 30 s)
     assert check.main([*TINY_RUN, "--no-save"]) == 1
     assert "cpu: ERROR RuntimeError: illegal memory access" in capsys.readouterr().out
 
@@ -108,6 +109,7 @@ def test_a_backend_that_cannot_run_here_is_listed_and_skipped(xdg_cache, monkeyp
         return resolve(backend, device, dtype)
 
     monkeypatch.setattr(functional, "resolve_backend", cpu_cannot_run)
+    monkeypatch.setattr(check.problems, "time_backend", _fake_timings("pytorch"))
     assert check.main([*TINY_RUN, "--no-save"]) == 0
     output = capsys.readouterr().out
     assert "backend cpu: NOT USABLE: backend 'cpu' needs something this machine lacks" in output

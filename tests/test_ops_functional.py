@@ -21,8 +21,8 @@ from tests.conftest import (
 )
 
 HAS_CUDA = torch.cuda.is_available()
-BACKENDS = ["pytorch", "cpu"] + (["cuda"] if HAS_CUDA else [])
-DEVICE = {"pytorch": "cpu", "cpu": "cpu", "cuda": "cuda"}
+BACKENDS = ["pytorch", "deformconv", "cpu"] + (["cuda"] if HAS_CUDA else [])
+DEVICE = {"pytorch": "cpu", "deformconv": "cpu", "cpu": "cpu", "cuda": "cuda"}
 
 # (levels, batch, queries, heads, channels, points)
 CASES = {
@@ -31,6 +31,7 @@ CASES = {
     "one_query": ([(4, 5), (2, 3)], 1, 1, 1, 7, 4),
     "odd_sizes_batch3": ([(7, 5), (3, 3), (2, 1)], 3, 9, 3, 13, 4),
     "model_like": ([(8, 8), (4, 4), (2, 2), (1, 1)], 2, 10, 8, 32, 4),
+    "encoder_like": ([(5, 7), (3, 4)], 2, 47, 2, 4, 3),  # a query per position: deformconv's grid layout
 }
 # nondet_tol of the float64 gradchecks of the CUDA kernel (and its emulation): atomics add a value-gradient
 # element's contributions in any order, which changes the float64 sum by a few ulps of its largest partial sum;

@@ -139,11 +139,12 @@ def test_kernel_called_directly_never_reads_outside_value(small_problem):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_nan_locations_sample_zero_in_the_kernel(small_problem):
+@pytest.mark.parametrize("backend", ["cpu", "deformconv"])
+def test_nan_locations_sample_zero_in_the_kernel(small_problem, backend):
     value, shapes, starts, locations, weights = op_args(small_problem)
     locations = locations.clone()
     locations[0, 0] = float("nan")
-    output = ms_deform_attn(value, shapes, starts, locations, weights, backend="cpu")
+    output = ms_deform_attn(value, shapes, starts, locations, weights, backend=backend)
     assert torch.isfinite(output).all()
     assert (output[0, 0] == 0).all()
 
