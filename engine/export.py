@@ -21,6 +21,7 @@ Two exporters of ``torch.onnx``:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import nn
 
 from models import DeformableDETR, build_model
 from models.describe import describe_state_dict
+from models.inference import fold_batch_norms
 from ops import MSDeformAttn
 from util.atomic_write import atomic_path
 from util.checkpoint import load_checkpoint, load_model_weights
@@ -87,7 +89,9 @@ def export_onnx(
     """Write ``detector`` (in eval mode, its attention on the backend of ``attention``) as ONNX to ``path``.
 
     Args:
-        detector: the model; it is put in eval mode and its deformable attention on the backend of ``attention``.
+        detector: the model, unchanged: a copy is exported, in eval mode, its backbone's frozen batch norms folded
+            into their convolutions (a Conv with its ReLU in the graph, not Conv, Mul, Add, ReLU) and its
+            deformable attention on the backend of ``attention``.
         path: the ``.onnx`` file to write (its folder is created).
         exporter: ``"dynamo"`` or ``"torchscript"`` (see the module docstring).
         attention: ``"gridsample"`` or ``"deformconv"`` (see the module docstring).
@@ -106,7 +110,8 @@ def export_onnx(
     backend, opset = ATTENTIONS[attention]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    detector.eval()
+    detector = copy.deepcopy(detector).eval()
+    fold_batch_norms(detector.backbone)
     use_attention_backend(detector, backend)
     wrapped = ExportableDetector(detector).eval()
     side = 4 * coarsest_stride(detector)

@@ -57,7 +57,7 @@ def ms_deform_attn_deformconv(
         (N, Lq, M * D). A sample wholly outside its map, or at a NaN location, contributes 0.
     """
     batch, _, heads, channels = value.shape
-    queries, points = sampling_locations.shape[1], sampling_locations.shape[4]
+    queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     heights = [height for height, _ in level_shapes]
     widest = level_shapes[0][1]
     for _, width in level_shapes[1:]:
@@ -72,13 +72,17 @@ def ms_deform_attn_deformconv(
         rows, columns, stride = torch.sym_max((queries + grid_width - 1) // grid_width, tallest), grid_width, 1
     outputs = rows * columns
     dtype, device = sampling_locations.dtype, value.device
-    # each query's output position (row i, column j) and tap p sample (i * stride, j + p) before their offsets
-    # (made by expanding aranges: the exporter cannot divide a tensor by a symbolic int)
+    # each query's output position (row i, column j) and tap p sample (i * stride, j + p) before their offsets,
+    # shifted by the 0.5 of grid_sample's pixel centres (made by expanding aranges: the exporter cannot divide a
+    # tensor by a symbolic int)
     row_origin = (torch.arange(rows, dtype=dtype, device=device) * stride).view(rows, 1).expand(rows, columns)
-    row_origin = row_origin.reshape(outputs)[:queries].view(1, queries, 1, 1)
+    row_origin = row_origin.reshape(outputs)[:queries].view(1, queries, 1, 1) + 0.5
     column = torch.arange(columns, dtype=dtype, device=device).view(1, columns).expand(rows, columns)
-    tap = torch.arange(points, dtype=dtype, device=device)
+    tap = torch.arange(points, dtype=dtype, device=device) + 0.5
     tap_origin = (column.reshape(outputs)[:queries].view(queries, 1) + tap).view(1, queries, 1, points)
+    # (N, Lq, M, L, P) -> (N, L, M*P, rows, columns), every level at once
+    mask = attention_weights.permute(0, 3, 2, 4, 1).reshape(batch, levels, heads * points, queries)
+    mask = F.pad(mask, (0, outputs - queries)).view(batch, levels, heads * points, rows, columns)
     weight = value.new_ones(heads * channels, 1, 1, points)
     value_per_level = value.split([height * width for height, width in level_shapes], dim=1)
     output = None
@@ -87,20 +91,17 @@ def ms_deform_attn_deformconv(
         level_value = value_per_level[level].reshape(batch, height, width, heads * channels).permute(0, 3, 1, 2)
         below = rows - height if stride == 1 else 0  # the row layout's one output row needs no rows added
         level_value = F.pad(level_value, (0, columns + points - 1 - width, 0, below))
-        # pixel coordinates as grid_sample(align_corners=False) reads them: (x * W - 0.5, y * H - 0.5); a sample
-        # wholly outside the map (or at a NaN location) goes to -inf, where torchvision's kernel neither indexes
-        # with a NaN nor gives the edges -1 and H a gradient
-        x = sampling_locations[:, :, :, level, :, 0] * width - 0.5  # (N, Lq, M, P)
-        y = sampling_locations[:, :, :, level, :, 1] * height - 0.5
-        inside = (x > -1) & (x < width) & (y > -1) & (y < height)
+        # grid_sample(align_corners=False) reads location x at pixel x * W - 0.5, so (x, y) * (W, H) in
+        # (-0.5, (W, H) + 0.5) touches the map; a sample wholly outside it (or at a NaN location) goes to -inf,
+        # where torchvision's kernel neither indexes with a NaN nor gives the edges -1 and H a gradient
+        x = sampling_locations[:, :, :, level, :, 0] * width  # (N, Lq, M, P)
+        y = sampling_locations[:, :, :, level, :, 1] * height
+        inside = (x > -0.5) & (x < width + 0.5) & (y > -0.5) & (y < height + 0.5)
         far = torch.full_like(x, -math.inf)  # the same shape: onnxruntime's Where is slow when it broadcasts
         x, y = torch.where(inside, x, far) - tap_origin, torch.where(inside, y, far) - row_origin
         # (N, Lq, M, P, 2 as (y, x)) -> (N, M*P*2, rows, columns): torchvision's order, offset group (head) first
-        offset = torch.stack((y, x), -1)
-        offset = offset.reshape(batch, queries, heads * points * 2).transpose(1, 2)
+        offset = torch.stack((y, x), -1).reshape(batch, queries, heads * points * 2).transpose(1, 2)
         offset = F.pad(offset, (0, outputs - queries)).view(batch, heads * points * 2, rows, columns)
-        mask = attention_weights[:, :, :, level].reshape(batch, queries, heads * points).transpose(1, 2)
-        mask = F.pad(mask, (0, outputs - queries)).view(batch, heads * points, rows, columns)
-        sampled = deform_conv2d(level_value, offset, weight, stride=(stride, 1), mask=mask)
+        sampled = deform_conv2d(level_value, offset, weight, stride=(stride, 1), mask=mask[:, level])
         output = sampled if output is None else output + sampled  # (N, M*D, rows, columns)
     return output.flatten(2)[:, :, :queries].transpose(1, 2)
