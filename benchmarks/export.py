@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.export import EXPORTERS, export_onnx, use_attention_backend
+from engine.export import ATTENTIONS, EXPORTERS, export_onnx, use_attention_backend
 from models import build_model
 from ops import available_backends
 from util.config import load_config
@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opts", nargs="*", default=[])
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("H", "W"))
     parser.add_argument("--exporter", choices=EXPORTERS, default="dynamo")
+    parser.add_argument("--attention", choices=tuple(ATTENTIONS), default="gridsample")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args(argv)
     import onnxruntime
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.onnx"
         start = time.perf_counter()
-        export_onnx(model, path, exporter=args.exporter)
+        export_onnx(model, path, exporter=args.exporter, attention=args.attention)
         export_seconds = time.perf_counter() - start
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feed = {"images": images.numpy()}
@@ -53,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             rows.append((f"PyTorch, attention backend {backend}", median_ms(lambda: model(images), CPU, args.runs)))
     print(
-        f"export ({args.exporter}): {export_seconds:.1f} s; {torch.get_num_threads()} threads, "
-        f"batch 1, {args.size[0]}x{args.size[1]}\n"
+        f"export ({args.exporter}, attention as {args.attention}): {export_seconds:.1f} s; "
+        f"{torch.get_num_threads()} threads, batch 1, {args.size[0]}x{args.size[1]}\n"
     )
     print("| runtime | latency (median) |\n|---|---:|")
     for name, milliseconds in rows:
