@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         choices=tuple(ATTENTIONS),
         default="gridsample",
-        help="the attention's ONNX ops: GridSample (runs everywhere) or DeformConv (2x faster in onnxruntime)",
+        help="the attention's ONNX ops: GridSample (runs everywhere) or DeformConv (onnxruntime: samples 2x faster)",
     )
     exporting.set_defaults(run=_run_export)
     converting = commands.add_parser(

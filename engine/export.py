@@ -78,6 +78,16 @@ def min_image_side(detector: DeformableDETR) -> int:
     return coarsest_stride(detector) + 1
 
 
+def check_export_options(exporter: str, attention: str) -> None:
+    """Raise a UserError for an exporter or attention not known, or a pair that cannot export."""
+    if exporter not in EXPORTERS:
+        raise UserError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if attention not in ATTENTIONS:
+        raise UserError(f"attention must be one of {tuple(ATTENTIONS)}, got {attention!r}")
+    if attention == "deformconv" and exporter != "dynamo":
+        raise UserError("--attention deformconv needs --exporter dynamo (the torchscript exporter has no DeformConv)")
+
+
 def export_onnx(
     detector: DeformableDETR,
     path: str | Path,
@@ -101,12 +111,7 @@ def export_onnx(
     Returns:
         ``path``. Inputs and outputs are named ``images``; ``logits``, ``boxes``; batch, height and width dynamic.
     """
-    if exporter not in EXPORTERS:
-        raise UserError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if attention not in ATTENTIONS:
-        raise UserError(f"attention must be one of {tuple(ATTENTIONS)}, got {attention!r}")
-    if attention == "deformconv" and exporter != "dynamo":
-        raise UserError("--attention deformconv needs --exporter dynamo (the torchscript exporter has no DeformConv)")
+    check_export_options(exporter, attention)
     backend, opset = ATTENTIONS[attention]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +167,7 @@ def export_onnx(
 
 def export_checkpoint(cfg: Config, out: str | Path, exporter: str = "dynamo", attention: str = "gridsample") -> Path:
     """``main.py export``: build the model of ``cfg``, load ``cfg.resume`` and export it to ``out``."""
+    check_export_options(exporter, attention)
     if not cfg.resume:
         raise UserError(
             "export needs a checkpoint: --opts resume=PATH (a file written by main.py train or main.py convert)"
