@@ -11,6 +11,9 @@ standard formulations (``--attention``):
 - ``deformconv``: the ``deformconv`` backend, one ONNX ``DeformConv`` per level (opset 19); onnxruntime samples it
   about twice as fast as ``GridSample`` (benchmarks/RESULTS.md); OpenVINO 2026.4 cannot read ``DeformConv``.
 
+A DCN backbone's deformable convolutions follow: their ``grid_sample`` im2col (``GridSample``) with the first,
+torchvision's kernel (``DeformConv``) with the second.
+
 Two exporters of ``torch.onnx``:
 
 - ``dynamo`` (default; needs ``onnxscript``): ``torch.export`` with symbolic batch, height and width, the
@@ -31,16 +34,16 @@ from torch import nn
 from models import DeformableDETR, build_model
 from models.describe import describe_state_dict
 from models.inference import fold_batch_norms
-from ops import MSDeformAttn
+from ops import DeformConv2d, MSDeformAttn
 from util.atomic_write import atomic_path
 from util.checkpoint import load_checkpoint, load_model_weights
 from util.config import Config
 from util.errors import UserError
 
 EXPORTERS = ("dynamo", "torchscript")
-# --attention: (the MSDeformAttn backend traced, the opset written); GridSample needs 16, DeformConv 19, and 18
-# is the dynamo exporter's lowest
-ATTENTIONS = {"gridsample": ("pytorch", 18), "deformconv": ("deformconv", 19)}
+# --attention: (the MSDeformAttn backend traced, a DCN backbone's DeformConv2d backend, the opset written);
+# GridSample needs 16, DeformConv 19, and 18 is the dynamo exporter's lowest
+ATTENTIONS = {"gridsample": ("pytorch", "pytorch", 18), "deformconv": ("deformconv", "torchvision", 19)}
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["logits", "boxes"]
 
@@ -112,12 +115,15 @@ def export_onnx(
         ``path``. Inputs and outputs are named ``images``; ``logits``, ``boxes``; batch, height and width dynamic.
     """
     check_export_options(exporter, attention)
-    backend, opset = ATTENTIONS[attention]
+    backend, dcn_backend, opset = ATTENTIONS[attention]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     detector = copy.deepcopy(detector).eval()
     fold_batch_norms(detector.backbone)
     use_attention_backend(detector, backend)
+    for module in detector.modules():  # a DCN backbone samples as the attention does
+        if isinstance(module, DeformConv2d):
+            module.backend = dcn_backend
     wrapped = ExportableDetector(detector).eval()
     side = 4 * coarsest_stride(detector)
     height, width = example_size or (side, side)

@@ -103,6 +103,16 @@ def test_deformconv_attention_with_the_torchscript_exporter_is_refused(tmp_path,
     assert not (tmp_path / "m").exists()
 
 
+def test_a_dcn_backbone_exports_its_deformable_convolutions_as_grid_sample(tmp_path):
+    torch.manual_seed(0)
+    model, _, _ = build_model(tiny_config("dcn_stages=[4,5]"))
+    randomize_zero_initialised(model)
+    model.eval()
+    path = export_onnx(model, tmp_path / "dcn.onnx", exporter="torchscript")
+    assert "DeformConv" not in op_types(path)  # readable by runtimes without DeformConv (OpenVINO)
+    assert_onnx_matches_pytorch(path, model)
+
+
 def test_min_image_side_is_one_pixel_more_than_the_coarsest_stride():
     assert min_image_side(tiny_detector("deformable_detr")) == 65  # stride 64: C3-C5 and one extra level
     assert min_image_side(tiny_detector("single_scale")) == 33
