@@ -17,6 +17,7 @@ Slow in PyTorch itself (torchvision's CPU kernel); in onnxruntime it samples abo
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -59,16 +60,12 @@ def ms_deform_attn_deformconv(
     batch, _, heads, channels = value.shape
     queries, levels, points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
     heights = [height for height, _ in level_shapes]
-    widest = level_shapes[0][1]
-    for _, width in level_shapes[1:]:
-        widest = torch.sym_max(widest, width)
+    widest = functools.reduce(torch.sym_max, [width for _, width in level_shapes])
     grid_width = torch.sym_max(widest - points + 1, 1)  # the grid layout's output width
     if _uses_row(queries, heights, grid_width):
         rows, columns, stride = 1, torch.sym_max(queries, grid_width), ROW_STRIDE
     else:
-        tallest = heights[0]
-        for height in heights[1:]:
-            tallest = torch.sym_max(tallest, height)
+        tallest = functools.reduce(torch.sym_max, heights)
         rows, columns, stride = torch.sym_max((queries + grid_width - 1) // grid_width, tallest), grid_width, 1
     outputs = rows * columns
     dtype, device = sampling_locations.dtype, value.device
