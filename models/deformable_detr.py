@@ -154,6 +154,7 @@ class DeformableDETR(nn.Module):
             images, padding_mask = pad_images(images)
         if images.dim() != 4:
             raise ValueError(f"images must be (B, 3, H, W) or a list of (3, H, W), got {tuple(images.shape)}")
+        padded = padding_mask is not None  # else the transformer skips the masks (all False) altogether
         if padding_mask is None:
             padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
         elif padding_mask.shape != (images.shape[0], *images.shape[-2:]):
@@ -163,7 +164,7 @@ class DeformableDETR(nn.Module):
             )
         srcs, masks, positions = self._levels(images, padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
-        transformed = self.transformer(srcs, masks, positions, query_embed)
+        transformed = self.transformer(srcs, masks if padded else None, positions, query_embed)
         outputs_class, outputs_coord = self._predictions(transformed)
         outputs = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:

@@ -65,7 +65,7 @@ class DeformableTransformer(nn.Module):
     def forward(
         self,
         srcs: list[torch.Tensor],
-        masks: list[torch.Tensor],
+        masks: list[torch.Tensor] | None,
         pos_embeds: list[torch.Tensor],
         query_embed: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
@@ -73,7 +73,8 @@ class DeformableTransformer(nn.Module):
 
         Args:
             srcs, pos_embeds: per level (N, C, H_l, W_l).
-            masks: per level (N, H_l, W_l) bool, True on padding.
+            masks: per level (N, H_l, W_l) bool, True on padding; None: no padding (the attention then masks
+                nothing, every valid ratio is 1).
             query_embed: (Q, 2C) learned query position and content; None in the two-stage variant.
 
         Returns:
@@ -87,7 +88,10 @@ class DeformableTransformer(nn.Module):
         level_shapes = [(src.shape[-2], src.shape[-1]) for src in srcs]
         areas = spatial_shapes.prod(1)
         level_start_index = torch.cat((areas.new_zeros(1), areas.cumsum(0)[:-1]))
-        valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
+        if masks is None:
+            valid_ratios = src_flatten.new_ones(src_flatten.shape[0], len(srcs), 2, dtype=torch.float32)
+        else:
+            valid_ratios = torch.stack([valid_ratio(mask) for mask in masks], 1)
         memory = self.encoder(
             src_flatten, spatial_shapes, level_start_index, valid_ratios, pos_flatten, mask_flatten, level_shapes
         )
@@ -116,9 +120,11 @@ class DeformableTransformer(nn.Module):
         return outputs
 
     def flatten_levels(
-        self, srcs: list[torch.Tensor], masks: list[torch.Tensor], pos_embeds: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-level maps -> src (N, S, C), mask (N, S), pos + level embedding (N, S, C), spatial_shapes (L, 2)."""
+        self, srcs: list[torch.Tensor], masks: list[torch.Tensor] | None, pos_embeds: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Per-level maps -> src (N, S, C), mask (N, S) or None (no masks), pos + level embedding (N, S, C),
+        spatial_shapes (L, 2)."""
+        masks = masks if masks is not None else [None] * len(srcs)
         if not len(srcs) == len(masks) == len(pos_embeds) == self.level_embed.shape[0]:
             raise ValueError(
                 f"srcs, masks and pos_embeds must each hold {self.level_embed.shape[0]} levels, "
@@ -131,7 +137,7 @@ class DeformableTransformer(nn.Module):
             ]
         )
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
-        mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
+        mask_flatten = None if masks[0] is None else torch.cat([mask.flatten(1) for mask in masks], 1)
         pos_flatten = torch.cat(
             [
                 pos.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1)
@@ -144,7 +150,7 @@ class DeformableTransformer(nn.Module):
     def two_stage_queries(
         self,
         memory: torch.Tensor,
-        mask_flatten: torch.Tensor,
+        mask_flatten: torch.Tensor | None,
         level_shapes: Sequence[tuple[int, int]],
         outputs: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -161,7 +167,9 @@ class DeformableTransformer(nn.Module):
         enc_outputs_coord_unact = self.decoder.bbox_embed[self.decoder.num_layers](output_memory) + output_proposals
         outputs.update(enc_outputs_class=enc_outputs_class, enc_outputs_coord_unact=enc_outputs_coord_unact)
         # Padding never becomes a query (the original can pick it when its constant score is high enough).
-        scores = enc_outputs_class[..., 0].masked_fill(mask_flatten, float("-inf"))
+        scores = enc_outputs_class[..., 0]
+        if mask_flatten is not None:
+            scores = scores.masked_fill(mask_flatten, float("-inf"))
         # sym_min: no guard on S in a torch.export graph; the tracing exporter sees S as a tensor and needs min
         pick_min = min if torch.jit.is_tracing() else torch.sym_min
         topk = pick_min(self.two_stage_num_proposals, scores.shape[1])
@@ -183,12 +191,12 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
 
 
 def encoder_proposals(
-    memory: torch.Tensor, mask_flatten: torch.Tensor, level_shapes: Sequence[tuple[int, int]]
+    memory: torch.Tensor, mask_flatten: torch.Tensor | None, level_shapes: Sequence[tuple[int, int]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One proposal per encoder pixel: its centre, and width and height 0.05 * 2 ** level of the unpadded image.
 
     Args:
-        memory: (N, S, C); mask_flatten (N, S) bool; level_shapes: L pairs (H, W) of ints.
+        memory: (N, S, C); mask_flatten (N, S) bool, or None (no padding); level_shapes: L pairs (H, W) of ints.
 
     Returns:
         memory (N, S, C) with padding and proposals too close to the border (outside (0.01, 0.99)) zeroed,
@@ -198,9 +206,13 @@ def encoder_proposals(
     proposals = []
     start = 0
     for level, (height, width) in enumerate(level_shapes):
-        mask = mask_flatten[:, start : start + height * width].view(batch, height, width)
-        valid_height = (~mask[:, :, 0]).sum(1)
-        valid_width = (~mask[:, 0, :]).sum(1)
+        if mask_flatten is None:
+            valid_height = torch.full((batch,), height, dtype=torch.long, device=memory.device)
+            valid_width = torch.full((batch,), width, dtype=torch.long, device=memory.device)
+        else:
+            mask = mask_flatten[:, start : start + height * width].view(batch, height, width)
+            valid_height = (~mask[:, :, 0]).sum(1)
+            valid_width = (~mask[:, 0, :]).sum(1)
         grid_y, grid_x = torch.meshgrid(
             torch.arange(height, dtype=torch.float32, device=memory.device),
             torch.arange(width, dtype=torch.float32, device=memory.device),
@@ -215,7 +227,7 @@ def encoder_proposals(
     proposals = torch.cat(proposals, 1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     proposals = torch.log(proposals / (1 - proposals))
-    invalid = mask_flatten.unsqueeze(-1) | ~valid
+    invalid = ~valid if mask_flatten is None else mask_flatten.unsqueeze(-1) | ~valid
     proposals = proposals.masked_fill(invalid, float("inf"))
     memory = memory.masked_fill(invalid, 0.0)
     return memory, proposals.to(torch.promote_types(memory.dtype, torch.float32))  # float32 at least: positions

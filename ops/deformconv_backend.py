@@ -40,6 +40,14 @@ def _uses_row(queries: int | torch.SymInt, heights: list, width: int | torch.Sym
     return queries < max(heights) * width and max(heights) < ROW_STRIDE
 
 
+def _level_rows(heads: int, levels: int, points: int, level: int, device: torch.device) -> torch.Tensor:
+    """Indices of the rows of (M, L, P, 2 as (x, y)) for ``level`` in the order (M, P, 2 as (y, x))."""
+    head, point, coordinate = torch.meshgrid(
+        torch.arange(heads), torch.arange(points), torch.tensor([1, 0]), indexing="ij"
+    )
+    return (((head * levels + level) * points + point) * 2 + coordinate).flatten().to(device)
+
+
 def ms_deform_attn_deformconv(
     value: torch.Tensor,
     level_shapes: Sequence[tuple[int, int]],
@@ -69,36 +77,49 @@ def ms_deform_attn_deformconv(
         rows, columns, stride = torch.sym_max((queries + grid_width - 1) // grid_width, tallest), grid_width, 1
     outputs = rows * columns
     dtype, device = sampling_locations.dtype, value.device
+    # Every op below runs on whole rows of the Lq queries, the last dimension, reached by transposing a matrix
+    # (onnxruntime transposes 2-d and broadcasts along such rows fast, along short trailing dimensions slowly).
+    # Where each (head, level, point) samples, (x, y) in pixels of its level: (N, Lq, M, L, P, 2) -> (N, M, L, P,
+    # 2, Lq); grid_sample(align_corners=False) reads location x at pixel x * W - 0.5, so (x, y) * (W, H) in
+    # (-0.5, (W, H) + 0.5) touches the map
+    pixels = sampling_locations.reshape(batch, queries, -1).transpose(1, 2)
+    one = torch.ones((), dtype=dtype, device=device)  # sizes as a tensor (a symbolic int times a tensor exports)
+    size = torch.stack([one * side for height, width in level_shapes for side in (width, height)])
+    size = size.view(1, 1, levels, 1, 2, 1)
+    pixels = pixels.reshape(batch, heads, levels, points, 2, queries) * size
+    if not torch.compiler.is_exporting():
+        # A sample wholly outside its map, or at a NaN location, goes to -inf: torchvision's kernel would index
+        # with a NaN, and it gives the edges -1 and H a location gradient where the other backends give none.
+        # Not in the exported graph: there such a sample lies in the map's zero padding or beyond (onnxruntime's
+        # DeformConv samples NaN as 0 too), and onnxruntime's Where costs more than the rest of this preparation.
+        inside = (pixels > -0.5) & (pixels < size + 0.5)
+        inside = inside[:, :, :, :, :1] & inside[:, :, :, :, 1:]  # (N, M, L, P, 1, Lq)
+        pixels = torch.where(inside, pixels, torch.full_like(pixels, -math.inf))
     # each query's output position (row i, column j) and tap p sample (i * stride, j + p) before their offsets,
-    # shifted by the 0.5 of grid_sample's pixel centres (made by expanding aranges: the exporter cannot divide a
-    # tensor by a symbolic int)
-    row_origin = (torch.arange(rows, dtype=dtype, device=device) * stride).view(rows, 1).expand(rows, columns)
-    row_origin = row_origin.reshape(outputs)[:queries].view(1, queries, 1, 1) + 0.5
+    # shifted by the 0.5 of the pixel centres: (P, 2 as (x, y), Lq), made by expanding aranges (the exporter
+    # cannot divide a tensor by a symbolic int)
+    row = (torch.arange(rows, dtype=dtype, device=device) * stride).view(rows, 1).expand(rows, columns)
     column = torch.arange(columns, dtype=dtype, device=device).view(1, columns).expand(rows, columns)
-    tap = torch.arange(points, dtype=dtype, device=device) + 0.5
-    tap_origin = (column.reshape(outputs)[:queries].view(queries, 1) + tap).view(1, queries, 1, points)
-    # (N, Lq, M, L, P) -> (N, L, M*P, rows, columns), every level at once
-    mask = attention_weights.permute(0, 3, 2, 4, 1).reshape(batch, levels, heads * points, queries)
-    mask = F.pad(mask, (0, outputs - queries)).view(batch, levels, heads * points, rows, columns)
+    row, column = row.reshape(outputs)[:queries], column.reshape(outputs)[:queries]
+    tap = torch.arange(points, dtype=dtype, device=device).view(points, 1)
+    origin = torch.stack((column + tap, row.expand(points, queries)), 1) + 0.5
+    # (N, M*L*P*2, rows * columns) and (N, M*L*P, rows * columns)
+    offset = F.pad((pixels - origin).view(batch, -1, queries), (0, outputs - queries))
+    mask = F.pad(attention_weights.reshape(batch, queries, -1).transpose(1, 2), (0, outputs - queries))
     weight = value.new_ones(heads * channels, 1, 1, points)
-    value_per_level = value.split([height * width for height, width in level_shapes], dim=1)
-    output = None
+    output, start = None, 0
     for level, (height, width) in enumerate(level_shapes):
-        # (N, H*W, M, D) -> (N, M*D, H, W), zeros below and to the right up to the output grid's taps
-        level_value = value_per_level[level].reshape(batch, height, width, heads * channels).permute(0, 3, 1, 2)
+        # (N, H*W, M, D) -> (N, M*D, H, W), zeros below and to the right up to the output grid's taps (sliced, not
+        # split: sizes the exporter sees as symbolic make a split a sequence, copied twice in onnxruntime)
+        level_value = value[:, start : start + height * width].flatten(2).transpose(1, 2)
+        level_value = level_value.reshape(batch, heads * channels, height, width)
+        start = start + height * width
         below = rows - height if stride == 1 else 0  # the row layout's one output row needs no rows added
         level_value = F.pad(level_value, (0, columns + points - 1 - width, 0, below))
-        # grid_sample(align_corners=False) reads location x at pixel x * W - 0.5, so (x, y) * (W, H) in
-        # (-0.5, (W, H) + 0.5) touches the map; a sample wholly outside it (or at a NaN location) goes to -inf,
-        # where torchvision's kernel neither indexes with a NaN nor gives the edges -1 and H a gradient
-        x = sampling_locations[:, :, :, level, :, 0] * width  # (N, Lq, M, P)
-        y = sampling_locations[:, :, :, level, :, 1] * height
-        inside = (x > -0.5) & (x < width + 0.5) & (y > -0.5) & (y < height + 0.5)
-        far = torch.full_like(x, -math.inf)  # the same shape: onnxruntime's Where is slow when it broadcasts
-        x, y = torch.where(inside, x, far) - tap_origin, torch.where(inside, y, far) - row_origin
-        # (N, Lq, M, P, 2 as (y, x)) -> (N, M*P*2, rows, columns): torchvision's order, offset group (head) first
-        offset = torch.stack((y, x), -1).reshape(batch, queries, heads * points * 2).transpose(1, 2)
-        offset = F.pad(offset, (0, outputs - queries)).view(batch, heads * points * 2, rows, columns)
-        sampled = deform_conv2d(level_value, offset, weight, stride=(stride, 1), mask=mask[:, level])
+        # the level's rows of offset and mask in torchvision's order: offset group (head) first, (y, x) last
+        rows_of_level = _level_rows(heads, levels, points, level, device)
+        level_offset = offset.index_select(1, rows_of_level).view(batch, heads * points * 2, rows, columns)
+        level_mask = mask.index_select(1, rows_of_level[1::2] // 2).view(batch, heads * points, rows, columns)
+        sampled = deform_conv2d(level_value, level_offset, weight, stride=(stride, 1), mask=level_mask)
         output = sampled if output is None else output + sampled  # (N, M*D, rows, columns)
     return output.flatten(2)[:, :, :queries].transpose(1, 2)

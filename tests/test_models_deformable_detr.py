@@ -103,10 +103,27 @@ def test_image_alone_equals_image_in_padded_batch(variant):
     )
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_no_padding_mask_predicts_as_an_all_false_one(variant):
+    # without a mask the transformer skips the masks altogether (valid ratios 1, nothing masked): the same
+    # predictions, two-stage's proposals included, as the all-False mask it stands for
+    model, _, _ = build_tiny(*VARIANTS[variant])
+    model.eval()
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        unmasked = model(images)
+        masked = model(images, torch.zeros(2, 64, 96, dtype=torch.bool))
+    assert_same_predictions(unmasked, masked, tolerance=0.0)
+    if "enc_outputs" in masked:
+        for key, value in masked["enc_outputs"].items():
+            torch.testing.assert_close(unmasked["enc_outputs"][key], value, rtol=0, atol=0)
+
+
 def test_record_sampling_gives_every_attention_layer():
     model, _, _ = build_tiny(*VARIANTS["box_refine"])
+    images = torch.randn(2, 3, 64, 96)
     with record_sampling(model) as records:
-        model(torch.randn(2, 3, 64, 96))
+        model(images, torch.zeros(2, 64, 96, dtype=torch.bool))
     assert list(records) == [
         "transformer.encoder.layers.0.self_attn",
         "transformer.decoder.layers.0.cross_attn",
@@ -123,6 +140,9 @@ def test_record_sampling_gives_every_attention_layer():
     assert decoder.reference_points.shape == (2, 8, levels, 4)  # refined boxes after the first layer
     weight_sums = decoder.attention_weights.flatten(-2).sum(-1)
     torch.testing.assert_close(weight_sums, torch.ones_like(weight_sums))
+    with record_sampling(model) as records:
+        model(images)  # no mask: none recorded
+    assert all(record.padding_mask is None for layer in records.values() for record in layer)
 
 
 def test_recording_does_not_change_predictions():
