@@ -12,7 +12,7 @@ import torch
 import main
 from engine.export import export_onnx, min_image_side
 from models import CONFIG_DIR, build_model
-from ops.deformconv_backend import ms_deform_attn_deformconv
+from ops.functional import FORMULATIONS
 from ops.reference import reference_ms_deform_attn
 from tests.conftest import make_edge_problem
 from tests.tiny_model import TINY, VARIANTS, randomize_zero_initialised, tiny_config
@@ -97,28 +97,37 @@ def test_deformconv_attention_exports_to_deformconv_with_dynamic_sizes(tmp_path)
     assert_onnx_matches_pytorch(out, model)
 
 
-class DeformConvAttention(torch.nn.Module):
-    """The ``deformconv`` formulation of the attention alone, at fixed level shapes."""
+class Attention(torch.nn.Module):
+    """One formulation of the attention alone (``ops.functional.FORMULATIONS``), at fixed level shapes."""
 
-    def __init__(self, level_shapes: list[tuple[int, int]]) -> None:
+    def __init__(self, formulation: str, level_shapes: list[tuple[int, int]]) -> None:
         super().__init__()
-        self.level_shapes = level_shapes
+        self.formulation, self.level_shapes = FORMULATIONS[formulation], level_shapes
 
     def forward(self, value, sampling_locations, attention_weights):
-        return ms_deform_attn_deformconv(value, self.level_shapes, sampling_locations, attention_weights)
+        return self.formulation(value, self.level_shapes, sampling_locations, attention_weights)
 
 
-@pytest.mark.parametrize("queries", [49, 5], ids=["grid_layout", "row_layout"])
-def test_exported_deformconv_formulation_samples_edges_and_nan_as_the_reference(tmp_path, queries):
-    # the exported graph leaves samples outside their map, and NaN locations (which must contribute 0), to the
-    # DeformConv and the maps' zero padding (no Where, as in PyTorch): every edge of the op's definition
+@pytest.mark.parametrize(
+    "formulation, opset, op_type, queries",
+    [
+        ("deformconv", 19, "DeformConv", 49),  # the grid layout
+        ("deformconv", 19, "DeformConv", 5),  # the row layout
+        ("pytorch", 18, "GridSample", 49),
+    ],
+)
+def test_exported_formulation_samples_every_edge_as_the_reference(tmp_path, formulation, opset, op_type, queries):
+    # the exported graph leaves samples outside their map to the zero padding (no Where, as in PyTorch): every edge
+    # of the op's definition through onnxruntime; with DeformConv NaN locations too (GridSample samples them as a
+    # pixel in onnxruntime)
     problem = make_edge_problem()
     value = problem["value"].float()
     locations = problem["sampling_locations"][:, :queries].float().clone()
     weights = problem["attention_weights"][:, :queries].float()
-    locations[0, 1, 0] = float("nan")  # every level and point of head 0 of query 1
     expected_weights = weights.clone()
-    expected_weights[0, 1, 0] = 0
+    if op_type == "DeformConv":
+        locations[0, 1, 0] = float("nan")  # every level and point of head 0 of query 1: they must contribute 0
+        expected_weights[0, 1, 0] = 0
     expected = reference_ms_deform_attn(
         value.double(),
         problem["spatial_shapes"],
@@ -127,9 +136,9 @@ def test_exported_deformconv_formulation_samples_edges_and_nan_as_the_reference(
         expected_weights.double(),
     )
     path = tmp_path / "attention.onnx"
-    module = DeformConvAttention(problem["level_shapes"])
-    torch.onnx.export(module, (value, locations, weights), str(path), dynamo=True, opset_version=19)
-    assert "DeformConv" in op_types(path)
+    module = Attention(formulation, problem["level_shapes"])
+    torch.onnx.export(module, (value, locations, weights), str(path), dynamo=True, opset_version=opset)
+    assert op_type in op_types(path)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [graph_input.name for graph_input in session.get_inputs()]
     (output,) = session.run(None, dict(zip(names, (value.numpy(), locations.numpy(), weights.numpy()))))
