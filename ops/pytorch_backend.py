@@ -38,7 +38,7 @@ def ms_deform_attn_pytorch(
     weights = (
         attention_weights.reshape(batch, queries, -1).transpose(1, 2).reshape(batch, heads, levels, points, queries)
     )
-    exporting = torch.compiler.is_exporting()
+    exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()  # the dynamo or torchscript exporter
     output, start = None, 0
     for level, (height, width) in enumerate(level_shapes):
         # (N, H*W, M, D) -> (N*M, D, H, W), sliced (a split of sizes the exporter sees as symbolic becomes a
