@@ -47,6 +47,18 @@ def test_fused_ops_give_the_plain_results(dtype: torch.dtype) -> None:
     _check(dtype)
 
 
+@pytest.mark.parametrize("row_block", [5, 14, 0])
+def test_float32_linear_in_row_blocks_gives_the_plain_results(monkeypatch: pytest.MonkeyPatch, row_block: int) -> None:
+    # 14 rows (2 x 7) in blocks of 5 (the last one short) or in one (14: the oneDNN call, as 0 is)
+    monkeypatch.setattr(fused, "FLOAT32_ROW_BLOCK", row_block)
+    _check(torch.float32)
+    x, weight, _, residual, *_ = _inputs(torch.float32)
+    with torch.no_grad():
+        got = fused.linear(x, weight, None, residual=residual)
+    wanted = F.linear(x.double(), weight.double()) + residual.double()
+    assert (got.double() - wanted).abs().max().item() <= TOLERANCE[torch.float32] * wanted.abs().max().item()
+
+
 def test_bfloat16_runs_the_plain_ops_where_onednn_has_no_bfloat16(
     monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
