@@ -8,7 +8,8 @@ here directly. Each function falls back to the plain ops, same result, where one
 a dtype other than float32 and bfloat16, bfloat16 on a CPU where oneDNN has no bfloat16 (one without AVX-512 BW/VL/DQ
 or AVX-NE-CONVERT: the fused ops refuse it there, the plain ones run), a torch built without oneDNN, an autograd
 graph to record (the fused ops have no derivative), and while a graph is traced or exported (the plain ops are what
-an exporter knows).
+an exporter knows). A float32 linear of many rows on a CPU where torch runs its AVX2 kernels goes instead in blocks
+of rows through torch's BLAS, its epilogue added in cache (``FLOAT32_ROW_BLOCK``): faster there than oneDNN.
 """
 
 from __future__ import annotations
