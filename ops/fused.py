@@ -9,7 +9,7 @@ a dtype other than float32 and bfloat16, bfloat16 on a CPU where oneDNN has no b
 or AVX-NE-CONVERT: the fused ops refuse it there, the plain ones run), a torch built without oneDNN, an autograd
 graph to record (the fused ops have no derivative), and while a graph is traced or exported (the plain ops are what
 an exporter knows). A float32 linear of many rows on a CPU where torch runs its AVX2 kernels goes instead in blocks
-of rows through torch's BLAS, its epilogue added in cache (``FLOAT32_ROW_BLOCK``): faster there than oneDNN.
+of rows through torch's BLAS, its epilogue added in cache (``FLOAT32_ROWS_PER_THREAD``): faster there than oneDNN.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-# Rows of a float32 input per matrix product in :func:`linear` (0: one oneDNN call). Where torch runs its AVX2
-# kernels: blocks of 2048 rows through torch's BLAS, the bias, ReLU or residual added while the block is in cache,
-# ran 1-35% faster than one fused oneDNN product of the encoder's 6375 to 22223 rows on a 2-core AVX2 EPYC
-# (benchmarks/RESULTS.md); CPUs with AVX-512 keep the oneDNN call (not measured there).
-FLOAT32_ROW_BLOCK = 2048 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 0
+# Rows of a float32 input per thread and matrix product in :func:`linear` (0: one oneDNN call). Where torch runs its
+# AVX2 kernels: blocks of 2048 rows on 2 threads through torch's BLAS, the bias, ReLU or residual added while the
+# block is in cache, ran 1-35% faster than one fused oneDNN product of the encoder's 6375 to 22223 rows on a 2-core
+# AVX2 EPYC (benchmarks/RESULTS.md). Blocks grow with the threads, so that each thread's share stays what was
+# measured; CPUs with AVX-512 keep the oneDNN call (not measured there).
+FLOAT32_ROWS_PER_THREAD = 1024 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 0
 
 
 def _tracing() -> bool:
@@ -83,23 +84,29 @@ def linear(
         if residual is not None:
             return residual + output
         return output.relu_() if relu else output
-    if x.dtype == torch.float32 and 0 < FLOAT32_ROW_BLOCK < x.numel() // x.shape[-1]:
-        return _linear_in_row_blocks(x, weight, bias, relu, residual)
+    block = FLOAT32_ROWS_PER_THREAD * torch.get_num_threads()
+    if x.dtype == torch.float32 and 0 < block < x.numel() // x.shape[-1]:
+        return _linear_in_row_blocks(x, weight, bias, relu, residual, block)
     if residual is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
 
 
 def _linear_in_row_blocks(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool, residual: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    relu: bool,
+    residual: torch.Tensor | None,
+    block_rows: int,
 ) -> torch.Tensor:
-    """:func:`linear` as one matrix product per block of FLOAT32_ROW_BLOCK rows, written into the output in place,
-    its bias (after a residual), ReLU added to each block while it is in cache. x (..., K) -> (..., N)."""
+    """:func:`linear` as one matrix product per block of ``block_rows`` rows, written into the output in place, its
+    bias (after a residual), ReLU added to each block while it is in cache. x (..., K) -> (..., N)."""
     rows = x.reshape(-1, x.shape[-1])
     output = rows.new_empty(rows.shape[0], weight.shape[0])
     added = residual.reshape(-1, weight.shape[0]) if residual is not None else None
-    for start in range(0, rows.shape[0], FLOAT32_ROW_BLOCK):
-        block = slice(start, start + FLOAT32_ROW_BLOCK)
+    for start in range(0, rows.shape[0], block_rows):
+        block = slice(start, start + block_rows)
         out = output[block]
         if added is not None:
             torch.addmm(added[block], rows[block], weight.t(), out=out)

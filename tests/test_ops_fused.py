@@ -47,10 +47,13 @@ def test_fused_ops_give_the_plain_results(dtype: torch.dtype) -> None:
     _check(dtype)
 
 
-@pytest.mark.parametrize("row_block", [5, 14, 0])
-def test_float32_linear_in_row_blocks_gives_the_plain_results(monkeypatch: pytest.MonkeyPatch, row_block: int) -> None:
-    # 14 rows (2 x 7) in blocks of 5 (the last one short) or in one (14: the oneDNN call, as 0 is)
-    monkeypatch.setattr(fused, "FLOAT32_ROW_BLOCK", row_block)
+@pytest.mark.parametrize("rows_per_thread", [3, 14, 0])
+def test_float32_linear_in_row_blocks_gives_the_plain_results(
+    monkeypatch: pytest.MonkeyPatch, rows_per_thread: int
+) -> None:
+    # 14 rows (2 x 7) in blocks of 3 per thread (the last one short on 1 or 2 threads) or in one (14 per thread:
+    # the oneDNN call, as 0 is)
+    monkeypatch.setattr(fused, "FLOAT32_ROWS_PER_THREAD", rows_per_thread)
     _check(torch.float32)
     x, weight, _, residual, *_ = _inputs(torch.float32)
     with torch.no_grad():
