@@ -87,11 +87,16 @@ class Backbone(nn.Module):
         self.input_dtype = dtype
         self.input_memory_format = torch.channels_last if channels_last else torch.preserve_format
 
-    def forward(self, images: torch.Tensor, padding_mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """images (B, 3, H, W), padding_mask (B, H, W) -> per level (features (B, C_l, H_l, W_l),
-        mask (B, H_l, W_l))."""
+    def forward(
+        self, images: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """images (B, 3, H, W), padding_mask (B, H, W) or None (no padding) -> per level (features
+        (B, C_l, H_l, W_l), mask (B, H_l, W_l) or None)."""
         images = images.to(dtype=self.input_dtype or images.dtype, memory_format=self.input_memory_format)
-        return [(features, resize_mask(padding_mask, features.shape[-2:])) for features in self.body(images)]
+        return [
+            (features, None if padding_mask is None else resize_mask(padding_mask, features.shape[-2:]))
+            for features in self.body(images)
+        ]
 
 
 class Joiner(nn.Sequential):
@@ -106,13 +111,14 @@ class Joiner(nn.Sequential):
         return self[1]
 
     def forward(
-        self, images: torch.Tensor, padding_mask: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """-> per level: features (B, C_l, H_l, W_l), masks (B, H_l, W_l) bool, positions (B, hidden_dim, H_l, W_l)."""
+        self, images: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor]]:
+        """-> per level: features (B, C_l, H_l, W_l), masks (B, H_l, W_l) bool (None without ``padding_mask``),
+        positions (B, hidden_dim, H_l, W_l)."""
         levels = self[0](images, padding_mask)
         features = [feature for feature, _ in levels]
         masks = [mask for _, mask in levels]
-        positions = [self.position_encoding(mask, feature.dtype) for feature, mask in levels]
+        positions = [self.position_encoding.of(feature, mask) for feature, mask in levels]
         return features, masks, positions
 
 

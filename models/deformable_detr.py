@@ -154,17 +154,15 @@ class DeformableDETR(nn.Module):
             images, padding_mask = pad_images(images)
         if images.dim() != 4:
             raise ValueError(f"images must be (B, 3, H, W) or a list of (3, H, W), got {tuple(images.shape)}")
-        padded = padding_mask is not None  # else the transformer skips the masks (all False) altogether
-        if padding_mask is None:
-            padding_mask = images.new_zeros(images.shape[0], *images.shape[-2:], dtype=torch.bool)
-        elif padding_mask.shape != (images.shape[0], *images.shape[-2:]):
+        if padding_mask is not None and padding_mask.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(
                 f"padding_mask must be (B, H, W) = {(images.shape[0], *images.shape[-2:])}, "
                 f"got {tuple(padding_mask.shape)}"
             )
         srcs, masks, positions = self._levels(images, padding_mask)
         query_embed = None if self.two_stage else self.query_embed.weight
-        transformed = self.transformer(srcs, masks if padded else None, positions, query_embed)
+        # no padding: no masks at all (the transformer then masks nothing), the encodings from the sizes alone
+        transformed = self.transformer(srcs, None if padding_mask is None else masks, positions, query_embed)
         outputs_class, outputs_coord = self._predictions(transformed)
         outputs = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
@@ -180,17 +178,18 @@ class DeformableDETR(nn.Module):
         return outputs
 
     def _levels(
-        self, images: torch.Tensor, padding_mask: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """-> per level: projected features (B, C, H_l, W_l), masks (B, H_l, W_l), position encodings."""
+        self, images: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[torch.Tensor]]:
+        """-> per level: projected features (B, C, H_l, W_l), masks (B, H_l, W_l) (None without ``padding_mask``),
+        position encodings."""
         features, masks, positions = self.backbone(images, padding_mask)
         srcs = [projection(feature) for projection, feature in zip(self.input_proj, features)]
         for level in range(len(features), self.num_feature_levels):
             src = project_extra_level(self.input_proj[level], features[-1] if level == len(features) else srcs[-1])
-            mask = resize_mask(padding_mask, src.shape[-2:])
+            mask = None if padding_mask is None else resize_mask(padding_mask, src.shape[-2:])
             srcs.append(src)
             masks.append(mask)
-            positions.append(self.backbone.position_encoding(mask, src.dtype))
+            positions.append(self.backbone.position_encoding.of(src, mask))
         return srcs, masks, positions
 
     def _predictions(self, transformed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

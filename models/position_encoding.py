@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+EPS = 1e-6  # added to the valid extent that the coordinates are divided by
 
 
 def sine_embedding(coordinates: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -34,9 +37,10 @@ class PositionEmbeddingSine(nn.Module):
         temperature: base of the frequencies.
         scale: the normalised coordinates are multiplied by it (2 * pi by default).
 
-    The encoding depends on the padding mask alone: with ``cache_size`` > 0 (set by
-    ``models.inference.prepare_for_inference`` on the CPU) the last ``cache_size`` encodings are kept, keyed by the
-    mask's content and the dtype, and a mask seen before costs a hash of its bytes instead of the sines.
+    The encoding depends on the padding mask alone (on the map's size alone without one, :meth:`unpadded`): with
+    ``cache_size`` > 0 (set by ``models.inference.prepare_for_inference`` on the CPU) the last ``cache_size``
+    encodings are kept, keyed by the mask's content (or the size) and the dtype, and a mask seen before costs a hash
+    of its bytes instead of the sines.
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi) -> None:
@@ -47,13 +51,36 @@ class PositionEmbeddingSine(nn.Module):
 
     def forward(self, padding_mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """padding_mask (B, H, W) bool, True on padding -> (B, 2 * num_pos_feats, H, W) in ``dtype``."""
+        return self._cached(
+            dtype,
+            lambda: (padding_mask.device, tuple(padding_mask.shape), padding_mask.cpu().numpy().tobytes()),
+            lambda: self.encode(padding_mask),
+        )
+
+    def of(self, features: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """The encoding of a feature map (B, C, H, W) with its padding mask (B, H, W) or None (no padding), in the
+        features' dtype: (B, 2 * num_pos_feats, H, W)."""
+        return self.unpadded(features) if padding_mask is None else self(padding_mask, features.dtype)
+
+    def unpadded(self, features: torch.Tensor) -> torch.Tensor:
+        """The encoding of an all-False mask the size of ``features`` (B, C, H, W), computed from the size alone
+        (the same values): (B, 2 * num_pos_feats, H, W) in the features' dtype."""
+        batch, _, height, width = features.shape
+        return self._cached(
+            features.dtype,
+            lambda: (features.device, (batch, height, width), None),
+            lambda: self.encode_size(batch, height, width, features.device),
+        )
+
+    def _cached(self, dtype: torch.dtype, key: Callable[[], tuple], encode: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``encode()`` in ``dtype``; with a cache, kept under ``key()`` (computed only then) and the dtype."""
         if self.cache_size == 0 or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self.encode(padding_mask).to(dtype)
-        key = (padding_mask.device, dtype, tuple(padding_mask.shape), padding_mask.cpu().numpy().tobytes())
+            return encode().to(dtype)
+        key = (*key(), dtype)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        encoding = self._cache[key] = self.encode(padding_mask).to(dtype)
+        encoding = self._cache[key] = encode().to(dtype)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return encoding
@@ -63,12 +90,24 @@ class PositionEmbeddingSine(nn.Module):
         valid = ~padding_mask
         y_embed = valid.cumsum(1, dtype=torch.float32)
         x_embed = valid.cumsum(2, dtype=torch.float32)
-        eps = 1e-6
-        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+        y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + EPS) * self.scale
+        x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + EPS) * self.scale
         pos_y = sine_embedding(y_embed[..., None], self.num_pos_feats, self.temperature)
         pos_x = sine_embedding(x_embed[..., None], self.num_pos_feats, self.temperature)
         return torch.cat((pos_y, pos_x), dim=-1).permute(0, 3, 1, 2)
+
+    def encode_size(self, batch: int, height: int, width: int, device: torch.device) -> torch.Tensor:
+        """:meth:`encode` of an all-False (batch, height, width) mask, from one row and one column of sines:
+        (batch, 2 * num_pos_feats, height, width) float32 (expanded over the batch)."""
+        embeddings = []
+        for size in (height, width):
+            counts = torch.arange(1, size + 1, dtype=torch.float32, device=device)  # what the cumsum counts
+            coordinates = (counts - 0.5) / (counts[-1:] + EPS) * self.scale
+            embeddings.append(sine_embedding(coordinates[:, None], self.num_pos_feats, self.temperature))
+        pos_y, pos_x = embeddings  # (H, F), (W, F)
+        shape = (height, width, self.num_pos_feats)
+        grid = torch.cat((pos_y[:, None].expand(shape), pos_x[None].expand(shape)), dim=-1)
+        return grid.permute(2, 0, 1).expand(batch, -1, -1, -1)
 
 
 def build_position_encoding(cfg) -> PositionEmbeddingSine:

@@ -9,7 +9,8 @@ grid, which the map's padding (zeros: they change no sample) makes as large as n
 
 - ``grid`` (many queries, the encoder's self-attention): an output grid as wide as the widest level allows and
   ceil(Lq / width) rows;
-- ``row`` (few queries, the decoder's): one output row of Lq positions, a vertical stride taller than any map.
+- ``row`` (few queries, the decoder's): one output row of at least Lq positions, a vertical stride taller than any
+  map, the columns made by the convolution's own zero padding (no padded copy of the map).
 
 Slow in PyTorch itself (torchvision's CPU kernel); in onnxruntime it samples about twice as fast as the
 ``grid_sample`` formulation of :mod:`ops.pytorch_backend` (benchmarks/RESULTS.md).
@@ -71,10 +72,12 @@ def ms_deform_attn_deformconv(
     widest = functools.reduce(torch.sym_max, [width for _, width in level_shapes])
     grid_width = torch.sym_max(widest - points + 1, 1)  # the grid layout's output width
     if _uses_row(queries, heights, grid_width):
-        rows, columns, stride = 1, torch.sym_max(queries, grid_width), ROW_STRIDE
+        # padded by `shift` zero columns on either side, a map of any width has at least Lq output columns
+        rows, columns, stride, shift = 1, queries, ROW_STRIDE, (queries + points) // 2
     else:
         tallest = functools.reduce(torch.sym_max, heights)
-        rows, columns, stride = torch.sym_max((queries + grid_width - 1) // grid_width, tallest), grid_width, 1
+        rows, columns = torch.sym_max((queries + grid_width - 1) // grid_width, tallest), grid_width
+        stride, shift = 1, 0
     outputs = rows * columns
     dtype, device = sampling_locations.dtype, value.device
     # Every op below runs on whole rows of the Lq queries, the last dimension, reached by transposing a matrix
@@ -95,31 +98,44 @@ def ms_deform_attn_deformconv(
         inside = (pixels > -0.5) & (pixels < size + 0.5)
         inside = inside[:, :, :, :, :1] & inside[:, :, :, :, 1:]  # (N, M, L, P, 1, Lq)
         pixels = torch.where(inside, pixels, torch.full_like(pixels, -math.inf))
-    # each query's output position (row i, column j) and tap p sample (i * stride, j + p) before their offsets,
-    # shifted by the 0.5 of the pixel centres: (P, 2 as (x, y), Lq), made by expanding aranges (the exporter
-    # cannot divide a tensor by a symbolic int)
+    # each query's output position (row i, column j) and tap p sample (i * stride, j - shift + p) before their
+    # offsets, shifted by the 0.5 of the pixel centres: (P, 2 as (x, y), Lq), made by expanding aranges (the
+    # exporter cannot divide a tensor by a symbolic int)
     row = (torch.arange(rows, dtype=dtype, device=device) * stride).view(rows, 1).expand(rows, columns)
     column = torch.arange(columns, dtype=dtype, device=device).view(1, columns).expand(rows, columns)
     row, column = row.reshape(outputs)[:queries], column.reshape(outputs)[:queries]
     tap = torch.arange(points, dtype=dtype, device=device).view(points, 1)
-    origin = torch.stack((column + tap, row.expand(points, queries)), 1) + 0.5
-    # (N, M*L*P*2, rows * columns) and (N, M*L*P, rows * columns)
-    offset = F.pad((pixels - origin).view(batch, -1, queries), (0, outputs - queries))
-    mask = F.pad(attention_weights.reshape(batch, queries, -1).transpose(1, 2), (0, outputs - queries))
+    origin = torch.stack((column + (tap - shift), row.expand(points, queries)), 1) + 0.5
+    # (N, M*L*P*2, Lq) and (N, M*L*P, Lq); the grid layout's padded to its rows * columns positions here
+    offset = (pixels - origin).view(batch, -1, queries)
+    mask = attention_weights.reshape(batch, queries, -1).transpose(1, 2)
+    if shift == 0:
+        offset, mask = F.pad(offset, (0, outputs - queries)), F.pad(mask, (0, outputs - queries))
     weight = value.new_ones(heads * channels, 1, 1, points)
     output, start = None, 0
     for level, (height, width) in enumerate(level_shapes):
-        # (N, H*W, M, D) -> (N, M*D, H, W), zeros below and to the right up to the output grid's taps (sliced, not
-        # split: sizes the exporter sees as symbolic make a split a sequence, copied twice in onnxruntime)
+        # (N, H*W, M, D) -> (N, M*D, H, W) (sliced, not split: sizes the exporter sees as symbolic make a split a
+        # sequence, copied twice in onnxruntime)
         level_value = value[:, start : start + height * width].flatten(2).transpose(1, 2)
         level_value = level_value.reshape(batch, heads * channels, height, width)
         start = start + height * width
-        below = rows - height if stride == 1 else 0  # the row layout's one output row needs no rows added
-        level_value = F.pad(level_value, (0, columns + points - 1 - width, 0, below))
         # the level's rows of offset and mask in torchvision's order: offset group (head) first, (y, x) last
         rows_of_level = _level_rows(heads, levels, points, level, device)
-        level_offset = offset.index_select(1, rows_of_level).view(batch, heads * points * 2, rows, columns)
-        level_mask = mask.index_select(1, rows_of_level[1::2] // 2).view(batch, heads * points, rows, columns)
-        sampled = deform_conv2d(level_value, level_offset, weight, stride=(stride, 1), mask=level_mask)
-        output = sampled if output is None else output + sampled  # (N, M*D, rows, columns)
+        level_offset = offset.index_select(1, rows_of_level)
+        level_mask = mask.index_select(1, rows_of_level[1::2] // 2)
+        if shift == 0:  # grid: zeros below and to the right of the map up to the output grid's taps
+            level_value = F.pad(level_value, (0, columns + points - 1 - width, 0, rows - height))
+            level_columns = columns
+        else:  # row: the convolution pads; the output row is as long as the padded map allows, Lq or more
+            level_columns = width + 2 * shift - points + 1
+            level_offset = F.pad(level_offset, (0, level_columns - queries))
+            level_mask = F.pad(level_mask, (0, level_columns - queries))
+        level_offset = level_offset.view(batch, heads * points * 2, rows, level_columns)
+        level_mask = level_mask.view(batch, heads * points, rows, level_columns)
+        sampled = deform_conv2d(
+            level_value, level_offset, weight, stride=(stride, 1), padding=(0, shift), mask=level_mask
+        )
+        if shift != 0:
+            sampled = sampled.flatten(2)[:, :, :queries]  # (N, M*D, Lq): the levels' rows differ in length
+        output = sampled if output is None else output + sampled  # (N, M*D, rows, columns) or (N, M*D, Lq)
     return output.flatten(2)[:, :, :queries].transpose(1, 2)

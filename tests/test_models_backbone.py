@@ -66,6 +66,19 @@ def test_position_encoding_of_the_image_ignores_padding():
     torch.testing.assert_close(encoding(mask)[..., :5, :7], alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache_size", [0, 2])
+def test_position_encoding_from_the_size_alone_is_that_of_an_all_false_mask(dtype, cache_size):
+    encoding = PositionEmbeddingSine(16, scale=5.0)
+    encoding.cache_size = cache_size
+    for batch, height, width in [(1, 1, 1), (2, 5, 7), (3, 31, 17), (2, 5, 7)]:  # the last one again: cached
+        features = torch.randn(batch, 3, height, width, dtype=dtype)
+        unpadded = encoding.of(features, None)
+        assert unpadded.dtype == dtype
+        assert torch.equal(unpadded, encoding(torch.zeros(batch, height, width, dtype=torch.bool), dtype))
+    assert len(encoding._cache) == min(cache_size, 6)
+
+
 def test_timm_backbone_gives_strides_8_16_32():
     backbone = build_backbone(tiny_config("backbone=mobilenetv3_small_100"))
     features, masks, _ = backbone(torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool))
