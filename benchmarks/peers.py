@@ -3,8 +3,9 @@
     python -m benchmarks.peers [--sizes 800x1333 480x640] [--repeats 3] [--warmup 1] [--rows ours-bf16 ...]
     /work/venv-openvino/bin/python -m benchmarks.peers    # an environment with OpenVINO: its rows too
 
-Random weights (latency does not depend on them), batch 1, one process, rows one after another, the median of
-``--repeats`` forwards after ``--warmup`` untimed ones, each at every size. The rows:
+Random weights (latency does not depend on them), batch 1, one process; at each size the rows take turns (a round
+runs one forward of every row, a quarter of a second apart; ``--warmup`` rounds untimed, then ``--repeats``
+timed), so that a drift of the machine's speed slows them alike; the median of each row's forwards. The rows:
 
 - ours, ``models.inference.prepare_for_inference`` in bfloat16 and in float32 (the path of a CPU without native
   bfloat16), and the model as built in float32 ("eager");
@@ -35,10 +36,11 @@ from benchmarks.harness import describe_machine
 from engine.export import export_onnx
 from models import build_model, published_variant
 from models.inference import native_bfloat16, prepare_for_inference
-from util.timing import median_ms
+from util.timing import interleaved_medians, median_ms
 
 CPU = torch.device("cpu")
 VARIANT = "deformable_detr"
+PAUSE = 0.25  # seconds between two rows' forwards: the runtimes' idle threads stop spinning
 MATMUL_SIDE = 2048  # side of the square matrix product that measures the CPU's rate
 
 # A row's runner: (height, width) -> a call that runs one forward at that size.
@@ -198,9 +200,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| system | {header} |\n|---|{'---:|' * len(sizes)}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         rows, notes = runners(args.rows, Path(folder))
-        for label, runner in rows.items():
-            cells = [median_ms(runner(size), CPU, args.repeats, args.warmup) for size in sizes]
-            print(f"| {label} | {' | '.join(f'{ms:.0f}' for ms in cells)} |", flush=True)
+        # each size's rows timed in turns: a drift of the machine's speed slows every row alike
+        cells = [
+            interleaved_medians(
+                {label: at(size) for label, at in rows.items()}, CPU, args.repeats, args.warmup, pause=PAUSE
+            )
+            for size in sizes
+        ]
+        for label in rows:
+            print(f"| {label} | {' | '.join(f'{medians[label]:.0f}' for medians in cells)} |", flush=True)
     if "floor" in args.rows:
         model = our_model()
         flops = [forward_flops(model, size) for size in sizes]
