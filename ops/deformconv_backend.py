@@ -71,7 +71,8 @@ def ms_deform_attn_deformconv(
     heights = [height for height, _ in level_shapes]
     widest = functools.reduce(torch.sym_max, [width for _, width in level_shapes])
     grid_width = torch.sym_max(widest - points + 1, 1)  # the grid layout's output width
-    if _uses_row(queries, heights, grid_width):
+    row_layout = _uses_row(queries, heights, grid_width)
+    if row_layout:
         # padded by `shift` zero columns on either side, a map of any width has at least Lq output columns
         rows, columns, stride, shift = 1, queries, ROW_STRIDE, (queries + points) // 2
     else:
@@ -109,7 +110,7 @@ def ms_deform_attn_deformconv(
     # (N, M*L*P*2, Lq) and (N, M*L*P, Lq); the grid layout's padded to its rows * columns positions here
     offset = (pixels - origin).view(batch, -1, queries)
     mask = attention_weights.reshape(batch, queries, -1).transpose(1, 2)
-    if shift == 0:
+    if not row_layout:
         offset, mask = F.pad(offset, (0, outputs - queries)), F.pad(mask, (0, outputs - queries))
     weight = value.new_ones(heads * channels, 1, 1, points)
     output, start = None, 0
@@ -123,7 +124,7 @@ def ms_deform_attn_deformconv(
         rows_of_level = _level_rows(heads, levels, points, level, device)
         level_offset = offset.index_select(1, rows_of_level)
         level_mask = mask.index_select(1, rows_of_level[1::2] // 2)
-        if shift == 0:  # grid: zeros below and to the right of the map up to the output grid's taps
+        if not row_layout:  # grid: zeros below and to the right of the map up to the output grid's taps
             level_value = F.pad(level_value, (0, columns + points - 1 - width, 0, rows - height))
             level_columns = columns
         else:  # row: the convolution pads; the output row is as long as the padded map allows, Lq or more
@@ -135,7 +136,7 @@ def ms_deform_attn_deformconv(
         sampled = deform_conv2d(
             level_value, level_offset, weight, stride=(stride, 1), padding=(0, shift), mask=level_mask
         )
-        if shift != 0:
+        if row_layout:
             sampled = sampled.flatten(2)[:, :, :queries]  # (N, M*D, Lq): the levels' rows differ in length
         output = sampled if output is None else output + sampled  # (N, M*D, rows, columns) or (N, M*D, Lq)
     return output.flatten(2)[:, :, :queries].transpose(1, 2)
