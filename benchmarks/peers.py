@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -201,12 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as folder:
         rows, notes = runners(args.rows, Path(folder))
         # each size's rows timed in turns: a drift of the machine's speed slows every row alike
-        cells = [
-            interleaved_medians(
-                {label: at(size) for label, at in rows.items()}, CPU, args.repeats, args.warmup, pause=PAUSE
-            )
-            for size in sizes
-        ]
+        cells = []
+        for height, width in sizes:
+            print(f"timing {len(rows)} rows at {height}x{width} in turns...", file=sys.stderr, flush=True)
+            calls = {label: at((height, width)) for label, at in rows.items()}
+            cells.append(interleaved_medians(calls, CPU, args.repeats, args.warmup, pause=PAUSE))
         for label in rows:
             print(f"| {label} | {' | '.join(f'{medians[label]:.0f}' for medians in cells)} |", flush=True)
     if "floor" in args.rows:
