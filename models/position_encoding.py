@@ -37,7 +37,7 @@ class PositionEmbeddingSine(nn.Module):
         temperature: base of the frequencies.
         scale: the normalised coordinates are multiplied by it (2 * pi by default).
 
-    The encoding depends on the padding mask alone (on the map's size alone without one, :meth:`unpadded`): with
+    The encoding depends on the padding mask alone (on the map's size alone without one, :meth:`of`): with
     ``cache_size`` > 0 (set by ``models.inference.prepare_for_inference`` on the CPU) the last ``cache_size``
     encodings are kept, keyed by the mask's content (or the size) and the dtype, and a mask seen before costs a hash
     of its bytes instead of the sines.
@@ -58,13 +58,11 @@ class PositionEmbeddingSine(nn.Module):
         )
 
     def of(self, features: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """The encoding of a feature map (B, C, H, W) with its padding mask (B, H, W) or None (no padding), in the
-        features' dtype: (B, 2 * num_pos_feats, H, W)."""
-        return self.unpadded(features) if padding_mask is None else self(padding_mask, features.dtype)
-
-    def unpadded(self, features: torch.Tensor) -> torch.Tensor:
-        """The encoding of an all-False mask the size of ``features`` (B, C, H, W), computed from the size alone
-        (the same values): (B, 2 * num_pos_feats, H, W) in the features' dtype."""
+        """The encoding of a feature map (B, C, H, W) with its padding mask (B, H, W), in the features' dtype:
+        (B, 2 * num_pos_feats, H, W). Without a mask (no padding) computed from the size alone
+        (:meth:`encode_size`, the values of an all-False mask)."""
+        if padding_mask is not None:
+            return self(padding_mask, features.dtype)
         batch, _, height, width = features.shape
         return self._cached(
             features.dtype,
