@@ -22,9 +22,10 @@ $(STAMP): requirements.txt
 kernels: setup
 	$(PYTHON) -m ops.build
 
-# For the tests: also compile the CUDA kernel wherever nvcc is, GPU or not.
+# For the tests: also the CUDA kernel wherever nvcc is (GPU or not), and the CUDA kernels for the host emulation,
+# compiled side by side.
 build: setup
-	$(PYTHON) -m ops.build $(CUDA_FLAG)
+	$(PYTHON) -m ops.build $(CUDA_FLAG) --emulated
 
 test: build
 	$(PYTHON) -m pytest -q tests
@@ -47,7 +48,9 @@ DEMO_IMAGES := $(foreach id,1 2 4 5,$(SHAPES)/val2017/00000000000$(id).png)
 $(SHAPES)/annotations/instances_val2017.json:
 	$(PYTHON) -m datasets.shapes --out $(SHAPES) --num-train 2000 --num-val 200 --seed 0 --size 128 --workers 2
 
-demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
+# The kernel (one compiler) and the data (two processes) are made side by side.
+demo-shapes: setup
+	$(MAKE) --no-print-directory -j2 kernels $(SHAPES)/annotations/instances_val2017.json
 	$(PYTHON) main.py train --config $(DEMO_CONFIG) --opts overwrite=true
 	$(PYTHON) main.py eval --config $(DEMO_CONFIG) --opts resume=$(DEMO_OUT)/checkpoint.pth
 	$(PYTHON) main.py predict --config $(DEMO_CONFIG) --opts resume=$(DEMO_OUT)/checkpoint.pth \
@@ -58,7 +61,8 @@ demo-shapes: kernels $(SHAPES)/annotations/instances_val2017.json
 
 # The demo with a ResNet-18-DCNv2 backbone (configs/demo_shapes_dcn.yaml): train, then draw where its last three
 # deformable convolutions sample (visualize/*_dcn_sampling.png).
-demo-dcn: kernels $(SHAPES)/annotations/instances_val2017.json
+demo-dcn: setup
+	$(MAKE) --no-print-directory -j2 kernels $(SHAPES)/annotations/instances_val2017.json
 	$(PYTHON) main.py train --config configs/demo_shapes_dcn.yaml --opts overwrite=true
 	$(PYTHON) main.py visualize --config configs/demo_shapes_dcn.yaml --opts resume=$(DEMO_OUT)_dcn/checkpoint.pth \
 		--image $(word 2,$(DEMO_IMAGES)) --out $(DEMO_OUT)_dcn/visualize --threshold 0.3

@@ -7,15 +7,21 @@ without a GPU::
 
     python -m ops.build            # the CPU kernel, and the CUDA kernel where a GPU is visible
     python -m ops.build --cuda     # also compile the CUDA kernel without a GPU (TORCH_CUDA_ARCH_LIST or 8.0;9.0)
+    python -m ops.build --cuda --emulated   # what make test builds: also the CUDA kernels for the host emulation
+
+The kernels compile side by side, as many at once as the CPU has cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import logging
 import os
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -142,25 +148,45 @@ def load_emulated_kernel(verbose: bool = False, mutants: bool = False) -> None:
         _build_once("emulated", [CSRC / "ms_deform_attn_emulated.cpp"], verbose)
 
 
+def planned_builds(cuda: bool, cpu: bool, emulated: bool) -> list[tuple[str, Callable[[bool], None]]]:
+    """The builds ``python -m ops.build`` runs, as (name, loader taking ``verbose``), the longest first: the CUDA
+    kernel (with ``cuda``, or wherever a GPU is visible), the CPU kernel (``cpu``), the two emulation libraries
+    (``emulated``)."""
+    builds: list[tuple[str, Callable[[bool], None]]] = []
+    if cuda or torch.cuda.is_available():
+        builds.append(("cuda", load_cuda_kernel))
+    if cpu:
+        builds.append(("cpu", load_cpu_kernel))
+    if emulated:
+        builds.append(("emulated", load_emulated_kernel))
+        builds.append(("emulated mutants", functools.partial(load_emulated_kernel, mutants=True)))
+    return builds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m ops.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cuda", action="store_true", help="compile the CUDA kernel even without a GPU")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU kernel")
+    parser.add_argument(
+        "--emulated", action="store_true", help="also compile the CUDA kernels for the host emulation (for the tests)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     args = parser.parse_args(argv)
-    jobs = [] if args.no_cpu else [("cpu", load_cpu_kernel)]
-    if args.cuda or torch.cuda.is_available():
-        jobs.append(("cuda", load_cuda_kernel))
+    builds = planned_builds(args.cuda, not args.no_cpu, args.emulated)
+    # Each build is one compiler process that this one only waits for: as many at once as the CPU has cores.
+    workers = max(1, min(len(builds), os.cpu_count() or 1))
     failed = False
-    for kind, loader in jobs:
-        try:
-            loader(args.verbose)
-            print(f"{kind} kernel: built and loaded")
-        except KernelBuildError as error:
-            print(f"{kind} kernel: FAILED\n{error}", file=sys.stderr)
-            failed = True
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        started = [(name, pool.submit(loader, args.verbose)) for name, loader in builds]
+        for name, future in started:
+            try:
+                future.result()
+                print(f"{name} kernel: built and loaded")
+            except KernelBuildError as error:
+                print(f"{name} kernel: FAILED\n{error}", file=sys.stderr)
+                failed = True
     return 1 if failed else 0
 
 

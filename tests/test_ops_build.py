@@ -1,10 +1,11 @@
-"""Kernel builds: the CUDA source compiles where nvcc is, a compile error surfaces as KernelBuildError, and a
-failed build is not run again in the same process."""
+"""Kernel builds: the CUDA source compiles where nvcc is, a compile error surfaces as KernelBuildError, a failed
+build is not run again in the same process, and ``python -m ops.build`` compiles its kernels side by side."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 
@@ -57,3 +58,45 @@ def test_explicit_backend_after_a_failed_build_raises_the_first_error(monkeypatc
     monkeypatch.setattr(functional, "_kernel_loaded", {})
     with pytest.raises(build.KernelBuildError, match="boom .not retried in this process"):
         functional.resolve_backend("cpu", torch.device("cpu"))
+
+
+def fake_loaders(monkeypatch, behaviour):
+    """Replace the kernels' loaders by ``behaviour(name)``; -> the names in the order the loaders ran."""
+    calls = []
+
+    def loader(name):
+        def load(verbose=False, mutants=False):
+            calls.append(name + (" mutants" if mutants else ""))
+            behaviour(name + (" mutants" if mutants else ""))
+
+        return load
+
+    for name in ("cpu", "cuda", "emulated"):
+        monkeypatch.setattr(build, f"load_{name}_kernel", loader(name))
+    return calls
+
+
+def test_build_command_compiles_the_kernels_side_by_side(monkeypatch, capsys):
+    # every loader waits until two have started: run one after another, the first would time out
+    both_started = threading.Barrier(2, timeout=10)
+    calls = fake_loaders(monkeypatch, lambda name: both_started.wait())
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert build.main(["--cuda", "--emulated"]) == 0
+    assert sorted(calls) == ["cpu", "cuda", "emulated", "emulated mutants"]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{name} kernel: built and loaded" for name in ("cuda", "cpu", "emulated", "emulated mutants")
+    ]
+
+
+def test_build_command_reports_each_failure_and_exits_1(monkeypatch, capsys):
+    def behaviour(name):
+        if name == "emulated":
+            raise build.KernelBuildError("building the emulated kernel of ms_deform_attn failed: no compiler")
+
+    calls = fake_loaders(monkeypatch, behaviour)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert build.main(["--emulated"]) == 1
+    assert sorted(calls) == ["cpu", "emulated", "emulated mutants"]  # no GPU, no --cuda: no CUDA build
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["cpu kernel: built and loaded", "emulated mutants kernel: built and loaded"]
+    assert "emulated kernel: FAILED\nbuilding the emulated kernel of ms_deform_attn failed: no compiler" in captured.err
