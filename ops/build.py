@@ -58,9 +58,17 @@ def _extension_name(kind: str, flags: list[str]) -> str:
     return f"deformable_detr_msda_{kind}{suffix}_" + re.sub(r"[^0-9a-zA-Z]", "_", torch.__version__)
 
 
-def _build(kind: str, sources: list[Path], verbose: bool, defines: tuple[str, ...] = ()) -> None:
+def _set_compiler_environment(cuda: bool) -> None:
+    """CUDA_HOME where torch might guess it wrong, and with ``cuda`` and no GPU the architectures to compile for.
+    Called before the builds start (``main``), so that builds running side by side never write the environment."""
     if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and Path("/usr/local/cuda").is_dir():
         os.environ["CUDA_HOME"] = "/usr/local/cuda"  # else torch may guess the parent of a nvcc on PATH
+    if cuda and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+
+
+def _build(kind: str, sources: list[Path], verbose: bool, defines: tuple[str, ...] = ()) -> None:
+    _set_compiler_environment(kind == "cuda")
     if not verbose:  # torch logs "No CUDA runtime is found" on import on machines without a GPU
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import load
@@ -122,8 +130,6 @@ def load_cuda_kernel(verbose: bool = False) -> None:
     """
     if torch.version.cuda is None:
         raise KernelBuildError(f"this torch ({torch.__version__}) is not a CUDA build")
-    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
     _build_once("cuda", [CSRC / "ms_deform_attn_cuda.cu"], verbose)
 
 
@@ -175,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     args = parser.parse_args(argv)
     builds = planned_builds(args.cuda, not args.no_cpu, args.emulated)
+    _set_compiler_environment(cuda=any(name == "cuda" for name, _ in builds))
     # Each build is one compiler process that this one only waits for: as many at once as the CPU has cores.
     workers = max(1, min(len(builds), os.cpu_count() or 1))
     failed = False
