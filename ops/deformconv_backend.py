@@ -139,4 +139,6 @@ def ms_deform_attn_deformconv(
         if row_layout:
             sampled = sampled.flatten(2)[:, :, :queries]  # (N, M*D, Lq): the levels' rows differ in length
         output = sampled if output is None else output + sampled  # (N, M*D, rows, columns) or (N, M*D, Lq)
-    return output.flatten(2)[:, :, :queries].transpose(1, 2)
+    if not row_layout:  # the grid's positions after the Lq queries dropped (the row's were, level by level)
+        output = output.flatten(2)[:, :, :queries]
+    return output.transpose(1, 2)
